@@ -1,0 +1,3 @@
+"""agentic-dispatch: an MCP server that hands coding work to agent CLIs in Docker containers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,246 @@
+"""The command line: ``agentic-dispatch serve | dispatch | status | resume | sync | image build``.
+
+A thin front end over the same :class:`~agentic_dispatch.service.Dispatcher` the MCP
+tools use. Results go to stdout (JSON with ``--json``); logs and errors go to stderr.
+Exit codes: 0 success, 1 failure, 2 bad input or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from .config import load_settings
+from .errors import ConfigError, DispatchError, InvalidInputError, WorkspaceNotFoundError
+from .models import DispatchRequest, Priority, StatusReport
+from .runtime.docker import DockerRuntime
+from .service import Dispatcher
+
+__all__ = ["main"]
+
+log = logging.getLogger("agentic_dispatch")
+
+
+def _dispatcher(args: argparse.Namespace) -> Dispatcher:
+    settings, paths = load_settings(Path(args.config) if args.config else None)
+    logging.getLogger().setLevel(settings.log_level)
+    return Dispatcher(settings, paths, DockerRuntime())
+
+
+def _emit(obj: BaseModel, as_json: bool) -> None:
+    if as_json:
+        print(obj.model_dump_json(indent=2))
+        return
+    data = obj.model_dump(exclude_none=True)
+    for key, value in data.items():
+        if isinstance(value, list):
+            print(f"{key}:")
+            for v in value:
+                print(f"  {v}")
+        elif isinstance(value, dict):
+            print(f"{key}: {json.dumps(value)}")
+        else:
+            print(f"{key}: {value}")
+
+
+def _print_status(report: StatusReport, as_json: bool) -> None:
+    if as_json:
+        print(report.model_dump_json(indent=2))
+        return
+    counts = "  ".join(f"{k} {v}" for k, v in report.counts.items() if v)
+    print(counts or "no workspaces")
+    for note in report.notes:
+        print(f"note: {note}")
+    for row in report.workspaces:
+        extra = f" exit={row.exit_code}" if row.exit_code is not None else ""
+        print(f"{row.status!s:<10} {row.name}  [{row.agent}, runs {row.runs}{extra}]  {row.branch}")
+        if row.question:
+            print(f"           question: {row.question.splitlines()[0][:200]}")
+        if row.error:
+            print(f"           error: {row.error}")
+        if row.log_tail:
+            for line in row.log_tail.splitlines():
+                print(f"           | {line}")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .mcp_server import build_server  # only this command needs the MCP SDK
+
+    settings, _ = load_settings(Path(args.config) if args.config else None)  # fail fast on a bad config
+    logging.getLogger().setLevel(settings.log_level)
+    server = build_server(lambda: _dispatcher(args))
+    if args.transport == "stdio":
+        server.run("stdio")
+    else:
+        server.run("streamable-http", host=args.host, port=args.port)
+    return 0
+
+
+def cmd_dispatch(args: argparse.Namespace) -> int:
+    variables: dict[str, str] = {}
+    for item in args.var or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidInputError("--var", f"{item!r} is not NAME=VALUE")
+        variables[key] = value
+    task = args.task
+    if task == "-":
+        task = sys.stdin.read()
+    req = DispatchRequest(
+        repo=args.repo,
+        task=task,
+        agent=args.agent,
+        org=args.org,
+        template=args.template,
+        plan_template=args.plan,
+        variables=variables,
+        persona=args.persona,
+        issue=args.issue,
+        pr=args.pr,
+        branch=args.branch,
+        tag=args.tag,
+        priority=Priority(args.priority),
+        timeout_seconds=args.timeout,
+        dry_run=args.dry_run,
+    )
+    svc = _dispatcher(args)
+    result = svc.dispatch(req)
+    if args.wait and not args.dry_run:
+        rec = svc.wait(result.workspace, args.wait)
+        _print_status(svc.status(rec.name, log_lines=10), args.json)
+        return 0 if rec.status == "completed" else 1
+    _emit(result, args.json)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    svc = _dispatcher(args)
+    svc.reconcile()  # no server may be watching: bring records up to date with their containers
+    _print_status(svc.status(args.workspace, args.status, args.limit, args.log_lines), args.json)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    svc = _dispatcher(args)
+    svc.reconcile()
+    _emit(svc.resume(args.workspace, args.answer, args.agent), args.json)
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    _emit(_dispatcher(args).sync(args.workspace), args.json)
+    return 0
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    from .runtime.images import build_image
+
+    runtime = DockerRuntime()
+    runtime.check()
+    tag = build_image(
+        runtime.client,
+        tag=args.tag,
+        base=args.base,
+        force=args.force,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(tag)
+    return 0
+
+
+def cmd_image_tag(args: argparse.Namespace) -> int:
+    from .runtime.images import default_image_tag
+
+    print(default_image_tag())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agentic-dispatch", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="config file (default: AGENTIC_DISPATCH_CONFIG or config.toml in the config dir)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the MCP server")
+    s.add_argument("--transport", choices=["stdio", "http"], default="stdio")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8765)
+    s.set_defaults(func=cmd_serve)
+
+    d = sub.add_parser("dispatch", help="dispatch an agent on a repository")
+    d.add_argument("repo")
+    d.add_argument("task", help="the task text ('-' reads it from stdin)")
+    d.add_argument("--agent")
+    d.add_argument("--org")
+    d.add_argument("--template")
+    d.add_argument("--plan")
+    d.add_argument("--var", action="append", metavar="NAME=VALUE")
+    d.add_argument("--persona")
+    d.add_argument("--issue", type=int)
+    d.add_argument("--pr", type=int)
+    d.add_argument("--branch")
+    d.add_argument("--tag")
+    d.add_argument("--priority", choices=[p.value for p in Priority], default="normal")
+    d.add_argument("--timeout", type=int, help="seconds")
+    d.add_argument("--dry-run", action="store_true")
+    d.add_argument("--wait", type=float, metavar="SECONDS", help="wait up to this long for the run to finish")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_dispatch)
+
+    st = sub.add_parser("status", help="show workspaces")
+    st.add_argument("workspace", nargs="?")
+    st.add_argument("--status")
+    st.add_argument("--limit", type=int, default=50)
+    st.add_argument("--log-lines", type=int, default=0)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    r = sub.add_parser("resume", help="run a blocked, failed or completed workspace again")
+    r.add_argument("workspace")
+    r.add_argument("--answer")
+    r.add_argument("--agent")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_resume)
+
+    sy = sub.add_parser("sync", help="deliver results home")
+    sy.add_argument("workspace", nargs="?")
+    sy.add_argument("--json", action="store_true")
+    sy.set_defaults(func=cmd_sync)
+
+    im = sub.add_parser("image", help="the agent image")
+    im_sub = im.add_subparsers(dest="image_command", required=True)
+    b = im_sub.add_parser("build", help="build the agent image (skipped when it is up to date)")
+    b.add_argument("--base", help="base image (default: debian:bookworm-slim, else a locally bootstrapped one)")
+    b.add_argument("--tag", help="image tag (default: agentic-dispatch-agent:<recipe hash>)")
+    b.add_argument("--force", action="store_true", help="rebuild even when the tag exists")
+    b.set_defaults(func=cmd_image_build)
+    t = im_sub.add_parser("tag", help="print the tag the current recipe builds")
+    t.set_defaults(func=cmd_image_tag)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"configuration error:\n{e}", file=sys.stderr)
+        return 2
+    except (InvalidInputError, WorkspaceNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except DispatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Settings: where state lives and what the optional TOML config file may say.
+
+All state sits under one root (``AGENTIC_DISPATCH_HOME``, else the platform's user
+data dir). The config file is optional: defaults make a fresh install work. It is
+``AGENTIC_DISPATCH_CONFIG`` if set, else ``config.toml`` in the config dir (the
+root itself when ``AGENTIC_DISPATCH_HOME`` is set, so a test or a second install
+never reads the user's own file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+__all__ = [
+    "AgentSettings",
+    "Limits",
+    "Paths",
+    "Resources",
+    "Settings",
+    "SyncSettings",
+    "builtin_dir",
+    "load_settings",
+]
+
+APP_NAME = "agentic-dispatch"
+HOME_ENV = "AGENTIC_DISPATCH_HOME"
+CONFIG_ENV = "AGENTIC_DISPATCH_CONFIG"
+IMAGE_ENV = "AGENTIC_DISPATCH_IMAGE"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Limits(_Model):
+    """Concurrency caps. A dispatch that finds no free slot is queued."""
+
+    total: Annotated[int, Field(ge=1, description="containers running at once, all agents together")] = 4
+    pools: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict, description="per agent base, e.g. {codex = 2}"
+    )
+    models: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict, description="per base:model, e.g. {'claude:opus' = 1}"
+    )
+
+
+class Resources(_Model):
+    """Resource limits applied to every agent container."""
+
+    memory: str | None = Field(default="4g", description="Docker memory limit, e.g. '4g'; empty for none")
+    cpus: float | None = Field(default=None, gt=0)
+    pids: int | None = Field(default=1024, ge=16)
+    network: str | None = Field(default=None, description="Docker network name; default bridge")
+
+
+class AgentSettings(_Model):
+    """Per-agent settings (credentials and provider)."""
+
+    env: list[str] = Field(default_factory=list, description="extra environment variable names to pass through")
+    base_url: str | None = Field(default=None, description="custom provider base URL (gateway, local model)")
+    model: str | None = Field(default=None, description="model used when the agent spec names none")
+
+
+class SyncSettings(_Model):
+    """Where results go home."""
+
+    push: bool = True
+    endpoint: str | None = None
+    token_env: str = "AGENTIC_DISPATCH_SYNC_TOKEN"
+    max_attempts: Annotated[int, Field(ge=1)] = 100
+
+
+class Settings(_Model):
+    """The contents of the config file, with defaults for every key."""
+
+    root: Path | None = Field(default=None, description="state root; AGENTIC_DISPATCH_HOME wins over it")
+    default_agent: str = "codex"
+    default_template: str = "coding"
+    image: str | None = Field(default=None, description="agent image; default: the image `image build` makes")
+    timeout_seconds: Annotated[int, Field(ge=1)] = 3600
+    repo_url_template: str = "https://github.com/{org}/{repo}.git"
+    mirror_max_age_seconds: Annotated[float, Field(ge=0)] = 60.0
+    drain_interval_seconds: Annotated[float, Field(gt=0)] = 15.0
+    limits: Limits = Field(default_factory=Limits)
+    resources: Resources = Field(default_factory=Resources)
+    agents: dict[str, AgentSettings] = Field(default_factory=dict)
+    sync: SyncSettings = Field(default_factory=SyncSettings)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every place agentic-dispatch reads or writes, derived from one root."""
+
+    root: Path
+    config_dir: Path
+
+    @property
+    def workspaces(self) -> Path:
+        return self.root / "workspaces"
+
+    @property
+    def mirrors(self) -> Path:
+        return self.root / "mirrors"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events"
+
+    @property
+    def user_prompts(self) -> Path:
+        return self.config_dir / "prompts"
+
+    @property
+    def user_workspace_templates(self) -> Path:
+        return self.config_dir / "workspace_templates"
+
+    @property
+    def root_id(self) -> str:
+        """A short stable id of this root, used to label containers it owns."""
+        return hashlib.sha256(str(self.root).encode()).hexdigest()[:12]
+
+    def ensure(self) -> None:
+        for d in (self.workspaces, self.mirrors, self.state, self.events):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+def builtin_dir(name: Literal["prompts", "workspace_templates", "images"]) -> Path:
+    """Where a bundled data folder is: inside the installed wheel, else in the source checkout."""
+    packaged = Path(__file__).parent / "_data" / name
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / name
+
+
+def _default_config_dir() -> Path:
+    home = os.environ.get(HOME_ENV)
+    if home:
+        return Path(home).expanduser().resolve()
+    return Path(platformdirs.user_config_dir(APP_NAME))
+
+
+def config_file_path() -> Path:
+    """The config file that :func:`load_settings` reads (it need not exist)."""
+    explicit = os.environ.get(CONFIG_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    return _default_config_dir() / "config.toml"
+
+
+def _render_validation_error(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling; see README 'Configuration')"
+        problems.append(f"{where}: {msg}")
+    return problems
+
+
+def load_settings(path: Path | None = None) -> tuple[Settings, Paths]:
+    """Read the config file (if any) and work out the state paths.
+
+    Raises:
+        ConfigError: the file is not valid TOML or does not fit :class:`Settings`;
+            the message has one line per problem, each starting with the file path.
+    """
+    path = path or config_file_path()
+    data: dict[str, object] = {}
+    if path.exists():
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(path, [f"not valid TOML: {e}"]) from e
+        except OSError as e:
+            raise ConfigError(path, [f"cannot read: {e.strerror}"]) from e
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(path, _render_validation_error(e)) from e
+
+    home = os.environ.get(HOME_ENV)
+    if home:
+        root = Path(home).expanduser()
+    elif settings.root is not None:
+        root = settings.root.expanduser()
+    else:
+        root = Path(platformdirs.user_data_dir(APP_NAME))
+    paths = Paths(root=root.resolve(), config_dir=_default_config_dir())
+    return settings, paths

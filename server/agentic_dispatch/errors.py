@@ -1,0 +1,107 @@
+"""Errors raised by agentic-dispatch.
+
+Every error the package raises on purpose derives from :class:`DispatchError`; its
+message is written for the person (or model) who has to act on it, and ends with
+what to do next. Third-party errors (GitPython, the Docker SDK, pydantic) are
+translated at the module that calls the library, with ``raise ... from e``.
+
+    DispatchError
+    ├── InvalidInputError        a caller-supplied value is malformed (bad name, empty task, unknown agent)
+    │   └── MissingVariablesError    a plan template needs variables that were not given
+    ├── RepoError                the repository cannot be resolved, fetched or cloned
+    ├── WorkspaceNotFoundError   no workspace by that name
+    ├── StateError               the operation does not fit the workspace's status (resume a running one)
+    ├── CorruptRecordError       a status.json that cannot be read back; it is reported, never overwritten
+    ├── ConfigError              the config file is invalid (one line per problem)
+    └── RuntimeUnavailableError  the container engine or the agent image is missing
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "ConfigError",
+    "CorruptRecordError",
+    "DispatchError",
+    "InvalidInputError",
+    "MissingVariablesError",
+    "RepoError",
+    "RuntimeUnavailableError",
+    "StateError",
+    "WorkspaceNotFoundError",
+]
+
+
+class DispatchError(Exception):
+    """Root of every error agentic-dispatch raises on purpose."""
+
+
+class InvalidInputError(DispatchError):
+    """A caller-supplied value is malformed.
+
+    Attributes:
+        field: the argument that was wrong (``repo``, ``branch``, ``agent`` ...).
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class MissingVariablesError(InvalidInputError):
+    """A template references variables the caller did not supply."""
+
+    def __init__(self, template: str, missing: list[str]) -> None:
+        names = ", ".join(sorted(missing))
+        super().__init__(
+            "variables",
+            f"template {template!r} needs variables that were not given: {names}. "
+            "Pass them in `variables` (a mapping of name to text) and dispatch again.",
+        )
+        self.template = template
+        self.missing = sorted(missing)
+
+
+class RepoError(DispatchError):
+    """The repository cannot be resolved, fetched or cloned."""
+
+
+class WorkspaceNotFoundError(DispatchError):
+    """No workspace has that name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"no workspace named {name!r}. Call agentic_status to list workspaces and use a name it shows."
+        )
+        self.name = name
+
+
+class StateError(DispatchError):
+    """The operation does not fit the workspace's current status."""
+
+
+class CorruptRecordError(DispatchError):
+    """A status.json could not be parsed. The file is left as it is."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(
+            f"{path} is not a valid workspace record ({reason}); it was left untouched. "
+            "Inspect or remove that file by hand."
+        )
+        self.path = path
+        self.reason = reason
+
+
+class ConfigError(DispatchError):
+    """The config file is invalid. The message holds one line per problem."""
+
+    def __init__(self, path: Path | None, problems: list[str]) -> None:
+        where = str(path) if path else "settings"
+        super().__init__("\n".join(f"{where}: {p}" for p in problems))
+        self.path = path
+        self.problems = problems
+
+
+class RuntimeUnavailableError(DispatchError):
+    """The container engine cannot be reached or the agent image is missing."""

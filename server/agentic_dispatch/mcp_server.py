@@ -1,0 +1,219 @@
+"""The MCP front end: thin tools over :class:`~agentic_dispatch.service.Dispatcher`.
+
+The only module that imports ``mcp``. Each tool validates nothing itself beyond its
+typed signature: it forwards to the service and turns the service's
+:class:`~agentic_dispatch.errors.DispatchError` into a tool error the model can act on.
+Tools are plain functions: the SDK runs them on a worker thread, which keeps the
+blocking Docker and git calls off the event loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Literal, TypeVar
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import ToolAnnotations
+from pydantic import Field
+
+from .errors import DispatchError
+from .models import DispatchRequest, DispatchResult, Priority, StatusReport, SyncReport, WorkspaceRow
+from .service import Dispatcher
+
+__all__ = ["build_server"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+INSTRUCTIONS = """\
+agentic-dispatch runs coding agents (codex, claude, gemini, or `shell` for a plain script) in Docker containers,
+each in its own git clone of a repository on its own branch. agentic_dispatch returns at once; follow a run with
+agentic_watch (waits with progress) or agentic_status. A `blocked` workspace has a question: answer it with
+agentic_resume. Results stay in the workspace until agentic_sync brings them home."""
+
+Ctx = Context[Dispatcher]
+
+
+def _svc(ctx: Ctx) -> Dispatcher:
+    return ctx.request_context.lifespan_context
+
+
+def _call(fn: Callable[[], T]) -> T:
+    """Run a service call; errors the caller can fix become tool errors carrying the service's advice."""
+    try:
+        return fn()
+    except DispatchError as e:
+        raise ToolError(str(e)) from e
+
+
+def build_server(make_dispatcher: Callable[[], Dispatcher]) -> MCPServer[Dispatcher]:
+    """Build the MCP server. ``make_dispatcher`` is called once, in the server's lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(_: MCPServer[Dispatcher]) -> AsyncIterator[Dispatcher]:
+        dispatcher = await anyio.to_thread.run_sync(make_dispatcher)
+        dispatcher.start()
+        try:
+            yield dispatcher
+        finally:
+            await anyio.to_thread.run_sync(dispatcher.close)
+
+    server: MCPServer[Dispatcher] = MCPServer(name="agentic-dispatch", instructions=INSTRUCTIONS, lifespan=lifespan)
+
+    @server.tool(
+        name="agentic_dispatch",
+        annotations=ToolAnnotations(
+            title="Dispatch a coding agent",
+            read_only_hint=False,
+            destructive_hint=False,
+            idempotent_hint=False,
+            open_world_hint=True,
+        ),
+    )
+    def agentic_dispatch(
+        ctx: Ctx,
+        repo: Annotated[str, Field(description="absolute path to a local git repo, a git URL, or org/repo")],
+        task: Annotated[str, Field(description="what the agent should do (for agent `shell`: a bash script)")],
+        agent: Annotated[
+            str | None, Field(description="agent spec base[:model]: codex, claude, gemini, shell; default from config")
+        ] = None,
+        org: Annotated[str | None, Field(description="organisation, when repo is a bare name")] = None,
+        template: Annotated[
+            str | None, Field(description="prompt template: coding, conventions, security, review, verify")
+        ] = None,
+        plan_template: Annotated[str | None, Field(description="plan template from prompts/plans")] = None,
+        variables: Annotated[
+            dict[str, str] | None, Field(description="values for the plan template's $variables")
+        ] = None,
+        persona: Annotated[str | None, Field(description="persona from prompts/personas")] = None,
+        issue: Annotated[int | None, Field(description="issue number; names the workspace task-N", gt=0)] = None,
+        pr: Annotated[int | None, Field(description="pull request number; names the workspace pr-N", gt=0)] = None,
+        branch: Annotated[
+            str | None, Field(description="existing branch to start from (default: the repo's HEAD)")
+        ] = None,
+        tag: Annotated[str | None, Field(description="a label of yours, kept on the record")] = None,
+        priority: Annotated[
+            Literal["critical", "high", "normal", "low"], Field(description="queue order when slots are full")
+        ] = "normal",
+        timeout_seconds: Annotated[int | None, Field(description="stop the run after this long", gt=0)] = None,
+        dry_run: Annotated[bool, Field(description="prepare and return the prompt without launching")] = False,
+    ) -> DispatchResult:
+        """Hand a coding task to an agent running in its own container, on its own branch of a fresh clone.
+
+        Returns at once with the workspace name and status `running` (or `queued` when all slots are busy),
+        never waiting for the agent. Follow it with agentic_watch or agentic_status; answer a `blocked` one
+        with agentic_resume. The caller's own checkout is never touched."""
+        req = DispatchRequest(
+            repo=repo,
+            task=task,
+            agent=agent,
+            org=org,
+            template=template,
+            plan_template=plan_template,
+            variables=variables or {},
+            persona=persona,
+            issue=issue,
+            pr=pr,
+            branch=branch,
+            tag=tag,
+            priority=Priority(priority),
+            timeout_seconds=timeout_seconds,
+            dry_run=dry_run,
+        )
+        return _call(lambda: _svc(ctx).dispatch(req))
+
+    @server.tool(
+        name="agentic_status",
+        annotations=ToolAnnotations(
+            title="Workspace status", read_only_hint=True, idempotent_hint=True, open_world_hint=False
+        ),
+    )
+    def agentic_status(
+        ctx: Ctx,
+        workspace: Annotated[str | None, Field(description="one workspace (org/repo/name); default all")] = None,
+        status: Annotated[
+            Literal["queued", "running", "completed", "failed", "blocked", "cancelled"] | None,
+            Field(description="only workspaces with this status"),
+        ] = None,
+        limit: Annotated[int, Field(description="at most this many rows, newest first", ge=1, le=1000)] = 50,
+        log_lines: Annotated[int, Field(description="include this many lines of each agent's log", ge=0, le=500)] = 0,
+    ) -> StatusReport:
+        """Counts per status and one row per workspace: agent, status, runs, the question of a blocked one or
+        the reason of a failed one, branch, times, exit code, the agent's run summary, and optionally its log tail."""
+        return _call(lambda: _svc(ctx).status(workspace, status, limit, log_lines))
+
+    @server.tool(
+        name="agentic_resume",
+        annotations=ToolAnnotations(
+            title="Resume a workspace",
+            read_only_hint=False,
+            destructive_hint=False,
+            idempotent_hint=False,
+            open_world_hint=True,
+        ),
+    )
+    def agentic_resume(
+        ctx: Ctx,
+        workspace: Annotated[str, Field(description="the workspace name agentic_dispatch returned")],
+        answer: Annotated[
+            str | None, Field(description="answer to a blocked agent's question (written to ANSWER.md)")
+        ] = None,
+        agent: Annotated[str | None, Field(description="run a different agent spec this time")] = None,
+    ) -> DispatchResult:
+        """Run the agent again in the same workspace and branch: answer a `blocked` agent, or retry a `failed`
+        or `completed` one. Returns at once; `runs` goes up by one."""
+        return _call(lambda: _svc(ctx).resume(workspace, answer, agent))
+
+    @server.tool(
+        name="agentic_sync",
+        annotations=ToolAnnotations(
+            title="Deliver results home",
+            read_only_hint=False,
+            destructive_hint=False,
+            idempotent_hint=True,
+            open_world_hint=True,
+        ),
+    )
+    def agentic_sync(
+        ctx: Ctx,
+        workspace: Annotated[str | None, Field(description="one workspace; default all finished ones")] = None,
+    ) -> SyncReport:
+        """Bring results home: push finished workspaces' branches to their origin and report dispatch records.
+        Returns what was delivered, what is pending and when the next retry is."""
+        return _call(lambda: _svc(ctx).sync(workspace))
+
+    @server.tool(
+        name="agentic_watch",
+        annotations=ToolAnnotations(
+            title="Wait for a workspace", read_only_hint=True, idempotent_hint=True, open_world_hint=False
+        ),
+    )
+    async def agentic_watch(
+        ctx: Ctx,
+        workspace: Annotated[str, Field(description="the workspace to wait for")],
+        timeout_seconds: Annotated[
+            float, Field(description="give up waiting after this long (hosts cut calls at about 60 s)", gt=0, le=50)
+        ] = 45,
+    ) -> WorkspaceRow:
+        """Wait until a workspace stops running (or the timeout passes), sending progress while it waits.
+        Returns the workspace's row; call again if it is still running."""
+        svc = _svc(ctx)
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            step = min(deadline - time.monotonic(), 5.0)
+            rec = await anyio.to_thread.run_sync(functools.partial(_call, functools.partial(svc.wait, workspace, step)))
+            elapsed = timeout_seconds - max(0.0, deadline - time.monotonic())
+            await ctx.report_progress(elapsed, timeout_seconds, f"{workspace}: {rec.status}")
+            if rec.status not in ("queued", "running") or time.monotonic() >= deadline:
+                break
+        report = await anyio.to_thread.run_sync(lambda: _call(lambda: svc.status(workspace, log_lines=20)))
+        return report.workspaces[0]
+
+    return server

@@ -1,0 +1,175 @@
+"""Data shapes shared by the layers: the workspace record (``status.json``) and the
+service's results. Plain pydantic; nothing here knows about MCP or Docker."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "FINAL_STATUSES",
+    "RESUMABLE_STATUSES",
+    "DispatchRequest",
+    "DispatchResult",
+    "Priority",
+    "RunSummary",
+    "Status",
+    "StatusReport",
+    "SyncReport",
+    "WorkspaceRecord",
+    "WorkspaceRow",
+    "utcnow",
+]
+
+
+def utcnow() -> str:
+    """Now, as an ISO-8601 UTC timestamp with second precision."""
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    BLOCKED = "blocked"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_STATUSES = frozenset({Status.QUEUED, Status.RUNNING})
+FINAL_STATUSES = frozenset({Status.COMPLETED, Status.FAILED, Status.BLOCKED, Status.CANCELLED})
+RESUMABLE_STATUSES = frozenset({Status.COMPLETED, Status.FAILED, Status.BLOCKED})
+
+
+class Priority(StrEnum):
+    CRITICAL = "critical"
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+class RunSummary(BaseModel):
+    """What an agent CLI reported about its run, parsed from its event stream."""
+
+    final_message: str | None = None
+    turns: int | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cost_usd: float | None = None
+    session_id: str | None = None
+    error: str | None = None
+
+
+class WorkspaceRecord(BaseModel):
+    """The contents of a workspace's ``status.json``. One writer at a time (the service)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    status: Status
+    agent: str
+    repo: str
+    org: str
+    repo_name: str
+    origin_url: str
+    task: str
+    branch: str
+    base_branch: str | None = None
+    template: str
+    persona: str | None = None
+    plan_template: str | None = None
+    issue: int | None = None
+    pr: int | None = None
+    tag: str | None = None
+    priority: Priority = Priority.NORMAL
+    timeout_seconds: int
+    image: str | None = None
+    prompt_sha256: str | None = None
+    container_id: str | None = None
+    pid: int | None = None
+    created_at: str = Field(default_factory=utcnow)
+    started_at: str | None = None
+    updated_at: str = Field(default_factory=utcnow)
+    finished_at: str | None = None
+    exit_code: int | None = None
+    question: str | None = None
+    answer: str | None = None
+    runs: int = 0
+    pr_url: str | None = None
+    summary: RunSummary | None = None
+
+
+class DispatchRequest(BaseModel):
+    """Everything a caller may say about a dispatch. Validated by the service."""
+
+    repo: str
+    task: str
+    agent: str | None = None
+    org: str | None = None
+    template: str | None = None
+    plan_template: str | None = None
+    variables: dict[str, str] = Field(default_factory=dict)
+    persona: str | None = None
+    issue: int | None = None
+    pr: int | None = None
+    branch: str | None = None
+    tag: str | None = None
+    priority: Priority = Priority.NORMAL
+    timeout_seconds: int | None = None
+    dry_run: bool = False
+
+
+class DispatchResult(BaseModel):
+    """What a dispatch returns at once."""
+
+    workspace: str = Field(description="workspace name: pass it to agentic_status / agentic_resume")
+    status: str = Field(description="running, queued, or dry_run (prepared, nothing launched, nothing kept)")
+    agent: str
+    branch: str
+    path: str = Field(description="the workspace folder on the server's machine")
+    repo_path: str = Field(description="the git clone the agent works in")
+    log_path: str
+    commands: list[str] = Field(description="commands a person can run to look at the work")
+    prompt: str | None = Field(default=None, description="the assembled prompt (dry runs only)")
+    dry_run: bool = False
+
+
+class WorkspaceRow(BaseModel):
+    """One workspace, as agentic_status shows it."""
+
+    name: str
+    repo: str
+    agent: str
+    status: Status | str
+    runs: int
+    branch: str
+    question: str | None = None
+    started_at: str | None = None
+    updated_at: str | None = None
+    finished_at: str | None = None
+    exit_code: int | None = None
+    summary: RunSummary | None = None
+    log_tail: str | None = None
+    error: str | None = Field(default=None, description="set when the record itself could not be read")
+
+
+class StatusReport(BaseModel):
+    """Counts per status and one row per workspace, newest first."""
+
+    counts: dict[str, int]
+    workspaces: list[WorkspaceRow]
+    notes: list[str] = Field(default_factory=list)
+
+
+class SyncReport(BaseModel):
+    """What agentic_sync did."""
+
+    delivered: list[str] = Field(default_factory=list)
+    pending: list[str] = Field(default_factory=list)
+    next_retry_at: str | None = None
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)

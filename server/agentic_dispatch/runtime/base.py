@@ -1,0 +1,89 @@
+"""The runtime seam: what the service needs from a container backend.
+
+The Docker implementation lives in :mod:`agentic_dispatch.runtime.docker`; another
+backend (a remote Docker host, Kubernetes) implements the same :class:`Runtime`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+__all__ = ["ContainerInfo", "ContainerSpec", "ExitEvent", "Mount", "Runtime"]
+
+LABEL_PREFIX = "agentic-dispatch"
+LABEL_ROOT = f"{LABEL_PREFIX}.root"
+LABEL_WORKSPACE = f"{LABEL_PREFIX}.workspace"
+LABEL_RUN = f"{LABEL_PREFIX}.run"
+LABEL_AGENT = f"{LABEL_PREFIX}.agent"
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: Path
+    target: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything needed to start one agent container."""
+
+    image: str
+    command: list[str]
+    name: str
+    workdir: str
+    user: str
+    env: dict[str, str] = field(default_factory=dict)
+    mounts: list[Mount] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    memory: str | None = None
+    cpus: float | None = None
+    pids: int | None = None
+    network: str | None = None
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    id: str
+    name: str
+    labels: dict[str, str]
+    running: bool
+    exit_code: int | None
+    oom_killed: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ExitEvent:
+    container_id: str
+    labels: dict[str, str]
+    exit_code: int | None
+
+
+class Runtime(Protocol):
+    """A container backend."""
+
+    def check(self) -> None:
+        """Raise :class:`RuntimeUnavailableError` when the backend cannot be reached."""
+
+    def image_exists(self, image: str) -> bool: ...
+
+    def start(self, spec: ContainerSpec) -> str:
+        """Create and start a container; return its id."""
+
+    def inspect(self, container_id: str) -> ContainerInfo | None:
+        """The container's state, or ``None`` when it no longer exists."""
+
+    def list(self, labels: dict[str, str]) -> list[ContainerInfo]:
+        """Every container (running or not) carrying all of ``labels``."""
+
+    def stop(self, container_id: str, timeout: float = 10) -> None: ...
+
+    def remove(self, container_id: str) -> None: ...
+
+    def watch_exits(self, labels: dict[str, str], on_exit: Callable[[ExitEvent], None], stop: threading.Event) -> None:
+        """Block, calling ``on_exit`` for each container with ``labels`` that exits, until ``stop`` is set."""

@@ -1,0 +1,726 @@
+"""The service: one :class:`Dispatcher` that both front ends (MCP, CLI) call.
+
+It ties the layers together: validates input at the boundary, prepares workspaces,
+renders prompts, asks the scheduler what may start, starts containers through the
+runtime, and finalises runs when their containers exit. Every method blocks; async
+callers run them on a worker thread.
+
+Background work (only when :meth:`Dispatcher.start` is called, i.e. in a server):
+one thread follows the runtime's exit events; one timer thread drains the queue,
+enforces timeouts and reconciles records with containers (for events missed while
+nothing was listening). A one-shot CLI call reconciles once instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+from .agents import (
+    AGENTS,
+    CONTAINER_HOME,
+    CONTAINER_LOGS,
+    CONTAINER_RUN,
+    CONTAINER_WORKDIR,
+    Agent,
+    RunContext,
+    parse_agent_spec,
+)
+from .config import IMAGE_ENV, Paths, Settings
+from .errors import InvalidInputError, RuntimeUnavailableError, StateError
+from .models import (
+    ACTIVE_STATUSES,
+    RESUMABLE_STATUSES,
+    DispatchRequest,
+    DispatchResult,
+    Status,
+    StatusReport,
+    SyncReport,
+    WorkspaceRecord,
+    WorkspaceRow,
+    utcnow,
+)
+from .naming import check_component, check_git_ref, generated_id, slugify
+from .prompts import MANAGED_FILES, PromptContext, PromptLibrary, detect_repo_facts, prompt_hash
+from .runtime.base import (
+    LABEL_AGENT,
+    LABEL_ROOT,
+    LABEL_RUN,
+    LABEL_WORKSPACE,
+    ContainerSpec,
+    ExitEvent,
+    Mount,
+    Runtime,
+)
+from .runtime.images import default_image_tag
+from .scheduler import Scheduler
+from .store import StatusStore, WorkspacePaths
+from .workspace import MirrorCache, clone_workspace, exclude_paths, recent_log, resolve_repo
+
+__all__ = ["Dispatcher"]
+
+log = logging.getLogger(__name__)
+
+MAX_TASK_CHARS = 100_000
+MAX_ANSWER_CHARS = 50_000
+
+
+def _parse_time(ts: str | None) -> float | None:
+    if not ts:
+        return None
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+class Dispatcher:
+    """The one service object: dispatch, status, resume, sync."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        paths: Paths,
+        runtime: Runtime,
+        agents: dict[str, Agent] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.paths = paths
+        self.runtime = runtime
+        self.agents = agents if agents is not None else AGENTS
+        paths.ensure()
+        self.store = StatusStore(paths.workspaces, paths.events)
+        self.mirrors = MirrorCache(paths.mirrors, settings.mirror_max_age_seconds)
+        self.prompts = PromptLibrary(paths.user_prompts, paths.user_workspace_templates)
+        self.scheduler = Scheduler(settings.limits, paths.state)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._finished = threading.Condition()
+
+    # =====================================================================================
+    # lifecycle
+    # =====================================================================================
+    @property
+    def image(self) -> str:
+        return os.environ.get(IMAGE_ENV) or self.settings.image or default_image_tag()
+
+    @property
+    def root_labels(self) -> dict[str, str]:
+        return {LABEL_ROOT: self.paths.root_id}
+
+    def start(self) -> None:
+        """Start the background threads (exit watcher, timer) and reconcile once."""
+        if self._threads:
+            return
+        watcher = threading.Thread(
+            target=self.runtime.watch_exits,
+            args=(self.root_labels, self._on_exit, self._stop),
+            name="agentic-exit-watcher",
+            daemon=True,
+        )
+        timer = threading.Thread(target=self._timer_loop, name="agentic-timer", daemon=True)
+        self._threads = [watcher, timer]
+        for t in self._threads:
+            t.start()
+
+    def close(self, timeout: float = 5) -> None:
+        """Stop background threads. Running containers keep running; the next start reconciles them."""
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout)
+        self._threads = []
+
+    def _timer_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.reconcile()
+            except Exception:  # the one top-level boundary of this background task
+                log.exception("reconcile failed; retrying on the next tick")
+            wait = self._next_wakeup()
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def _next_wakeup(self) -> float:
+        """Sleep until the drain interval or the earliest run deadline, whichever is sooner."""
+        wait = self.settings.drain_interval_seconds
+        now = time.time()
+        for item in self.store.list():
+            rec = item.record
+            if rec is None or rec.status != Status.RUNNING:
+                continue
+            started = _parse_time(rec.started_at)
+            if started is not None:
+                wait = min(wait, max(0.2, started + rec.timeout_seconds - now + 0.1))
+        return wait
+
+    # =====================================================================================
+    # dispatch
+    # =====================================================================================
+    def dispatch(self, req: DispatchRequest) -> DispatchResult:
+        """Prepare a workspace and start (or queue) an agent on it; returns at once.
+
+        Raises:
+            InvalidInputError: a bad argument (nothing is written).
+            RepoError: the repository cannot be found or fetched (nothing is written).
+            RuntimeUnavailableError: no container engine or no agent image.
+        """
+        task = req.task.strip()
+        if not task:
+            raise InvalidInputError("task", "is empty. Say what the agent should do.")
+        if len(task) > MAX_TASK_CHARS:
+            raise InvalidInputError("task", f"is {len(task)} characters; the limit is {MAX_TASK_CHARS}.")
+        spec = parse_agent_spec(req.agent or self.settings.default_agent, self.agents)
+        template = req.template or self.settings.default_template
+        self.prompts.check(template, req.persona, req.plan_template, req.variables)
+        if req.branch is not None:
+            check_git_ref("branch", req.branch)
+        if req.tag is not None:
+            check_component("tag", req.tag)
+        for field, value in (("issue", req.issue), ("pr", req.pr)):
+            if value is not None and value <= 0:
+                raise InvalidInputError(field, f"must be a positive number, got {value}.")
+        timeout = req.timeout_seconds or self.settings.timeout_seconds
+        if timeout <= 0:
+            raise InvalidInputError("timeout_seconds", "must be positive.")
+        if not req.dry_run:
+            self.preflight()
+        ref = resolve_repo(req.repo, req.org, self.settings.repo_url_template)
+
+        if req.issue:
+            slug = f"task-{req.issue}"
+        elif req.pr:
+            slug = f"pr-{req.pr}"
+        elif req.branch:
+            slug = slugify(req.branch, 60)
+        else:
+            slug = generated_id()
+        name = f"{ref.org}/{ref.name}/{slug}"
+        target = self.store.paths(name)
+        if target.dir.exists():
+            raise InvalidInputError(
+                "workspace",
+                f"{name} exists already. Call agentic_resume on it, or dispatch with another issue/pr/branch.",
+            )
+
+        mirror = self.mirrors.ensure(ref, req.branch)
+        staging = self.paths.state / "staging" / generated_id()
+        staging.mkdir(parents=True)
+        try:
+            ws = WorkspacePaths(staging)
+            branch, base_branch = clone_workspace(mirror, ws.repo, ref.fetch_url, req.branch, slugify(task))
+            record = WorkspaceRecord(
+                name=name,
+                status=Status.QUEUED,
+                agent=str(spec),
+                repo=req.repo,
+                org=ref.org,
+                repo_name=ref.name,
+                origin_url=ref.fetch_url,
+                task=task,
+                branch=branch,
+                base_branch=base_branch,
+                template=template,
+                persona=req.persona,
+                plan_template=req.plan_template,
+                issue=req.issue,
+                pr=req.pr,
+                tag=req.tag,
+                priority=req.priority,
+                timeout_seconds=timeout,
+                image=self.image,
+                runs=1,
+            )
+            prompt = self._prepare_run(ws, record, req.variables)
+            if req.dry_run:
+                return DispatchResult(
+                    workspace=name,
+                    status="dry_run",
+                    agent=str(spec),
+                    branch=branch,
+                    path=str(target.dir),
+                    repo_path=str(target.repo),
+                    log_path=str(target.log(spec.base)),
+                    commands=[],
+                    prompt=prompt,
+                    dry_run=True,
+                )
+            target.dir.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                staging.rename(target.dir)
+            except OSError as e:
+                raise InvalidInputError("workspace", f"{name} was created by another dispatch just now.") from e
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        with self.store.locked(name):
+            self.store.write(record)
+        self.store.event(record, "dispatched")
+        self.drain()
+        return self._result(self.store.read(name))
+
+    def preflight(self) -> None:
+        """Check the engine is reachable and the agent image is present.
+
+        Raises:
+            RuntimeUnavailableError: with what to do about it.
+        """
+        self.runtime.check()
+        if not self.runtime.image_exists(self.image):
+            raise RuntimeUnavailableError(
+                f"the agent image {self.image!r} is not built. Run `agentic-dispatch image build` "
+                "(or set `image` in the config file), then dispatch again."
+            )
+
+    def _prepare_run(self, ws: WorkspacePaths, record: WorkspaceRecord, variables: dict[str, str]) -> str:
+        """Write the instruction files, the prompt and the task script for run ``record.runs``."""
+        for d in (ws.meta, ws.logs, ws.home, ws.meta / "run"):
+            d.mkdir(parents=True, exist_ok=True)
+        ctx = PromptContext(
+            task=record.task,
+            repo=f"{record.org}/{record.repo_name}",
+            branch=record.branch,
+            base_branch=record.base_branch or "HEAD",
+            template=record.template,
+            repo_facts=detect_repo_facts(ws.repo),
+            git_log=recent_log(ws.repo),
+            persona=record.persona,
+            plan_template=record.plan_template,
+            variables=variables,
+            issue=record.issue,
+            pr=record.pr,
+            question=record.question if record.answer is not None else None,
+            answer=record.answer,
+        )
+        prompt = self.prompts.render(ctx)
+        rules = self.prompts.rules_text({"branch": record.branch, "base_branch": ctx.base_branch})
+        written = []
+        workspace_template = record.template if record.template in ("review", "security") else "default"
+        for fname, text in self.prompts.render_workspace_files(workspace_template, {"rules": rules}).items():
+            dest = ws.repo / fname
+            tracked = dest.exists() and fname not in self._managed_instruction_files(ws)
+            if not tracked:  # never overwrite the repository's own instruction files
+                dest.write_text(text, encoding="utf-8")
+                written.append(fname)
+        (ws.meta / "instruction-files").write_text("\n".join(written), encoding="utf-8")
+        exclude_paths(ws.repo, [*MANAGED_FILES, *written])
+        ws.prompt(record.runs).write_text(prompt, encoding="utf-8")
+        run_dir = ws.meta / "run"
+        (run_dir / "prompt.md").write_text(prompt, encoding="utf-8")
+        (run_dir / "task.sh").write_text(record.task + "\n", encoding="utf-8")
+        record.prompt_sha256 = prompt_hash(prompt)
+        if variables:
+            (ws.meta / "variables.json").write_text(json.dumps(variables, indent=2), encoding="utf-8")
+        return prompt
+
+    @staticmethod
+    def _managed_instruction_files(ws: WorkspacePaths) -> set[str]:
+        try:
+            return set((ws.meta / "instruction-files").read_text(encoding="utf-8").split())
+        except FileNotFoundError:
+            return set()
+
+    # =====================================================================================
+    # starting and finishing runs
+    # =====================================================================================
+    def drain(self) -> list[str]:
+        """Start every queued workspace that has a free slot now. Returns the names started."""
+        started: list[str] = []
+        with self.scheduler.admission():
+            records = [i.record for i in self.store.list() if i.record is not None]
+            for rec in self.scheduler.pick(records):
+                try:
+                    self._launch(rec.name)
+                    started.append(rec.name)
+                except RuntimeUnavailableError as e:
+                    log.warning("cannot start %s: %s", rec.name, e)
+                    break
+        return started
+
+    def _container_name(self, record: WorkspaceRecord) -> str:
+        base = slugify(f"{record.org}-{record.repo_name}-{record.name.rsplit('/', 1)[-1]}", 80)
+        return f"agentic-{base}-r{record.runs}-{self.paths.root_id[:6]}"
+
+    def _launch(self, name: str) -> None:
+        """Start the container for a queued workspace (under the admission lock)."""
+        with self.store.locked(name) as ws:
+            record = self.store.read(name)
+            if record.status != Status.QUEUED:
+                return
+            spec = parse_agent_spec(record.agent, self.agents)
+            agent = self.agents[spec.base]
+            labels = {
+                **self.root_labels,
+                LABEL_WORKSPACE: name,
+                LABEL_RUN: str(record.runs),
+                LABEL_AGENT: record.agent,
+            }
+            # A crash between starting a container and recording it leaves a labelled container:
+            # adopt it instead of starting the same run twice.
+            existing = self.runtime.list({**self.root_labels, LABEL_WORKSPACE: name, LABEL_RUN: str(record.runs)})
+            if existing:
+                container_id = existing[0].id
+            else:
+                prompt = (ws.meta / "run" / "prompt.md").read_text(encoding="utf-8")
+                plan = agent.plan(
+                    RunContext(
+                        task=record.task,
+                        prompt=prompt,
+                        model=spec.model or self._agent_setting_model(spec.base),
+                        run=record.runs,
+                        answer=record.answer,
+                        question=record.question,
+                        session_id=record.summary.session_id if record.summary else None,
+                    )
+                )
+                for rel, text in plan.home_files.items():
+                    dest = ws.home / rel
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_text(text, encoding="utf-8")
+                log_file = ws.log(spec.base)
+                log_file.parent.mkdir(parents=True, exist_ok=True)
+                with log_file.open("a", encoding="utf-8") as f:
+                    f.write(f"=== run {record.runs} of {name} ({record.agent}) at {utcnow()} ===\n")
+                env = {
+                    "HOME": CONTAINER_HOME,
+                    "AGENTIC_WORKSPACE": name,
+                    "AGENTIC_LOG": f"{CONTAINER_LOGS}/{log_file.name}",
+                    **plan.env,
+                }
+                command = [
+                    "/bin/sh",
+                    "-c",
+                    'exec "$@" >>"$AGENTIC_LOG" 2>&1',  # output lands in the log as it comes; exit code kept
+                    "agentic-run",
+                    *plan.argv,
+                ]
+                res = self.settings.resources
+                container_id = self.runtime.start(
+                    ContainerSpec(
+                        image=record.image or self.image,
+                        command=command,
+                        name=self._container_name(record),
+                        workdir=CONTAINER_WORKDIR,
+                        user=f"{os.getuid()}:{os.getgid()}",
+                        env=env,
+                        mounts=[
+                            Mount(ws.repo, CONTAINER_WORKDIR),
+                            Mount(ws.home, CONTAINER_HOME),
+                            Mount(ws.logs, CONTAINER_LOGS),
+                            Mount(ws.meta / "run", CONTAINER_RUN, read_only=True),
+                        ],
+                        labels=labels,
+                        memory=res.memory or None,
+                        cpus=res.cpus,
+                        pids=res.pids,
+                        network=res.network,
+                    )
+                )
+            record.status = Status.RUNNING
+            record.container_id = container_id
+            record.started_at = utcnow()
+            record.finished_at = None
+            record.exit_code = None
+            self.store.write(record)
+        self.store.event(record, "started", container_id=container_id)
+        self._wake.set()  # the timer recomputes the nearest deadline
+
+    def _agent_setting_model(self, base: str) -> str | None:
+        cfg = self.settings.agents.get(base)
+        return cfg.model if cfg else None
+
+    def _on_exit(self, event: ExitEvent) -> None:
+        name = event.labels.get(LABEL_WORKSPACE)
+        if not name:
+            return
+        try:
+            self.finalise(name, event.container_id, event.exit_code)
+        except Exception:  # the background boundary: never let one bad record stop the watcher
+            log.exception("cannot finalise %s", name)
+        self.drain()
+
+    def finalise(self, name: str, container_id: str, exit_code: int | None, reason: str | None = None) -> bool:
+        """Apply the final-status rule to a run whose container has exited (or was stopped).
+
+        Returns ``False`` when the record had already moved on (idempotent).
+        """
+        changed = False
+
+        def apply(rec: WorkspaceRecord) -> bool:
+            nonlocal changed
+            if rec.status != Status.RUNNING or rec.container_id != container_id:
+                return False
+            ws = self.store.paths(name)
+            blocked = ws.repo / "BLOCKED.md"
+            spec = parse_agent_spec(rec.agent, self.agents)
+            rec.exit_code = exit_code
+            rec.finished_at = utcnow()
+            rec.summary = self.agents[spec.base].summarize(ws.log(spec.base))
+            question = blocked.read_text(encoding="utf-8", errors="replace").strip() if blocked.is_file() else ""
+            if question:
+                rec.status = Status.BLOCKED
+                rec.question = question
+            elif reason is not None:
+                rec.status = Status.FAILED
+                rec.question = reason
+            elif exit_code != 0:
+                rec.status = Status.FAILED
+                rec.question = self._failure_reason(rec, ws, exit_code)
+            else:
+                rec.status = Status.COMPLETED
+                rec.question = None
+            changed = True
+            return True
+
+        self.store.update(name, apply)
+        if changed:
+            self.runtime.remove(container_id)
+            with self._finished:
+                self._finished.notify_all()
+        return changed
+
+    def _failure_reason(self, rec: WorkspaceRecord, ws: WorkspacePaths, exit_code: int | None) -> str:
+        if exit_code is None:
+            why = "the agent container ended without an exit code"
+        elif exit_code == 137:
+            why = "the agent was killed (exit code 137: out of memory or stopped)"
+        else:
+            why = f"the agent exited with code {exit_code}"
+        if rec.summary and rec.summary.error:
+            why += f": {rec.summary.error}"
+        last = [ln for ln in _tail(ws.log(parse_agent_spec(rec.agent, self.agents).base), 5).splitlines() if ln]
+        if last and not last[-1].startswith("=== run"):
+            why += f". Last output: {last[-1][:300]}"
+        return why
+
+    def reconcile(self) -> None:
+        """Match every running record with its container; enforce timeouts; drain the queue."""
+        now = time.time()
+        for item in self.store.list():
+            rec = item.record
+            if rec is None or rec.status != Status.RUNNING or rec.container_id is None:
+                continue
+            info = self.runtime.inspect(rec.container_id)
+            if info is None:
+                self._fail_vanished(rec)
+            elif not info.running:
+                self.finalise(rec.name, rec.container_id, info.exit_code)
+            else:
+                started = _parse_time(rec.started_at) or now
+                if now - started > rec.timeout_seconds:
+                    self.runtime.stop(rec.container_id, timeout=5)
+                    self.finalise(rec.name, rec.container_id, None, reason=f"timed out after {rec.timeout_seconds} s")
+        self.drain()
+
+    def _fail_vanished(self, rec: WorkspaceRecord) -> None:
+        def apply(r: WorkspaceRecord) -> bool:
+            if r.status != Status.RUNNING or r.container_id != rec.container_id:
+                return False
+            r.status = Status.FAILED
+            r.finished_at = utcnow()
+            r.question = (
+                f"the agent container {str(rec.container_id)[:12]} vanished (removed outside agentic-dispatch); "
+                "its work so far is in the workspace. Resume to run again."
+            )
+            return True
+
+        self.store.update(rec.name, apply)
+
+    # =====================================================================================
+    # status, wait, resume, sync
+    # =====================================================================================
+    def status(
+        self, workspace: str | None = None, status: str | None = None, limit: int = 50, log_lines: int = 0
+    ) -> StatusReport:
+        """Counts per status and a row per workspace (newest first)."""
+        if workspace is not None:
+            self.store.paths(workspace)  # validates the name
+        if status is not None and status not in {s.value for s in Status}:
+            raise InvalidInputError("status", f"unknown status {status!r}; use one of {', '.join(Status)}.")
+        if limit < 1:
+            raise InvalidInputError("limit", "must be at least 1.")
+        counts: dict[str, int] = {s.value: 0 for s in Status}
+        rows: list[WorkspaceRow] = []
+        listed = self.store.list()
+        if workspace is not None and not any(i.name == workspace for i in listed):
+            self.store.read(workspace)  # raises WorkspaceNotFoundError with the recovery hint
+        for item in listed:
+            if workspace is not None and item.name != workspace:
+                continue
+            rec = item.record
+            if rec is None:
+                counts["unreadable"] = counts.get("unreadable", 0) + 1
+                rows.append(
+                    WorkspaceRow(
+                        name=item.name,
+                        repo="?",
+                        agent="?",
+                        status="unreadable",
+                        runs=0,
+                        branch="?",
+                        error=str(item.error),
+                    )
+                )
+                continue
+            counts[rec.status.value] += 1
+            if status is not None and rec.status.value != status:
+                continue
+            tail = None
+            if log_lines > 0:
+                ws = self.store.paths(rec.name)
+                tail = _tail(ws.log(rec.agent.partition(":")[0]), log_lines)
+            rows.append(
+                WorkspaceRow(
+                    name=rec.name,
+                    repo=rec.repo,
+                    agent=rec.agent,
+                    status=rec.status,
+                    runs=rec.runs,
+                    branch=rec.branch,
+                    question=rec.question,
+                    started_at=rec.started_at,
+                    updated_at=rec.updated_at,
+                    finished_at=rec.finished_at,
+                    exit_code=rec.exit_code,
+                    summary=rec.summary,
+                    log_tail=tail,
+                )
+            )
+        rows.sort(key=lambda r: r.updated_at or "", reverse=True)
+        notes = []
+        if self.scheduler.state().frozen:
+            notes.append("the queue is frozen: new dispatches wait until it is unfrozen")
+        return StatusReport(counts=counts, workspaces=rows[:limit], notes=notes)
+
+    def wait(self, workspace: str, timeout: float) -> WorkspaceRecord:
+        """Block until ``workspace`` leaves queued/running or ``timeout`` passes; return its record."""
+        deadline = time.monotonic() + timeout
+        with self._finished:
+            while True:
+                rec = self.store.read(workspace)
+                left = deadline - time.monotonic()
+                if rec.status not in ACTIVE_STATUSES or left <= 0:
+                    return rec
+                if not self._threads:  # no watcher in this process: look at the container ourselves
+                    self.reconcile()
+                    rec = self.store.read(workspace)
+                    if rec.status not in ACTIVE_STATUSES:
+                        return rec
+                self._finished.wait(min(left, 1.0))
+
+    def resume(self, workspace: str, answer: str | None = None, agent: str | None = None) -> DispatchResult:
+        """Run the agent again in the same workspace and branch; ``runs`` goes up by one.
+
+        Raises:
+            WorkspaceNotFoundError: no such workspace.
+            StateError: the workspace is queued, running or cancelled.
+            InvalidInputError: a bad agent or an over-long answer.
+        """
+        if answer is not None and len(answer) > MAX_ANSWER_CHARS:
+            raise InvalidInputError("answer", f"is {len(answer)} characters; the limit is {MAX_ANSWER_CHARS}.")
+        spec = parse_agent_spec(agent, self.agents) if agent else None
+        self.store.paths(workspace)
+        self.preflight()
+        with self.store.locked(workspace) as ws:
+            rec = self.store.read(workspace)
+            if rec.status not in RESUMABLE_STATUSES:
+                raise StateError(
+                    f"{workspace} is {rec.status}; only blocked, failed or completed workspaces can be resumed. "
+                    + (
+                        "Wait for it with agentic_status, or cancel it first."
+                        if rec.status in ACTIVE_STATUSES
+                        else "Dispatch the task again instead."
+                    )
+                )
+            blocked = ws.repo / "BLOCKED.md"
+            if blocked.is_file():
+                blocked.rename(ws.meta / f"BLOCKED-run{rec.runs}.md")
+            answer_file = ws.repo / "ANSWER.md"
+            if answer is not None and answer.strip():
+                answer_file.write_text(answer.strip() + "\n", encoding="utf-8")
+                rec.answer = answer.strip()
+            else:
+                rec.answer = None
+                answer_file.unlink(missing_ok=True)
+            if spec is not None:
+                rec.agent = str(spec)
+            rec.runs += 1
+            rec.status = Status.QUEUED
+            rec.container_id = None
+            rec.exit_code = None
+            rec.finished_at = None
+            # The prompt of the new run carries the question and the answer; the record does not
+            # (a queued or running workspace has no open question).
+            self._prepare_run(ws, rec, self._saved_variables(ws))
+            rec.question = None
+            self.store.write(rec)
+        self.store.event(rec, "resumed")
+        self.drain()
+        return self._result(self.store.read(workspace))
+
+    @staticmethod
+    def _saved_variables(ws: WorkspacePaths) -> dict[str, str]:
+        try:
+            data = json.loads((ws.meta / "variables.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        return {str(k): str(v) for k, v in data.items()}
+
+    def sync(self, workspace: str | None = None) -> SyncReport:
+        """Result delivery is not built yet: report plainly what would be delivered."""
+        if workspace is not None:
+            self.store.read(workspace)
+        pending = [
+            i.record.name
+            for i in self.store.list()
+            if i.record is not None
+            and i.record.status not in ACTIVE_STATUSES
+            and (workspace is None or i.record.name == workspace)
+        ]
+        return SyncReport(
+            delivered=[],
+            pending=pending,
+            next_retry_at=None,
+            message=(
+                "Sync is not implemented yet: nothing was pushed and no record was reported. The work is safe in "
+                "each workspace's repo/ folder; push a branch by hand with `git -C <repo_path> push origin <branch>`."
+            ),
+        )
+
+    # =====================================================================================
+    def _result(self, rec: WorkspaceRecord) -> DispatchResult:
+        ws = self.store.paths(rec.name)
+        base = rec.agent.partition(":")[0]
+        log_path = ws.log(base)
+        return DispatchResult(
+            workspace=rec.name,
+            status=rec.status.value,
+            agent=rec.agent,
+            branch=rec.branch,
+            path=str(ws.dir),
+            repo_path=str(ws.repo),
+            log_path=str(log_path),
+            commands=[
+                f"agentic-dispatch status {rec.name}",
+                f"tail -f {log_path}",
+                f"git -C {ws.repo} log --oneline {rec.base_branch or 'HEAD'}..{rec.branch}"
+                if rec.base_branch and rec.base_branch != "HEAD"
+                else f"git -C {ws.repo} log --oneline -n 10",
+                f"docker ps --filter label={LABEL_WORKSPACE}={rec.name}",
+            ],
+        )

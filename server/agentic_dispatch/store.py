@@ -1,0 +1,218 @@
+"""The status store: each workspace's ``status.json``, written atomically, one writer at a time.
+
+A write goes to a temp file in the same folder, is fsynced, then ``os.replace``d over
+the old file, so a reader sees the old record or the new one and never half of one.
+Writers hold the workspace lock: a thread lock inside this process and an ``flock``
+on ``<workspace>/.lock`` across processes sharing a root.
+A record that cannot be parsed is reported as :class:`CorruptRecordError` and left as
+it is: nothing here overwrites a file it could not read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .errors import CorruptRecordError, WorkspaceNotFoundError
+from .models import WorkspaceRecord, utcnow
+from .naming import contained, split_workspace_name
+
+__all__ = ["Listed", "StatusStore", "WorkspacePaths"]
+
+STATUS_FILE = "status.json"
+
+
+@dataclass(frozen=True)
+class WorkspacePaths:
+    """The layout of one workspace folder."""
+
+    dir: Path
+
+    @property
+    def status(self) -> Path:
+        return self.dir / STATUS_FILE
+
+    @property
+    def repo(self) -> Path:
+        return self.dir / "repo"
+
+    @property
+    def meta(self) -> Path:
+        return self.dir / ".meta"
+
+    @property
+    def logs(self) -> Path:
+        """Mounted read-write into the container: the agent's output lands here as it comes."""
+        return self.meta / "logs"
+
+    @property
+    def home(self) -> Path:
+        """The per-workspace agent home (CLI sessions, settings), mounted as ``$HOME``."""
+        return self.meta / "home"
+
+    @property
+    def lock(self) -> Path:
+        return self.dir / ".lock"
+
+    def log(self, agent_base: str) -> Path:
+        return self.logs / f"agent-{agent_base}.log"
+
+    def prompt(self, run: int) -> Path:
+        return self.meta / f"prompt-{run}.md"
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One entry of :meth:`StatusStore.list`: a record, or the error reading it."""
+
+    name: str
+    record: WorkspaceRecord | None
+    error: CorruptRecordError | None = None
+
+
+class StatusStore:
+    """Reads and writes workspace records under ``<root>/workspaces``."""
+
+    def __init__(self, workspaces_root: Path, events_dir: Path) -> None:
+        self.root = workspaces_root
+        self.events_file = events_dir / "events.jsonl"
+        self._locks: dict[str, threading.RLock] = {}
+        self._locks_guard = threading.Lock()
+        self._events_lock = threading.Lock()
+
+    # -- paths -----------------------------------------------------------------------------
+    def paths(self, name: str) -> WorkspacePaths:
+        """The folder of workspace ``name`` (``org/repo/slug``), checked to stay under the root.
+
+        Raises:
+            InvalidInputError: the name is malformed or escapes the root.
+        """
+        org, repo, slug = split_workspace_name(name)
+        return WorkspacePaths(contained(self.root, org, repo, slug))
+
+    # -- locking ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self, name: str) -> Iterator[WorkspacePaths]:
+        """Hold the workspace's lock (threads of this process and other processes)."""
+        with self._locks_guard:
+            tlock = self._locks.setdefault(name, threading.RLock())
+        paths = self.paths(name)
+        with tlock:
+            paths.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield paths
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+
+    # -- records ---------------------------------------------------------------------------
+    def exists(self, name: str) -> bool:
+        return self.paths(name).status.exists()
+
+    def read(self, name: str) -> WorkspaceRecord:
+        """Read one record.
+
+        Raises:
+            WorkspaceNotFoundError: there is no such workspace.
+            CorruptRecordError: the file exists but is not a valid record.
+        """
+        path = self.paths(name).status
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError as e:
+            raise WorkspaceNotFoundError(name) from e
+        return self._parse(path, text)
+
+    @staticmethod
+    def _parse(path: Path, text: str) -> WorkspaceRecord:
+        try:
+            return WorkspaceRecord.model_validate_json(text)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "file"
+            raise CorruptRecordError(path, f"{where}: {first['msg']}") from e
+
+    def write(self, record: WorkspaceRecord) -> None:
+        """Write ``record`` atomically. Callers hold :meth:`locked` for the workspace."""
+        record.updated_at = utcnow()
+        path = self.paths(record.name).status
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = record.model_dump_json(indent=2, exclude_none=False) + "\n"
+        fd, tmp = tempfile.mkstemp(prefix=".status.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                Path(tmp).unlink()
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def update(self, name: str, change: Callable[[WorkspaceRecord], bool | None]) -> WorkspaceRecord:
+        """Read, change and write a record under its lock.
+
+        ``change`` mutates the record in place; returning ``False`` skips the write.
+
+        Raises:
+            WorkspaceNotFoundError, CorruptRecordError: as :meth:`read`.
+        """
+        with self.locked(name):
+            record = self.read(name)
+            before = record.status
+            if change(record) is False:
+                return record
+            self.write(record)
+        if record.status != before:
+            self.event(record, "status", previous=str(before))
+        return record
+
+    def list(self) -> list[Listed]:
+        """Every workspace under the root, readable or not."""
+        out: list[Listed] = []
+        if not self.root.exists():
+            return out
+        for status_file in sorted(self.root.glob(f"*/*/*/{STATUS_FILE}")):
+            rel = status_file.parent.relative_to(self.root)
+            name = "/".join(rel.parts)
+            try:
+                text = status_file.read_text(encoding="utf-8")
+                out.append(Listed(name, self._parse(status_file, text)))
+            except CorruptRecordError as e:
+                out.append(Listed(name, None, e))
+            except OSError as e:
+                out.append(Listed(name, None, CorruptRecordError(status_file, e.strerror or str(e))))
+        return out
+
+    # -- events ----------------------------------------------------------------------------
+    def event(self, record: WorkspaceRecord, kind: str, **extra: object) -> None:
+        """Append one line to the events log (status changes, starts; used for rates and audit)."""
+        line = {
+            "at": utcnow(),
+            "kind": kind,
+            "workspace": record.name,
+            "agent": record.agent,
+            "status": str(record.status),
+            "runs": record.runs,
+            **extra,
+        }
+        self.events_file.parent.mkdir(parents=True, exist_ok=True)
+        with self._events_lock, self.events_file.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
