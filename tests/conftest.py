@@ -1,0 +1,148 @@
+"""Shared fixtures. Every test gets its own empty AGENTIC_DISPATCH_HOME, so no test touches
+the real one. Docker fixtures fail (never skip) when the engine or the image is missing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import docker
+import docker.errors
+import pytest
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters
+
+from agentic_dispatch.config import load_settings
+from agentic_dispatch.runtime.base import LABEL_ROOT
+from agentic_dispatch.runtime.docker import DockerRuntime
+from agentic_dispatch.runtime.images import build_image, default_image_tag
+from agentic_dispatch.service import Dispatcher
+
+T = TypeVar("T")
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("AGENTIC_DISPATCH_HOME", str(home))
+    monkeypatch.delenv("AGENTIC_DISPATCH_CONFIG", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> docker.DockerClient:
+    try:
+        client = docker.from_env(timeout=120)
+        client.ping()
+    except docker.errors.DockerException as e:
+        pytest.fail(
+            f"a Docker engine is needed for this test and none is reachable ({e}). "
+            "Run the README's test command, which starts one, or start dockerd yourself."
+        )
+    return client
+
+
+@pytest.fixture(scope="session")
+def agent_image(docker_client: docker.DockerClient) -> str:
+    """The agent image, built if missing (a build is skipped when its tag exists)."""
+    tag = os.environ.get("AGENTIC_DISPATCH_IMAGE") or default_image_tag()
+    try:
+        docker_client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        build_image(docker_client, tag=tag, progress=lambda line: print(line, file=sys.stderr))
+    return tag
+
+
+@pytest.fixture
+def docker_env(agent_image: str, docker_client: docker.DockerClient, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The agent image selected for this test; the test's containers are removed afterwards."""
+    monkeypatch.setenv("AGENTIC_DISPATCH_IMAGE", agent_image)
+    yield agent_image
+    _remove_containers(docker_client, load_settings()[1].root_id)
+
+
+@pytest.fixture
+def dispatcher(docker_env: str, docker_client: docker.DockerClient) -> Iterator[Dispatcher]:
+    """An in-process service with its background threads running; its containers are removed after."""
+    settings, paths = load_settings()
+    svc = Dispatcher(settings, paths, DockerRuntime(docker_client))
+    svc.start()
+    yield svc
+    svc.close()
+
+
+def _remove_containers(client: docker.DockerClient, root_id: str) -> None:
+    for c in client.containers.list(all=True, filters={"label": f"{LABEL_ROOT}={root_id}"}):
+        c.remove(force=True)
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def user_repo(tmp_path: Path) -> Path:
+    """A user's own repository with one commit on main and a feature branch."""
+    repo = tmp_path / "user-repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "config", "user.email", "user@example.com")
+    git(repo, "config", "user.name", "User")
+    (repo / "README.md").write_text("hello\n", encoding="utf-8")
+    (repo / "pyproject.toml").write_text("[project]\nname='x'\n", encoding="utf-8")
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "initial")
+    git(repo, "branch", "feature")
+    return repo
+
+
+def snapshot(repo: Path) -> tuple[str, str, str]:
+    """What a user would notice changing in their repo: refs, HEAD, working tree status."""
+    return (
+        git(repo, "for-each-ref", "--format=%(refname) %(objectname)"),
+        git(repo, "rev-parse", "HEAD"),
+        git(repo, "status", "--porcelain", "--ignored"),
+    )
+
+
+# -- MCP over stdio ------------------------------------------------------------------------
+def server_params(extra_env: dict[str, str] | None = None) -> StdioServerParameters:
+    env = {k: v for k, v in os.environ.items() if k.startswith(("AGENTIC_DISPATCH_", "DOCKER_", "PATH", "HOME"))}
+    env.update(extra_env or {})
+    return StdioServerParameters(command=sys.executable, args=["-m", "agentic_dispatch", "serve"], env=env)
+
+
+def with_stdio_client(fn: Callable[[Client], Awaitable[T]], extra_env: dict[str, str] | None = None) -> T:
+    """Start `agentic-dispatch serve` as a subprocess and run ``fn`` with a client connected over stdio."""
+
+    async def main() -> T:
+        async with Client(server_params(extra_env), read_timeout_seconds=60) as client:
+            return await fn(client)
+
+    return anyio.run(main)
+
+
+async def call(client: Client, tool: str, **args: Any) -> dict[str, Any]:
+    """Call a tool that must succeed; return its structured content."""
+    res = await client.call_tool(tool, args)
+    assert not res.is_error, f"{tool} failed: {res.content}"
+    assert isinstance(res.structured_content, dict)
+    return res.structured_content
+
+
+async def poll_until_final(client: Client, workspace: str, timeout: float = 60) -> dict[str, Any]:
+    """Poll agentic_status until the workspace leaves queued/running (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        report = await call(client, "agentic_status", workspace=workspace, log_lines=20)
+        row: dict[str, Any] = report["workspaces"][0]
+        if row["status"] not in ("queued", "running"):
+            return row
+        assert time.monotonic() < deadline, f"{workspace} still {row['status']} after {timeout}s: {row}"
+        await anyio.sleep(0.2)

@@ -1,0 +1,129 @@
+"""Settings from the optional TOML file, and prompt assembly from templates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agentic_dispatch.config import load_settings
+from agentic_dispatch.errors import ConfigError, InvalidInputError, MissingVariablesError
+from agentic_dispatch.prompts import PromptContext, PromptLibrary, detect_repo_facts
+
+
+def test_no_config_file_gives_working_defaults_under_the_home_root(isolated_home: Path) -> None:
+    settings, paths = load_settings()
+    assert paths.root == isolated_home.resolve()
+    assert settings.limits.total >= 1 and settings.timeout_seconds == 3600
+    assert paths.workspaces == isolated_home.resolve() / "workspaces"
+
+
+def test_config_errors_are_reported_one_line_per_problem_with_the_file_path(isolated_home: Path) -> None:
+    isolated_home.mkdir(parents=True)
+    cfg = isolated_home / "config.toml"
+    cfg.write_text('timeout_seconds = -5\ncolour = "blue"\n[limits]\ntotal = "many"\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    lines = str(info.value).splitlines()
+    assert len(lines) == 3, lines
+    assert all(line.startswith(str(cfg)) for line in lines)
+    text = str(info.value)
+    assert "timeout_seconds" in text and "colour: unknown key" in text and "limits.total" in text
+
+
+def test_broken_toml_is_a_config_error_naming_the_file(isolated_home: Path) -> None:
+    isolated_home.mkdir(parents=True)
+    (isolated_home / "config.toml").write_text("this is = = not toml", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings()
+
+
+def test_config_file_values_are_used(isolated_home: Path) -> None:
+    isolated_home.mkdir(parents=True)
+    (isolated_home / "config.toml").write_text(
+        'default_agent = "shell"\n[limits]\ntotal = 2\npools = {codex = 1}\n', encoding="utf-8"
+    )
+    settings, _ = load_settings()
+    assert settings.default_agent == "shell" and settings.limits.pools == {"codex": 1}
+
+
+def _library(isolated_home: Path) -> PromptLibrary:
+    return PromptLibrary(isolated_home / "prompts", isolated_home / "workspace_templates")
+
+
+def _ctx(**kw: object) -> PromptContext:
+    base: dict[str, object] = {
+        "task": "Fix the bug",
+        "repo": "acme/app",
+        "branch": "agent/fix",
+        "base_branch": "main",
+        "template": "coding",
+    }
+    base.update(kw)
+    return PromptContext(**base)  # type: ignore[arg-type]
+
+
+def test_a_plan_template_with_missing_variables_names_all_of_them(isolated_home: Path) -> None:
+    lib = _library(isolated_home)
+    with pytest.raises(MissingVariablesError) as info:
+        lib.check("coding", None, "feature", {"goal": "faster"})
+    assert info.value.missing == ["acceptance", "area"]
+    assert "acceptance, area" in str(info.value)
+
+
+def test_prompt_carries_task_persona_plan_facts_and_the_rules(isolated_home: Path) -> None:
+    lib = _library(isolated_home)
+    prompt = lib.render(
+        _ctx(
+            persona="senior-engineer",
+            plan_template="bugfix",
+            variables={"symptom": "crash on save"},
+            repo_facts="Language: Python",
+            git_log="abc123 initial",
+        )
+    )
+    for expected in (
+        "Fix the bug",
+        "senior software engineer",
+        "crash on save",
+        "Language: Python",
+        "abc123 initial",
+        "BLOCKED.md",
+        "agent/fix",
+    ):
+        assert expected in prompt, expected
+    assert "$" not in prompt
+
+
+def test_every_builtin_task_template_renders(isolated_home: Path) -> None:
+    lib = _library(isolated_home)
+    assert set(lib.names("task")) >= {"coding", "conventions", "security", "review", "verify"}
+    for name in lib.names("task"):
+        assert "Fix the bug" in lib.render(_ctx(template=name))
+
+
+def test_a_user_template_wins_over_the_builtin_one_of_the_same_name(isolated_home: Path) -> None:
+    (isolated_home / "prompts").mkdir(parents=True)
+    (isolated_home / "prompts" / "coding.md").write_text("MINE: $task\n$rules\n", encoding="utf-8")
+    assert lib_render(isolated_home).startswith("MINE: Fix the bug")
+
+
+def lib_render(isolated_home: Path) -> str:
+    return _library(isolated_home).render(_ctx())
+
+
+def test_unknown_template_lists_the_known_ones(isolated_home: Path) -> None:
+    with pytest.raises(InvalidInputError, match="Known: coding"):
+        _library(isolated_home).check("nope", None, None, {})
+
+
+def test_resume_prompt_carries_the_question_and_the_answer(isolated_home: Path) -> None:
+    prompt = _library(isolated_home).render(_ctx(question="Which DB?", answer="PostgreSQL"))
+    assert "Which DB?" in prompt and "PostgreSQL" in prompt
+
+
+def test_repo_facts_detect_language_and_commands(tmp_path: Path) -> None:
+    (tmp_path / "go.mod").write_text("module x\n")
+    assert "Go" in detect_repo_facts(tmp_path) and "go test ./..." in detect_repo_facts(tmp_path)
+    (tmp_path / "package.json").write_text('{"scripts": {"test": "vitest"}}')
+    assert "npm test" in detect_repo_facts(tmp_path)
