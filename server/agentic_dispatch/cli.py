@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,6 +58,10 @@ def _print_status(report: StatusReport, as_json: bool) -> None:
     print(counts or "no workspaces")
     for note in report.notes:
         print(f"note: {note}")
+    for hold in report.holds:
+        print(f"pool {hold.pool}: {hold.reason}" + (f" until {hold.until}" if hold.until else ""))
+    for orphan in report.orphans:
+        print(f"orphaned container: {orphan} (remove with `agentic-dispatch cleanup`)")
     for row in report.workspaces:
         extra = f" exit={row.exit_code}" if row.exit_code is not None else ""
         print(f"{row.status!s:<10} {row.name}  [{row.agent}, runs {row.runs}{extra}]  {row.branch}")
@@ -75,11 +80,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings, _ = load_settings(Path(args.config) if args.config else None)  # fail fast on a bad config
     logging.getLogger().setLevel(settings.log_level)
     server = build_server(lambda: _dispatcher(args))
+    # SIGTERM ends the server like Ctrl-C: the lifespan closes the service (background threads stop);
+    # running containers keep running and are reconciled on the next start.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     if args.transport == "stdio":
         server.run("stdio")
     else:
         server.run("streamable-http", host=args.host, port=args.port)
     return 0
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def cmd_dispatch(args: argparse.Namespace) -> int:
@@ -107,6 +119,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
         tag=args.tag,
         priority=Priority(args.priority),
         timeout_seconds=args.timeout,
+        idempotency_key=args.idempotency_key,
         dry_run=args.dry_run,
     )
     svc = _dispatcher(args)
@@ -130,6 +143,28 @@ def cmd_resume(args: argparse.Namespace) -> int:
     svc = _dispatcher(args)
     svc.reconcile()
     _emit(svc.resume(args.workspace, args.answer, args.agent), args.json)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    _emit(_dispatcher(args).cancel(args.workspace), args.json)
+    return 0
+
+
+def cmd_freeze(args: argparse.Namespace) -> int:
+    _emit(_dispatcher(args).freeze(args.now), args.json)
+    return 0
+
+
+def cmd_unfreeze(args: argparse.Namespace) -> int:
+    _emit(_dispatcher(args).unfreeze(), args.json)
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    svc = _dispatcher(args)
+    svc.reconcile()
+    _emit(svc.cleanup(), args.json)
     return 0
 
 
@@ -187,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tag")
     d.add_argument("--priority", choices=[p.value for p in Priority], default="normal")
     d.add_argument("--timeout", type=int, help="seconds")
+    d.add_argument("--idempotency-key")
     d.add_argument("--dry-run", action="store_true")
     d.add_argument("--wait", type=float, metavar="SECONDS", help="wait up to this long for the run to finish")
     d.add_argument("--json", action="store_true")
@@ -206,6 +242,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--agent")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_resume)
+
+    c = sub.add_parser("cancel", help="cancel a queued or running workspace")
+    c.add_argument("workspace")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_cancel)
+
+    fr = sub.add_parser("freeze", help="freeze the queue (new dispatches queue, nothing starts)")
+    fr.add_argument("--now", action="store_true", help="also stop running agents")
+    fr.add_argument("--json", action="store_true")
+    fr.set_defaults(func=cmd_freeze)
+
+    un = sub.add_parser("unfreeze", help="unfreeze the queue")
+    un.add_argument("--json", action="store_true")
+    un.set_defaults(func=cmd_unfreeze)
+
+    cl = sub.add_parser("cleanup", help="remove labelled containers no record knows (agentic_status lists them)")
+    cl.add_argument("--json", action="store_true")
+    cl.set_defaults(func=cmd_cleanup)
 
     sy = sub.add_parser("sync", help="deliver results home")
     sy.add_argument("workspace", nargs="?")

@@ -52,6 +52,15 @@ class Limits(_Model):
     models: dict[str, Annotated[int, Field(ge=0)]] = Field(
         default_factory=dict, description="per base:model, e.g. {'claude:opus' = 1}"
     )
+    daily: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict, description="starts per pool per UTC day, e.g. {codex = 100}"
+    )
+    pacing_seconds: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict, description="minimum delay between two starts in a pool"
+    )
+    fast_fail_count: Annotated[int, Field(ge=1)] = 3
+    fast_fail_window_seconds: Annotated[float, Field(gt=0)] = 60.0
+    fast_fail_pause_seconds: Annotated[float, Field(ge=0)] = 1800.0
 
 
 class Resources(_Model):

@@ -23,7 +23,16 @@ from mcp_types import ToolAnnotations
 from pydantic import Field
 
 from .errors import DispatchError
-from .models import DispatchRequest, DispatchResult, Priority, StatusReport, SyncReport, WorkspaceRow
+from .models import (
+    CancelResult,
+    DispatchRequest,
+    DispatchResult,
+    Priority,
+    QueueState,
+    StatusReport,
+    SyncReport,
+    WorkspaceRow,
+)
 from .service import Dispatcher
 
 __all__ = ["build_server"]
@@ -103,6 +112,9 @@ def build_server(make_dispatcher: Callable[[], Dispatcher]) -> MCPServer[Dispatc
             Literal["critical", "high", "normal", "low"], Field(description="queue order when slots are full")
         ] = "normal",
         timeout_seconds: Annotated[int | None, Field(description="stop the run after this long", gt=0)] = None,
+        idempotency_key: Annotated[
+            str | None, Field(description="the same key again returns the existing workspace instead of a new run")
+        ] = None,
         dry_run: Annotated[bool, Field(description="prepare and return the prompt without launching")] = False,
     ) -> DispatchResult:
         """Hand a coding task to an agent running in its own container, on its own branch of a fresh clone.
@@ -125,6 +137,7 @@ def build_server(make_dispatcher: Callable[[], Dispatcher]) -> MCPServer[Dispatc
             tag=tag,
             priority=Priority(priority),
             timeout_seconds=timeout_seconds,
+            idempotency_key=idempotency_key,
             dry_run=dry_run,
         )
         return _call(lambda: _svc(ctx).dispatch(req))
@@ -215,5 +228,54 @@ def build_server(make_dispatcher: Callable[[], Dispatcher]) -> MCPServer[Dispatc
                 break
         report = await anyio.to_thread.run_sync(lambda: _call(lambda: svc.status(workspace, log_lines=20)))
         return report.workspaces[0]
+
+    @server.tool(
+        name="agentic_cancel",
+        annotations=ToolAnnotations(
+            title="Cancel a workspace",
+            read_only_hint=False,
+            destructive_hint=True,
+            idempotent_hint=True,
+            open_world_hint=False,
+        ),
+    )
+    def agentic_cancel(
+        ctx: Ctx, workspace: Annotated[str, Field(description="the workspace to cancel")]
+    ) -> CancelResult:
+        """Cancel a workspace: a queued one never starts; a running one's container is stopped (its work so far
+        stays in the workspace). Cancelling a finished or already cancelled workspace changes nothing."""
+        return _call(lambda: _svc(ctx).cancel(workspace))
+
+    @server.tool(
+        name="agentic_dispatch_shutdown",
+        annotations=ToolAnnotations(
+            title="Freeze the queue",
+            read_only_hint=False,
+            destructive_hint=True,
+            idempotent_hint=True,
+            open_world_hint=False,
+        ),
+    )
+    def agentic_dispatch_shutdown(
+        ctx: Ctx,
+        now: Annotated[bool, Field(description="also stop running agents (they end `cancelled`)")] = False,
+    ) -> QueueState:
+        """Freeze the queue: new dispatches are accepted but queue, and nothing starts until agentic_dispatch_start.
+        Running agents go on unless `now` is true. The frozen state survives restarts."""
+        return _call(lambda: _svc(ctx).freeze(now))
+
+    @server.tool(
+        name="agentic_dispatch_start",
+        annotations=ToolAnnotations(
+            title="Unfreeze the queue",
+            read_only_hint=False,
+            destructive_hint=False,
+            idempotent_hint=True,
+            open_world_hint=False,
+        ),
+    )
+    def agentic_dispatch_start(ctx: Ctx) -> QueueState:
+        """Unfreeze the queue and start queued work that has a free slot."""
+        return _call(lambda: _svc(ctx).unfreeze())
 
     return server

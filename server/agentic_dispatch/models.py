@@ -13,9 +13,13 @@ __all__ = [
     "ACTIVE_STATUSES",
     "FINAL_STATUSES",
     "RESUMABLE_STATUSES",
+    "CancelResult",
+    "CleanupReport",
     "DispatchRequest",
     "DispatchResult",
+    "PoolHoldRow",
     "Priority",
+    "QueueState",
     "RunSummary",
     "Status",
     "StatusReport",
@@ -101,6 +105,9 @@ class WorkspaceRecord(BaseModel):
     runs: int = 0
     pr_url: str | None = None
     summary: RunSummary | None = None
+    idempotency_key: str | None = None
+    stop_status: Status | None = Field(default=None, description="set just before the server stops a run itself")
+    stop_reason: str | None = None
 
 
 class DispatchRequest(BaseModel):
@@ -120,6 +127,7 @@ class DispatchRequest(BaseModel):
     tag: str | None = None
     priority: Priority = Priority.NORMAL
     timeout_seconds: int | None = None
+    idempotency_key: str | None = None
     dry_run: bool = False
 
 
@@ -162,7 +170,40 @@ class StatusReport(BaseModel):
 
     counts: dict[str, int]
     workspaces: list[WorkspaceRow]
+    frozen: bool = False
+    holds: list[PoolHoldRow] = Field(default_factory=list, description="pools that start nothing now, and until when")
+    orphans: list[str] = Field(
+        default_factory=list, description="labelled containers no record knows; remove with `agentic-dispatch cleanup`"
+    )
     notes: list[str] = Field(default_factory=list)
+
+
+class PoolHoldRow(BaseModel):
+    pool: str
+    reason: str
+    until: str | None = None
+
+
+class CancelResult(BaseModel):
+    """What agentic_cancel did."""
+
+    workspace: str
+    status: str
+    changed: bool
+    message: str
+
+
+class QueueState(BaseModel):
+    """What agentic_dispatch_shutdown / agentic_dispatch_start did."""
+
+    frozen: bool
+    stopped: list[str] = Field(default_factory=list)
+    message: str
+
+
+class CleanupReport(BaseModel):
+    removed: list[str] = Field(default_factory=list)
+    message: str
 
 
 class SyncReport(BaseModel):

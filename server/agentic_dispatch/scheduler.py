@@ -15,15 +15,17 @@ import fcntl
 import json
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from .config import Limits
 from .models import Priority, Status, WorkspaceRecord, utcnow
 
-__all__ = ["Scheduler", "SchedulerState"]
+__all__ = ["PoolHold", "Scheduler", "SchedulerState"]
 
 _PRIORITY_RANK = {Priority.CRITICAL: 0, Priority.HIGH: 1, Priority.NORMAL: 2, Priority.LOW: 3}
 
@@ -34,6 +36,20 @@ class SchedulerState:
 
     frozen: bool = False
     frozen_at: str | None = None
+    paused_until: dict[str, float] = field(default_factory=dict)  # pool -> epoch seconds
+    fast_failures: dict[str, list[float]] = field(default_factory=dict)  # pool -> failure times
+    last_start: dict[str, float] = field(default_factory=dict)  # pool -> epoch seconds
+    starts_day: str = ""  # UTC date the counts below belong to
+    starts_today: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PoolHold:
+    """Why a pool starts nothing right now, and until when."""
+
+    pool: str
+    reason: str
+    until: float | None
 
 
 def _base(agent: str) -> str:
@@ -88,6 +104,63 @@ class Scheduler:
             self._save(state)
             return state
 
+    def note_start(self, agent: str) -> None:
+        """Count a start for daily limits and pacing (call under :meth:`admission`)."""
+        state = self.state()
+        pool, now = _base(agent), time.time()
+        today = _utc_day(now)
+        if state.starts_day != today:
+            state.starts_day, state.starts_today = today, {}
+        state.starts_today[pool] = state.starts_today.get(pool, 0) + 1
+        state.last_start[pool] = now
+        self._save(state)
+
+    def note_failure(self, agent: str, seconds_after_start: float) -> bool:
+        """Record a failed run; a fast one counts towards pausing its pool. Returns True if the pool got paused."""
+        if seconds_after_start > self.limits.fast_fail_window_seconds:
+            return False
+        with self.admission():
+            state = self.state()
+            pool, now = _base(agent), time.time()
+            window = self.limits.fast_fail_window_seconds
+            recent = [t for t in state.fast_failures.get(pool, []) if now - t <= window] + [now]
+            paused = len(recent) >= self.limits.fast_fail_count
+            if paused:
+                state.paused_until[pool] = now + self.limits.fast_fail_pause_seconds
+                recent = []
+            state.fast_failures[pool] = recent
+            self._save(state)
+            return paused
+
+    def resume_pool(self, pool: str) -> None:
+        with self.admission():
+            state = self.state()
+            state.paused_until.pop(pool, None)
+            state.fast_failures.pop(pool, None)
+            self._save(state)
+
+    def holds(self, pools: set[str] | None = None) -> list[PoolHold]:
+        """Pools that start nothing now: paused after fast failures, at their daily limit, or pacing."""
+        state, now = self.state(), time.time()
+        today = _utc_day(now)
+        names = set(pools or set()) | set(state.paused_until) | set(self.limits.daily) | set(self.limits.pacing_seconds)
+        out: list[PoolHold] = []
+        for pool in sorted(names):
+            until = state.paused_until.get(pool, 0)
+            if until > now:
+                out.append(PoolHold(pool, f"paused after {self.limits.fast_fail_count} fast failures", until))
+                continue
+            limit = self.limits.daily.get(pool)
+            started = state.starts_today.get(pool, 0) if state.starts_day == today else 0
+            if limit is not None and started >= limit:
+                out.append(PoolHold(pool, f"daily limit of {limit} starts reached", _next_utc_midnight(now)))
+                continue
+            pace = self.limits.pacing_seconds.get(pool, 0)
+            last = state.last_start.get(pool)
+            if pace and last is not None and now - last < pace:
+                out.append(PoolHold(pool, f"pacing: {pace:g} s between starts", last + pace))
+        return out
+
     # -- decisions -------------------------------------------------------------------------
     @staticmethod
     def order(queued: list[WorkspaceRecord]) -> list[WorkspaceRecord]:
@@ -97,6 +170,8 @@ class Scheduler:
         """The queued records that may start now, in start order (call under :meth:`admission`)."""
         if self.state().frozen:
             return []
+        held = {h.pool for h in self.holds({_base(r.agent) for r in records})}
+        pacing = self.limits.pacing_seconds
         running = [r for r in records if r.status == Status.RUNNING]
         total = len(running)
         pools = Counter(_base(r.agent) for r in running)
@@ -106,12 +181,25 @@ class Scheduler:
             base = _base(rec.agent)
             if total >= self.limits.total:
                 break
+            if base in held:
+                continue
             if base in self.limits.pools and pools[base] >= self.limits.pools[base]:
                 continue
             if rec.agent in self.limits.models and models[rec.agent] >= self.limits.models[rec.agent]:
                 continue
             chosen.append(rec)
+            if pacing.get(base):
+                held.add(base)  # one start per pacing interval
             total += 1
             pools[base] += 1
             models[rec.agent] += 1
         return chosen
+
+
+def _utc_day(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).date().isoformat()
+
+
+def _next_utc_midnight(ts: float) -> float:
+    day = datetime.fromtimestamp(ts, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return (day + timedelta(days=1)).timestamp()

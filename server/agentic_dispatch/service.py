@@ -13,13 +13,15 @@ nothing was listening). A one-shot CLI call reconciles once instead.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
 import threading
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .agents import (
@@ -29,6 +31,7 @@ from .agents import (
     CONTAINER_RUN,
     CONTAINER_WORKDIR,
     Agent,
+    AgentSpec,
     RunContext,
     parse_agent_spec,
 )
@@ -37,8 +40,12 @@ from .errors import InvalidInputError, RuntimeUnavailableError, StateError
 from .models import (
     ACTIVE_STATUSES,
     RESUMABLE_STATUSES,
+    CancelResult,
+    CleanupReport,
     DispatchRequest,
     DispatchResult,
+    PoolHoldRow,
+    QueueState,
     Status,
     StatusReport,
     SyncReport,
@@ -61,7 +68,7 @@ from .runtime.base import (
 from .runtime.images import default_image_tag
 from .scheduler import Scheduler
 from .store import StatusStore, WorkspacePaths
-from .workspace import MirrorCache, clone_workspace, exclude_paths, recent_log, resolve_repo
+from .workspace import MirrorCache, clone_workspace, exclude_paths, file_lock, recent_log, resolve_repo
 
 __all__ = ["Dispatcher"]
 
@@ -199,8 +206,30 @@ class Dispatcher:
         timeout = req.timeout_seconds or self.settings.timeout_seconds
         if timeout <= 0:
             raise InvalidInputError("timeout_seconds", "must be positive.")
+        if req.idempotency_key is not None:
+            if not req.idempotency_key.strip() or len(req.idempotency_key) > 200:
+                raise InvalidInputError("idempotency_key", "must be 1 to 200 characters.")
+            with self._key_lock(req.idempotency_key):
+                existing = self._find_by_key(req.idempotency_key)
+                if existing is not None:
+                    return self._result(existing)
+                return self._dispatch(req, spec, template, timeout)
+        return self._dispatch(req, spec, template, timeout)
+
+    def _key_lock(self, key: str) -> contextlib.AbstractContextManager[None]:
+        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+        return file_lock(self.paths.state / "keys" / f"{digest}.lock")
+
+    def _find_by_key(self, key: str) -> WorkspaceRecord | None:
+        for item in self.store.list():
+            if item.record is not None and item.record.idempotency_key == key:
+                return item.record
+        return None
+
+    def _dispatch(self, req: DispatchRequest, spec: AgentSpec, template: str, timeout: int) -> DispatchResult:
         if not req.dry_run:
             self.preflight()
+        task = req.task.strip()
         ref = resolve_repo(req.repo, req.org, self.settings.repo_url_template)
 
         if req.issue:
@@ -246,6 +275,7 @@ class Dispatcher:
                 timeout_seconds=timeout,
                 image=self.image,
                 runs=1,
+                idempotency_key=None if req.dry_run else req.idempotency_key,
             )
             prompt = self._prepare_run(ws, record, req.variables)
             if req.dry_run:
@@ -431,6 +461,7 @@ class Dispatcher:
                         network=res.network,
                     )
                 )
+            self.scheduler.note_start(record.agent)
             record.status = Status.RUNNING
             record.container_id = container_id
             record.started_at = utcnow()
@@ -472,9 +503,17 @@ class Dispatcher:
             rec.finished_at = utcnow()
             rec.summary = self.agents[spec.base].summarize(ws.log(spec.base))
             question = blocked.read_text(encoding="utf-8", errors="replace").strip() if blocked.is_file() else ""
-            if question:
+            stop_status, stop_reason = rec.stop_status, rec.stop_reason
+            rec.stop_status = rec.stop_reason = None
+            if stop_status == Status.CANCELLED:
+                rec.status = Status.CANCELLED
+                rec.question = stop_reason
+            elif question:
                 rec.status = Status.BLOCKED
                 rec.question = question
+            elif stop_status is not None:
+                rec.status = stop_status
+                rec.question = stop_reason
             elif reason is not None:
                 rec.status = Status.FAILED
                 rec.question = reason
@@ -487,12 +526,33 @@ class Dispatcher:
             changed = True
             return True
 
-        self.store.update(name, apply)
+        rec = self.store.update(name, apply)
         if changed:
             self.runtime.remove(container_id)
+            if rec.status == Status.FAILED and rec.started_at:
+                ran = time.time() - (_parse_time(rec.started_at) or time.time())
+                if self.scheduler.note_failure(rec.agent, ran):
+                    log.warning("pool %s paused after repeated fast failures", rec.agent.partition(":")[0])
             with self._finished:
                 self._finished.notify_all()
         return changed
+
+    def _stop_run(self, name: str, status: Status, reason: str) -> bool:
+        """Stop a running workspace's container and finalise it as ``status`` with ``reason``."""
+
+        def mark(rec: WorkspaceRecord) -> bool:
+            if rec.status != Status.RUNNING:
+                return False
+            rec.stop_status, rec.stop_reason = status, reason
+            return True
+
+        rec = self.store.update(name, mark)
+        if rec.status != Status.RUNNING or rec.container_id is None:
+            return False
+        self.runtime.stop(rec.container_id, timeout=5)
+        info = self.runtime.inspect(rec.container_id)
+        self.finalise(name, rec.container_id, info.exit_code if info else None)
+        return True
 
     def _failure_reason(self, rec: WorkspaceRecord, ws: WorkspacePaths, exit_code: int | None) -> str:
         if exit_code is None:
@@ -602,10 +662,25 @@ class Dispatcher:
                 )
             )
         rows.sort(key=lambda r: r.updated_at or "", reverse=True)
-        notes = []
-        if self.scheduler.state().frozen:
-            notes.append("the queue is frozen: new dispatches wait until it is unfrozen")
-        return StatusReport(counts=counts, workspaces=rows[:limit], notes=notes)
+        frozen = self.scheduler.state().frozen
+        notes = ["the queue is frozen: new dispatches wait until agentic_dispatch_start"] if frozen else []
+        holds = [
+            PoolHoldRow(
+                pool=h.pool,
+                reason=h.reason,
+                until=datetime.fromtimestamp(h.until, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+                if h.until
+                else None,
+            )
+            for h in self.scheduler.holds()
+        ]
+        try:
+            orphans = self.orphans()
+        except RuntimeUnavailableError as e:
+            orphans, notes = [], [*notes, str(e)]
+        return StatusReport(
+            counts=counts, workspaces=rows[:limit], frozen=frozen, holds=holds, orphans=orphans, notes=notes
+        )
 
     def wait(self, workspace: str, timeout: float) -> WorkspaceRecord:
         """Block until ``workspace`` leaves queued/running or ``timeout`` passes; return its record."""
@@ -672,6 +747,91 @@ class Dispatcher:
         self.store.event(rec, "resumed")
         self.drain()
         return self._result(self.store.read(workspace))
+
+    def cancel(self, workspace: str) -> CancelResult:
+        """Cancel a workspace: a queued one never starts, a running one is stopped; others are left as they are."""
+        self.store.paths(workspace)
+
+        def dequeue(rec: WorkspaceRecord) -> bool:
+            if rec.status != Status.QUEUED:
+                return False
+            rec.status = Status.CANCELLED
+            rec.question = "cancelled before it started"
+            rec.finished_at = utcnow()
+            return True
+
+        with self.scheduler.admission():  # so a drain cannot start it while we look
+            rec = self.store.read(workspace)
+            if rec.status == Status.QUEUED:
+                rec = self.store.update(workspace, dequeue)
+                return CancelResult(
+                    workspace=workspace, status=rec.status, changed=True, message="removed from the queue"
+                )
+        if rec.status == Status.RUNNING and self._stop_run(workspace, Status.CANCELLED, "cancelled while running"):
+            rec = self.store.read(workspace)
+            return CancelResult(
+                workspace=workspace,
+                status=rec.status,
+                changed=True,
+                message="the container was stopped; the work so far stays in the workspace",
+            )
+        rec = self.store.read(workspace)
+        return CancelResult(
+            workspace=workspace,
+            status=rec.status,
+            changed=False,
+            message=f"nothing to cancel: the workspace is {rec.status}",
+        )
+
+    def freeze(self, now: bool = False) -> QueueState:
+        """Stop starting work (new dispatches queue); with ``now``, also stop running agents."""
+        self.scheduler.set_frozen(True)
+        stopped = []
+        if now:
+            for item in self.store.list():
+                running = item.record is not None and item.record.status == Status.RUNNING
+                if running and self._stop_run(
+                    item.name, Status.CANCELLED, "stopped by agentic_dispatch_shutdown(now=true)"
+                ):
+                    stopped.append(item.name)
+        return QueueState(
+            frozen=True,
+            stopped=stopped,
+            message="frozen: new dispatches queue and nothing starts until agentic_dispatch_start"
+            + (f"; stopped {len(stopped)} running agent(s)" if now else "; running agents go on"),
+        )
+
+    def unfreeze(self) -> QueueState:
+        self.scheduler.set_frozen(False)
+        started = self.drain()
+        return QueueState(frozen=False, message=f"unfrozen; started {len(started)} queued workspace(s)")
+
+    def orphans(self) -> list[str]:
+        """Containers labelled with this root that no running record knows."""
+        known = {
+            i.record.container_id
+            for i in self.store.list()
+            if i.record is not None and i.record.status == Status.RUNNING and i.record.container_id
+        }
+        return [
+            f"{c.id[:12]} {c.name} ({c.labels.get(LABEL_WORKSPACE, '?')})"
+            for c in self.runtime.list(self.root_labels)
+            if c.id not in known
+        ]
+
+    def cleanup(self) -> CleanupReport:
+        """Remove the orphaned containers :meth:`orphans` reports."""
+        known = {
+            i.record.container_id
+            for i in self.store.list()
+            if i.record is not None and i.record.status == Status.RUNNING and i.record.container_id
+        }
+        removed = []
+        for c in self.runtime.list(self.root_labels):
+            if c.id not in known:
+                self.runtime.remove(c.id)
+                removed.append(f"{c.id[:12]} {c.name}")
+        return CleanupReport(removed=removed, message=f"removed {len(removed)} orphaned container(s)")
 
     @staticmethod
     def _saved_variables(ws: WorkspacePaths) -> dict[str, str]:

@@ -33,6 +33,7 @@ __all__ = [
     "RepoRef",
     "clone_workspace",
     "exclude_paths",
+    "file_lock",
     "resolve_repo",
     "safe_component",
 ]
@@ -153,7 +154,7 @@ def _git_error_text(e: git.GitCommandError) -> str:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -183,7 +184,7 @@ class MirrorCache:
         """
         mirror = self.path(ref)
         stamp = mirror / "agentic-fetched-at"
-        with _file_lock(self.root / f"{ref.mirror_key}.lock"):
+        with file_lock(self.root / f"{ref.mirror_key}.lock"):
             if not mirror.exists():
                 self._create(ref, mirror)
             else:
