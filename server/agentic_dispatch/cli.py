@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -79,19 +80,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings, _ = load_settings(Path(args.config) if args.config else None)  # fail fast on a bad config
     logging.getLogger().setLevel(settings.log_level)
-    server = build_server(lambda: _dispatcher(args))
-    # SIGTERM ends the server like Ctrl-C: the lifespan closes the service (background threads stop);
-    # running containers keep running and are reconciled on the next start.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    made: list[Dispatcher] = []
+
+    def make() -> Dispatcher:
+        made.append(_dispatcher(args))
+        return made[0]
+
+    def shutdown(signum: int, frame: object) -> None:
+        # Stop the background threads and leave at once. Running containers keep running and are
+        # reconciled on the next start; every record write is atomic, so nothing is left half-written.
+        log.info("signal %s: shutting down; running agents keep running", signum)
+        for d in made:
+            d.close(timeout=2)
+        logging.shutdown()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    server = build_server(make)
     if args.transport == "stdio":
         server.run("stdio")
     else:
         server.run("streamable-http", host=args.host, port=args.port)
     return 0
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def cmd_dispatch(args: argparse.Namespace) -> int:

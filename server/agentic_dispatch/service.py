@@ -119,6 +119,16 @@ class Dispatcher:
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._finished = threading.Condition()
+        self._remove_stale_staging()
+
+    def _remove_stale_staging(self) -> None:
+        """A dispatch cut off mid-way (crash, kill) leaves its staging folder; nothing refers to it."""
+        staging = self.paths.state / "staging"
+        if not staging.is_dir():
+            return
+        for d in staging.iterdir():
+            if time.time() - d.stat().st_mtime > 3600:
+                shutil.rmtree(d, ignore_errors=True)
 
     # =====================================================================================
     # lifecycle
@@ -485,7 +495,7 @@ class Dispatcher:
             log.exception("cannot finalise %s", name)
         self.drain()
 
-    def finalise(self, name: str, container_id: str, exit_code: int | None, reason: str | None = None) -> bool:
+    def finalise(self, name: str, container_id: str, exit_code: int | None) -> bool:
         """Apply the final-status rule to a run whose container has exited (or was stopped).
 
         Returns ``False`` when the record had already moved on (idempotent).
@@ -514,9 +524,6 @@ class Dispatcher:
             elif stop_status is not None:
                 rec.status = stop_status
                 rec.question = stop_reason
-            elif reason is not None:
-                rec.status = Status.FAILED
-                rec.question = reason
             elif exit_code != 0:
                 rec.status = Status.FAILED
                 rec.question = self._failure_reason(rec, ws, exit_code)
@@ -583,8 +590,11 @@ class Dispatcher:
             else:
                 started = _parse_time(rec.started_at) or now
                 if now - started > rec.timeout_seconds:
-                    self.runtime.stop(rec.container_id, timeout=5)
-                    self.finalise(rec.name, rec.container_id, None, reason=f"timed out after {rec.timeout_seconds} s")
+                    self._stop_run(
+                        rec.name,
+                        Status.FAILED,
+                        f"timed out after {rec.timeout_seconds} s; the container was stopped and the log so far kept",
+                    )
         self.drain()
 
     def _fail_vanished(self, rec: WorkspaceRecord) -> None:

@@ -1,0 +1,248 @@
+"""Scheduling on real containers: pools and priorities, timeouts, cancel, fast-fail pauses,
+restart reconciliation after SIGKILL, and two servers sharing one root."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import docker
+import pytest
+
+from agentic_dispatch.config import load_settings
+from agentic_dispatch.models import DispatchRequest, Priority, Status
+from agentic_dispatch.runtime.base import LABEL_ROOT, LABEL_WORKSPACE
+from agentic_dispatch.runtime.docker import DockerRuntime
+from agentic_dispatch.service import Dispatcher
+
+pytestmark = pytest.mark.docker
+
+
+def write_config(home: Path, text: str) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(text, encoding="utf-8")
+
+
+def new_dispatcher(client: docker.DockerClient, start: bool = True) -> Dispatcher:
+    settings, paths = load_settings()
+    svc = Dispatcher(settings, paths, DockerRuntime(client))
+    if start:
+        svc.start()
+    return svc
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.1)
+
+
+def shell(repo: Path, task: str, **kw: object) -> DispatchRequest:
+    return DispatchRequest(repo=str(repo), task=task, agent="shell", **kw)  # type: ignore[arg-type]
+
+
+def test_pool_limit_of_two_runs_five_dispatches_at_most_two_at_a_time_in_priority_order_with_full_prompts(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path, isolated_home: Path
+) -> None:
+    write_config(isolated_home, "[limits]\ntotal = 8\npools = {shell = 2}\n")
+    svc = new_dispatcher(docker_client)
+    since = int(time.time()) - 1
+    try:
+        task = "cat /agentic/run/prompt.md > prompt-seen.txt; sleep 1.5"
+        first = [svc.dispatch(shell(user_repo, task + f" # filler {i}")) for i in range(2)]
+        assert [r.status for r in first] == ["running", "running"]
+        queued = {
+            p: svc.dispatch(shell(user_repo, task + f" # {p.value}", priority=p))
+            for p in (Priority.LOW, Priority.CRITICAL, Priority.HIGH)
+        }
+        assert all(r.status == "queued" for r in queued.values())
+        names = [r.workspace for r in first] + [r.workspace for r in queued.values()]
+        for n in names:
+            assert svc.wait(n, 60).status == Status.COMPLETED
+    finally:
+        svc.close()
+    # Observed through the engine: replay start/die events of this root's containers.
+    root = load_settings()[1].root_id
+    events = docker_client.events(
+        since=since,
+        until=int(time.time()) + 1,
+        decode=True,
+        filters={"type": "container", "label": [f"{LABEL_ROOT}={root}"], "event": ["start", "die"]},
+    )
+    running = peak = 0
+    starts: list[str] = []
+    for ev in events:
+        if ev["status"] == "start":
+            running += 1
+            starts.append(ev["Actor"]["Attributes"][LABEL_WORKSPACE])
+        else:
+            running -= 1
+        peak = max(peak, running)
+    assert peak <= 2 and len(starts) == 5
+    assert starts[2:] == [queued[p].workspace for p in (Priority.CRITICAL, Priority.HIGH, Priority.LOW)]
+    for r in queued.values():
+        seen = (Path(r.repo_path) / "prompt-seen.txt").read_text(encoding="utf-8")
+        saved = (Path(r.path) / ".meta" / "prompt-1.md").read_text(encoding="utf-8")
+        assert seen == saved and "sleep 1.5" in seen and "BLOCKED.md" in seen
+
+
+def test_a_five_second_timeout_fails_a_sleeping_task_with_the_reason_in_under_ten_seconds(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path
+) -> None:
+    svc = new_dispatcher(docker_client)
+    try:
+        t0 = time.monotonic()
+        res = svc.dispatch(shell(user_repo, "echo started; sleep 60", timeout_seconds=5))
+        rec = svc.wait(res.workspace, 15)
+        elapsed = time.monotonic() - t0
+    finally:
+        svc.close()
+    assert rec.status == Status.FAILED and "timed out after 5 s" in (rec.question or "")
+    assert elapsed < 10, elapsed
+    assert "started" in Path(res.log_path).read_text(encoding="utf-8"), "the log so far is kept"
+
+
+def test_cancel_of_running_queued_and_finished_workspaces_and_twice(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path, isolated_home: Path
+) -> None:
+    write_config(isolated_home, "[limits]\ntotal = 1\n")
+    svc = new_dispatcher(docker_client)
+    try:
+        running = svc.dispatch(shell(user_repo, "sleep 60"))
+        queued = svc.dispatch(shell(user_repo, "echo should-never-run > ran.txt"))
+        assert (running.status, queued.status) == ("running", "queued")
+
+        q1 = svc.cancel(queued.workspace)
+        assert q1.changed and q1.status == "cancelled"
+        r1 = svc.cancel(running.workspace)
+        assert r1.changed and r1.status == "cancelled"
+        assert svc.store.read(running.workspace).question == "cancelled while running"
+        again = svc.cancel(running.workspace)
+        assert not again.changed and "nothing to cancel" in again.message
+
+        done = svc.dispatch(shell(user_repo, "true"))
+        assert svc.wait(done.workspace, 30).status == Status.COMPLETED
+        d1 = svc.cancel(done.workspace)
+        assert not d1.changed and d1.status == "completed"
+        svc.reconcile()
+        assert not (Path(queued.repo_path) / "ran.txt").exists(), "a cancelled queued workspace must never start"
+        assert svc.store.read(queued.workspace).status == Status.CANCELLED
+        assert (
+            docker_client.containers.list(all=True, filters={"label": f"{LABEL_WORKSPACE}={running.workspace}"}) == []
+        )
+    finally:
+        svc.close()
+
+
+def test_three_fast_failures_pause_the_pool_and_a_fourth_dispatch_queues_with_the_pause_shown(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path
+) -> None:
+    svc = new_dispatcher(docker_client)
+    try:
+        for i in range(3):
+            r = svc.dispatch(shell(user_repo, f"exit 1 # {i}"))
+            assert svc.wait(r.workspace, 30).status == Status.FAILED
+        fourth = svc.dispatch(shell(user_repo, "true"))
+        assert fourth.status == "queued"
+        report = svc.status()
+        hold = next(h for h in report.holds if h.pool == "shell")
+        assert "fast failures" in hold.reason and hold.until is not None
+        until = time.mktime(time.strptime(hold.until, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+        assert 25 * 60 < until - time.time() <= 30 * 60 + 5
+        # The pause is persisted: a new service on the same root still holds the pool.
+        assert any(h.pool == "shell" for h in new_dispatcher(docker_client, start=False).scheduler.holds())
+    finally:
+        svc.close()
+
+
+def _serve(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`agentic-dispatch serve` on stdio, kept alive by an open stdin (as an MCP host would)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "agentic_dispatch", "serve"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+
+
+def _cli(*args: str) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, "-m", "agentic_dispatch", *args, "--json"], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def test_after_a_sigkill_restart_finalises_exited_watches_running_and_fails_vanished_containers(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path
+) -> None:
+    server = _serve(dict(os.environ))
+    try:
+        exits = _cli("dispatch", str(user_repo), "sleep 1; exit 4", "--agent", "shell")
+        keeps = _cli(
+            "dispatch", str(user_repo), "while [ ! -f go ]; do sleep 0.1; done; echo released", "--agent", "shell"
+        )
+        removed = _cli("dispatch", str(user_repo), "sleep 300", "--agent", "shell")
+    finally:
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+    svc = new_dispatcher(docker_client, start=False)
+    rec = svc.store.read(str(removed["workspace"]))
+    docker_client.containers.get(str(rec.container_id)).remove(force=True)
+    exited_id = str(svc.store.read(str(exits["workspace"])).container_id)
+    wait_for(lambda: docker_client.api.inspect_container(exited_id)["State"]["Running"] is False, 30, "exit")
+
+    svc.start()  # the restart: reconciles once, then watches
+    try:
+        wait_for(lambda: svc.store.read(str(exits["workspace"])).status != Status.RUNNING, 10, "finalise exited")
+        first = svc.store.read(str(exits["workspace"]))
+        assert first.status == Status.FAILED and first.exit_code == 4
+        third = svc.store.read(str(removed["workspace"]))
+        assert third.status == Status.FAILED and "vanished" in (third.question or "")
+        assert svc.store.read(str(keeps["workspace"])).status == Status.RUNNING
+        (Path(str(keeps["repo_path"])) / "go").touch()
+        second = svc.wait(str(keeps["workspace"]), 30)
+        assert second.status == Status.COMPLETED and second.exit_code == 0
+        assert "released" in Path(str(keeps["log_path"])).read_text(encoding="utf-8")
+        assert not [i for i in svc.store.list() if i.record and i.record.status == Status.RUNNING]
+    finally:
+        svc.close()
+
+
+def test_two_servers_on_one_root_run_each_of_ten_queued_dispatches_exactly_once(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path, isolated_home: Path
+) -> None:
+    write_config(isolated_home, "drain_interval_seconds = 0.5\n[limits]\ntotal = 3\n")
+    _cli("freeze")
+    names = [
+        str(
+            _cli("dispatch", str(user_repo), f"echo ran >> /agentic/logs/count-{i}; sleep 0.3", "--agent", "shell")[
+                "workspace"
+            ]
+        )
+        for i in range(10)
+    ]
+    servers = [_serve(dict(os.environ)) for _ in range(2)]
+    try:
+        svc = new_dispatcher(docker_client, start=False)
+        assert all(svc.store.read(n).status == Status.QUEUED for n in names)
+        svc.scheduler.set_frozen(False)  # unfreeze without draining here: the two servers must do the work
+        wait_for(lambda: all(svc.store.read(n).status == Status.COMPLETED for n in names), 120, "all ten to complete")
+    finally:
+        for s in servers:
+            s.terminate()
+        # SIGTERM: each server exits cleanly within a few seconds, leaving containers to the next start.
+        assert [s.wait(10) for s in servers] == [0, 0]
+    for i, n in enumerate(names):
+        rec = svc.store.read(n)
+        assert rec.runs == 1
+        ws = svc.store.paths(n)
+        assert (ws.logs / f"count-{i}").read_text(encoding="utf-8") == "ran\n", f"{n} ran more than once"
+        assert ws.log("shell").read_text(encoding="utf-8").count("=== run 1") == 1
