@@ -185,7 +185,7 @@ def test_after_a_sigkill_restart_finalises_exited_watches_running_and_fails_vani
 ) -> None:
     server = _serve(dict(os.environ))
     try:
-        exits = _cli("dispatch", str(user_repo), "sleep 1; exit 4", "--agent", "shell")
+        exits = _cli("dispatch", str(user_repo), "sleep 6; exit 4", "--agent", "shell")
         keeps = _cli(
             "dispatch", str(user_repo), "while [ ! -f go ]; do sleep 0.1; done; echo released", "--agent", "shell"
         )
