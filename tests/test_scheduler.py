@@ -246,3 +246,40 @@ def test_two_servers_on_one_root_run_each_of_ten_queued_dispatches_exactly_once(
         ws = svc.store.paths(n)
         assert (ws.logs / f"count-{i}").read_text(encoding="utf-8") == "ran\n", f"{n} ran more than once"
         assert ws.log("shell").read_text(encoding="utf-8").count("=== run 1") == 1
+
+
+def test_the_same_idempotency_key_returns_the_existing_workspace_instead_of_a_second_run(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path
+) -> None:
+    svc = new_dispatcher(docker_client)
+    try:
+        first = svc.dispatch(shell(user_repo, "echo once >> /agentic/logs/count", idempotency_key="job-42"))
+        again = svc.dispatch(shell(user_repo, "echo once >> /agentic/logs/count", idempotency_key="job-42"))
+        assert again.workspace == first.workspace
+        svc.wait(first.workspace, 30)
+        assert len([i for i in svc.store.list() if i.record]) == 1
+        assert (svc.store.paths(first.workspace).logs / "count").read_text(encoding="utf-8") == "once\n"
+    finally:
+        svc.close()
+
+
+def test_a_frozen_queue_holds_new_dispatches_across_a_restart_until_unfrozen(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path
+) -> None:
+    svc = new_dispatcher(docker_client)
+    try:
+        assert svc.freeze().frozen
+        held = svc.dispatch(shell(user_repo, "true"))
+        assert held.status == "queued"
+    finally:
+        svc.close()
+    restarted = new_dispatcher(docker_client)
+    try:
+        restarted.reconcile()
+        assert restarted.store.read(held.workspace).status == Status.QUEUED
+        assert restarted.status().frozen
+        state = restarted.unfreeze()
+        assert not state.frozen and "started 1" in state.message
+        assert restarted.wait(held.workspace, 30).status == Status.COMPLETED
+    finally:
+        restarted.close()
