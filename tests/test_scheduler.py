@@ -283,3 +283,23 @@ def test_a_frozen_queue_holds_new_dispatches_across_a_restart_until_unfrozen(
         assert restarted.wait(held.workspace, 30).status == Status.COMPLETED
     finally:
         restarted.close()
+
+
+def test_a_labelled_container_no_record_knows_is_reported_and_removed_only_by_cleanup(
+    docker_env: str, docker_client: docker.DockerClient
+) -> None:
+    svc = new_dispatcher(docker_client, start=False)
+    stray = docker_client.containers.run(
+        docker_env,
+        ["sleep", "60"],
+        detach=True,
+        init=True,
+        labels={LABEL_ROOT: svc.paths.root_id, LABEL_WORKSPACE: "local/gone/w-1"},
+    )
+    svc.reconcile()
+    report = svc.status()
+    assert any(o.startswith(stray.id[:12]) and "local/gone/w-1" in o for o in report.orphans)
+    assert docker_client.containers.get(stray.id).status == "running", "reconcile must not remove it silently"
+    cleaned = svc.cleanup()
+    assert len(cleaned.removed) == 1 and cleaned.removed[0].startswith(stray.id[:12])
+    assert svc.status().orphans == []

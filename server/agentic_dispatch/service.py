@@ -60,6 +60,7 @@ from .runtime.base import (
     LABEL_ROOT,
     LABEL_RUN,
     LABEL_WORKSPACE,
+    ContainerInfo,
     ContainerSpec,
     ExitEvent,
     Mount,
@@ -816,31 +817,25 @@ class Dispatcher:
         started = self.drain()
         return QueueState(frozen=False, message=f"unfrozen; started {len(started)} queued workspace(s)")
 
-    def orphans(self) -> list[str]:
+    def _orphan_containers(self) -> list[ContainerInfo]:
         """Containers labelled with this root that no running record knows."""
         known = {
             i.record.container_id
             for i in self.store.list()
             if i.record is not None and i.record.status == Status.RUNNING and i.record.container_id
         }
-        return [
-            f"{c.id[:12]} {c.name} ({c.labels.get(LABEL_WORKSPACE, '?')})"
-            for c in self.runtime.list(self.root_labels)
-            if c.id not in known
-        ]
+        return [c for c in self.runtime.list(self.root_labels) if c.id not in known]
+
+    def orphans(self) -> list[str]:
+        """The orphaned containers, described for a person (id, name, workspace label)."""
+        return [f"{c.id[:12]} {c.name} ({c.labels.get(LABEL_WORKSPACE, '?')})" for c in self._orphan_containers()]
 
     def cleanup(self) -> CleanupReport:
         """Remove the orphaned containers :meth:`orphans` reports."""
-        known = {
-            i.record.container_id
-            for i in self.store.list()
-            if i.record is not None and i.record.status == Status.RUNNING and i.record.container_id
-        }
         removed = []
-        for c in self.runtime.list(self.root_labels):
-            if c.id not in known:
-                self.runtime.remove(c.id)
-                removed.append(f"{c.id[:12]} {c.name}")
+        for c in self._orphan_containers():
+            self.runtime.remove(c.id)
+            removed.append(f"{c.id[:12]} {c.name}")
         return CleanupReport(removed=removed, message=f"removed {len(removed)} orphaned container(s)")
 
     @staticmethod
