@@ -1,4 +1,4 @@
-"""The command line: ``agentic-dispatch serve | dispatch | status | resume | sync | image build``.
+"""The command line: ``agentic-dispatch serve | dispatch | status | resume | doctor | sync | image build``.
 
 A thin front end over the same :class:`~agentic_dispatch.service.Dispatcher` the MCP
 tools use. Results go to stdout (JSON with ``--json``); logs and errors go to stderr.
@@ -184,6 +184,24 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    report = _dispatcher(args).doctor(args.agent or None)
+    if args.json:
+        print(report.model_dump_json(indent=2))
+        return 0 if report.ok else 1
+    print(f"engine: {report.engine}")
+    print(f"image:  {report.image}")
+    for check in report.agents:
+        print(f"{check.agent}: {'ok' if check.ok else 'NOT READY'}")
+        if check.cli_version:
+            print(f"  cli: {check.cli_version}")
+        if check.credentials:
+            print(f"  credentials: {', '.join(check.credentials)}")
+        for problem in check.problems:
+            print(f"  problem: {problem}")
+    return 0 if report.ok else 1
+
+
 def cmd_image_build(args: argparse.Namespace) -> int:
     from .runtime.images import build_image
 
@@ -276,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("workspace", nargs="?")
     sy.add_argument("--json", action="store_true")
     sy.set_defaults(func=cmd_sync)
+
+    dr = sub.add_parser(
+        "doctor", help="check each agent can run: engine, image, CLI version, credentials (never printed)"
+    )
+    dr.add_argument("agent", nargs="*", help="agents to check (default: all)")
+    dr.add_argument("--json", action="store_true")
+    dr.set_defaults(func=cmd_doctor)
 
     im = sub.add_parser("image", help="the agent image")
     im_sub = im.add_subparsers(dest="image_command", required=True)

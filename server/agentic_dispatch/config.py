@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 
 __all__ = [
     "AgentSettings",
+    "HostFile",
     "Limits",
     "Paths",
     "Resources",
@@ -36,6 +37,21 @@ APP_NAME = "agentic-dispatch"
 HOME_ENV = "AGENTIC_DISPATCH_HOME"
 CONFIG_ENV = "AGENTIC_DISPATCH_CONFIG"
 IMAGE_ENV = "AGENTIC_DISPATCH_IMAGE"
+
+# Variables a parent agent session sets (Claude Code refuses to start inside one, and the
+# others change behaviour). Agent containers start from an empty environment, and these
+# may not be passed through even by name.
+PARENT_SESSION_ENV = frozenset(
+    {
+        "CLAUDECODE",
+        "CLAUDE_CODE_ENTRYPOINT",
+        "CLAUDE_CODE_SSE_PORT",
+        "CODEX_SANDBOX",
+        "CODEX_SANDBOX_NETWORK_DISABLED",
+        "CODEX_THREAD_ID",
+        "GEMINI_CLI",
+    }
+)
 
 
 class _Model(BaseModel):
@@ -72,12 +88,58 @@ class Resources(_Model):
     network: str | None = Field(default=None, description="Docker network name; default bridge")
 
 
-class AgentSettings(_Model):
-    """Per-agent settings (credentials and provider)."""
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
-    env: list[str] = Field(default_factory=list, description="extra environment variable names to pass through")
-    base_url: str | None = Field(default=None, description="custom provider base URL (gateway, local model)")
+
+class HostFile(_Model):
+    """A login or settings file from the host that an agent needs in its home."""
+
+    source: Path = Field(description="file on the host; '~' is expanded")
+    target: str = Field(description="where it goes, relative to the agent's home, e.g. '.codex/auth.json'")
+    mode: Literal["copy", "mount"] = Field(
+        default="copy",
+        description="copy: a private copy per workspace (safe for concurrent runs); "
+        "mount: the host file itself, read-write, and that agent's runs are serialised",
+    )
+
+    @field_validator("target")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        parts = Path(value).parts
+        if not value or Path(value).is_absolute() or ".." in parts or value.startswith("~"):
+            raise ValueError("must be a path relative to the agent's home, without '..' (e.g. '.claude/x.json')")
+        return value
+
+
+class AgentSettings(_Model):
+    """Per-agent settings: credentials, provider and retries. Every key is optional."""
+
+    env: list[Annotated[str, Field(pattern=ENV_NAME)]] | None = Field(
+        default=None,
+        description="names of environment variables passed from the server to the agent "
+        "(the values are never written anywhere); default: the agent's own API key variables",
+    )
+    files: list[HostFile] | None = Field(
+        default=None, description="host files put in the agent's home; default: the agent's login files, if present"
+    )
+    base_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://\S+$",
+        description="custom provider base URL (a gateway such as LiteLLM, a local model server); "
+        "localhost means the host",
+    )
     model: str | None = Field(default=None, description="model used when the agent spec names none")
+    max_retries: Annotated[int, Field(ge=0, le=20)] | None = Field(
+        default=None, description="provider retries per request; default: the CLI's own"
+    )
+
+    @field_validator("env")
+    @classmethod
+    def _no_parent_session(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if name in PARENT_SESSION_ENV:
+                raise ValueError(f"{name} belongs to the parent session and is never passed to an agent")
+        return value
 
 
 class SyncSettings(_Model):

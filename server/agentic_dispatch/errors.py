@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
+    "AgentNotReadyError",
     "ConfigError",
     "CorruptRecordError",
     "DispatchError",
@@ -105,3 +106,10 @@ class ConfigError(DispatchError):
 
 class RuntimeUnavailableError(DispatchError):
     """The container engine cannot be reached or the agent image is missing."""
+
+
+class AgentNotReadyError(DispatchError):
+    """An agent cannot run here: its CLI is missing from the image or it has no credentials.
+
+    The message is the doctor's reason, naming the agent and what to set or build.
+    """

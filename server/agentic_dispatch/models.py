@@ -13,10 +13,12 @@ __all__ = [
     "ACTIVE_STATUSES",
     "FINAL_STATUSES",
     "RESUMABLE_STATUSES",
+    "AgentCheck",
     "CancelResult",
     "CleanupReport",
     "DispatchRequest",
     "DispatchResult",
+    "DoctorReport",
     "PoolHoldRow",
     "Priority",
     "QueueState",
@@ -108,6 +110,9 @@ class WorkspaceRecord(BaseModel):
     idempotency_key: str | None = None
     stop_status: Status | None = Field(default=None, description="set just before the server stops a run itself")
     stop_reason: str | None = None
+    resume_session: str | None = Field(
+        default=None, description="the CLI session the queued run continues (native resume); None: a fresh session"
+    )
 
 
 class DispatchRequest(BaseModel):
@@ -214,3 +219,24 @@ class SyncReport(BaseModel):
     next_retry_at: str | None = None
     message: str
     details: dict[str, Any] = Field(default_factory=dict)
+
+
+class AgentCheck(BaseModel):
+    """Doctor's findings for one agent. Never holds a secret: credentials are named, not shown."""
+
+    agent: str
+    ok: bool
+    cli_version: str | None = None
+    credentials: list[str] = Field(
+        default_factory=list, description="what was found, e.g. 'OPENAI_API_KEY (environment)'"
+    )
+    problems: list[str] = Field(default_factory=list, description="what is wrong and what to do about it")
+
+
+class DoctorReport(BaseModel):
+    """Whether each agent can run here: engine, image, CLI in the image, credentials."""
+
+    ok: bool
+    engine: str
+    image: str
+    agents: list[AgentCheck]

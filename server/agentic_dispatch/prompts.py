@@ -139,6 +139,11 @@ class PromptLibrary:
             prompt += "\n\n" + _substitute("resume", self._special("_resume"), resume)
         return _tidy(prompt)
 
+    def answer_message(self, question: str | None, answer: str | None) -> str:
+        """The new message of a native resume: the CLI session already holds the task."""
+        values = {"question": (question or "(none)").strip(), "answer": (answer or "(no answer was given)").strip()}
+        return _tidy(_substitute("answer", self._special("_answer"), values))
+
     def _rules(self) -> str:
         return self._special("_rules")
 

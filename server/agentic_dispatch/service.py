@@ -23,6 +23,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from .agents import (
     AGENTS,
@@ -30,22 +31,27 @@ from .agents import (
     CONTAINER_LOGS,
     CONTAINER_RUN,
     CONTAINER_WORKDIR,
+    RUN_HEADER,
     Agent,
     AgentSpec,
     RunContext,
     parse_agent_spec,
 )
-from .config import IMAGE_ENV, Paths, Settings
-from .errors import InvalidInputError, RuntimeUnavailableError, StateError
+from .config import IMAGE_ENV, Limits, Paths, Settings, config_file_path
+from .credentials import Credentials, redact, resolve_credentials
+from .errors import AgentNotReadyError, ConfigError, InvalidInputError, RuntimeUnavailableError, StateError
 from .models import (
     ACTIVE_STATUSES,
     RESUMABLE_STATUSES,
+    AgentCheck,
     CancelResult,
     CleanupReport,
     DispatchRequest,
     DispatchResult,
+    DoctorReport,
     PoolHoldRow,
     QueueState,
+    RunSummary,
     Status,
     StatusReport,
     SyncReport,
@@ -77,6 +83,14 @@ log = logging.getLogger(__name__)
 
 MAX_TASK_CHARS = 100_000
 MAX_ANSWER_CHARS = 50_000
+# A prompt travels on the CLI's command line; Linux caps one argument at 128 KiB.
+MAX_PROMPT_BYTES = 120_000
+# What `doctor` runs in the image to read each CLI's version (one container for all).
+_VERSIONS_SCRIPT = (
+    'for c in "$@"; do if v=$("$c" --version 2>&1); then printf "%s\\t%s\\n" "$c" "$(printf "%s" "$v" | head -n1)"; '
+    'else printf "%s\\t!%s\\n" "$c" "$(printf "%s" "$v" | tail -n1)"; fi; done'
+)
+_LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "0.0.0.0", "::1"}  # noqa: S104 (names, not a bind)
 
 
 def _parse_time(ts: str | None) -> float | None:
@@ -111,16 +125,39 @@ class Dispatcher:
         self.paths = paths
         self.runtime = runtime
         self.agents = agents if agents is not None else AGENTS
+        unknown = sorted(set(settings.agents) - set(self.agents))
+        if unknown:
+            raise ConfigError(
+                config_file_path(),
+                [f"agents.{n}: unknown agent; the known ones are {', '.join(sorted(self.agents))}" for n in unknown],
+            )
         paths.ensure()
         self.store = StatusStore(paths.workspaces, paths.events)
         self.mirrors = MirrorCache(paths.mirrors, settings.mirror_max_age_seconds)
         self.prompts = PromptLibrary(paths.user_prompts, paths.user_workspace_templates)
-        self.scheduler = Scheduler(settings.limits, paths.state)
+        self.scheduler = Scheduler(self._effective_limits(), paths.state)
+        self._cli_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._finished = threading.Condition()
         self._remove_stale_staging()
+
+    def credentials(self, base: str) -> Credentials:
+        """``base``'s credentials as the server's environment and the host home give them now."""
+        return resolve_credentials(self.agents[base], self.settings.agents.get(base), os.environ, Path.home())
+
+    def _effective_limits(self) -> Limits:
+        """The configured limits, with a pool of 1 for agents whose login file is mounted read-write
+        (two CLIs refreshing one token file at once would corrupt it)."""
+        limits = self.settings.limits
+        serial = [b for b in self.agents if self.credentials(b).mounts]
+        if not serial:
+            return limits
+        pools = dict(limits.pools)
+        for b in serial:
+            pools[b] = min(pools.get(b, 1), 1)
+        return limits.model_copy(update={"pools": pools})
 
     def _remove_stale_staging(self) -> None:
         """A dispatch cut off mid-way (crash, kill) leaves its staging folder; nothing refers to it."""
@@ -239,7 +276,7 @@ class Dispatcher:
 
     def _dispatch(self, req: DispatchRequest, spec: AgentSpec, template: str, timeout: int) -> DispatchResult:
         if not req.dry_run:
-            self.preflight()
+            self.preflight(spec.base)
         task = req.task.strip()
         ref = resolve_repo(req.repo, req.org, self.settings.repo_url_template)
 
@@ -315,11 +352,13 @@ class Dispatcher:
         self.drain()
         return self._result(self.store.read(name))
 
-    def preflight(self) -> None:
-        """Check the engine is reachable and the agent image is present.
+    def preflight(self, base: str | None = None) -> None:
+        """Check the engine is reachable and the agent image is present; with ``base``, also that
+        the agent's CLI runs in the image and its credentials are found (what `doctor` checks).
 
         Raises:
-            RuntimeUnavailableError: with what to do about it.
+            RuntimeUnavailableError: no engine or no image, with what to do about it.
+            AgentNotReadyError: the agent cannot run; the doctor's reason.
         """
         self.runtime.check()
         if not self.runtime.image_exists(self.image):
@@ -327,9 +366,82 @@ class Dispatcher:
                 f"the agent image {self.image!r} is not built. Run `agentic-dispatch image build` "
                 "(or set `image` in the config file), then dispatch again."
             )
+        if base is not None:
+            problems = self._agent_check(base, self.cli_versions()).problems
+            if problems:
+                raise AgentNotReadyError(" ".join(problems) + " (`agentic-dispatch doctor` checks every agent.)")
 
-    def _prepare_run(self, ws: WorkspacePaths, record: WorkspaceRecord, variables: dict[str, str]) -> str:
-        """Write the instruction files, the prompt and the task script for run ``record.runs``."""
+    def cli_versions(self, fresh: bool = False) -> dict[str, str]:
+        """Each CLI's ``--version`` line in the agent image; a value starting with ``!`` is the error.
+
+        Read once per image (the result is kept in ``state/cli-versions.json`` by image id).
+        """
+        clis = sorted({a.cli for a in self.agents.values() if a.cli})
+        image_id = self.runtime.image_id(self.image)
+        if image_id is None or not clis:
+            return {}
+        cache = self.paths.state / "cli-versions.json"
+        with self._cli_lock:
+            try:
+                known = json.loads(cache.read_text(encoding="utf-8"))
+            except (FileNotFoundError, ValueError):
+                known = {}
+            entry = known.get(image_id)
+            if fresh or not isinstance(entry, dict) or not set(clis) <= set(entry):
+                _, output = self.runtime.run_once(self.image, ["/bin/sh", "-c", _VERSIONS_SCRIPT, "versions", *clis])
+                entry = dict.fromkeys(clis, "!the version check did not run")
+                for line in output.splitlines():
+                    name, _, version = line.partition("\t")
+                    if name in entry:
+                        entry[name] = version.strip() or "!no output"
+                known = {image_id: entry}  # only the current image matters
+                tmp = cache.with_suffix(".tmp")
+                tmp.write_text(json.dumps(known, indent=2), encoding="utf-8")
+                tmp.replace(cache)
+            return {str(k): str(v) for k, v in entry.items()}
+
+    def _agent_check(self, base: str, versions: dict[str, str]) -> AgentCheck:
+        agent = self.agents[base]
+        creds = self.credentials(base)
+        problems = [creds.problem] if creds.problem else []
+        version = versions.get(agent.cli) if agent.cli else None
+        if agent.cli and (version is None or version.startswith("!")):
+            why = version[1:] if version else "not checked"
+            problems.append(
+                f"{base}: the {agent.cli} CLI does not run in the image {self.image} ({why}). "
+                "Rebuild it with `agentic-dispatch image build`."
+            )
+            version = None
+        return AgentCheck(agent=base, ok=not problems, cli_version=version, credentials=creds.found, problems=problems)
+
+    def doctor(self, agents: list[str] | None = None) -> DoctorReport:
+        """Check, per agent: engine reachable, image present, CLI version in the image, credentials."""
+        names = [parse_agent_spec(a, self.agents).base for a in agents] if agents else sorted(self.agents)
+        try:
+            self.runtime.check()
+            engine = "reachable"
+        except RuntimeUnavailableError as e:
+            checks = [AgentCheck(agent=n, ok=False, problems=[str(e)]) for n in names]
+            return DoctorReport(ok=False, engine=str(e), image=self.image, agents=checks)
+        if not self.runtime.image_exists(self.image):
+            problem = f"the agent image {self.image} is not built; run `agentic-dispatch image build`."
+            checks = [AgentCheck(agent=n, ok=False, problems=[problem]) for n in names]
+            return DoctorReport(ok=False, engine=engine, image=f"{self.image} (missing)", agents=checks)
+        versions = self.cli_versions(fresh=True)
+        checks = [self._agent_check(n, versions) for n in names]
+        return DoctorReport(ok=all(c.ok for c in checks), engine=engine, image=self.image, agents=checks)
+
+    def _prepare_run(
+        self, ws: WorkspacePaths, record: WorkspaceRecord, variables: dict[str, str], message: str | None = None
+    ) -> str:
+        """Write the instruction files, the prompt and the task script for run ``record.runs``.
+
+        ``message`` replaces the rendered prompt: on a native resume the CLI's session already
+        holds the task, and the new message is the answer.
+
+        Raises:
+            InvalidInputError: the prompt is too long to pass to a CLI.
+        """
         for d in (ws.meta, ws.logs, ws.home, ws.meta / "run"):
             d.mkdir(parents=True, exist_ok=True)
         ctx = PromptContext(
@@ -348,7 +460,11 @@ class Dispatcher:
             question=record.question if record.answer is not None else None,
             answer=record.answer,
         )
-        prompt = self.prompts.render(ctx)
+        prompt = message if message is not None else self.prompts.render(ctx)
+        if len(prompt.encode()) > MAX_PROMPT_BYTES:
+            raise InvalidInputError(
+                "task", f"the assembled prompt is {len(prompt.encode())} bytes; agents take at most {MAX_PROMPT_BYTES}."
+            )
         rules = self.prompts.rules_text({"branch": record.branch, "base_branch": ctx.base_branch})
         written = []
         workspace_template = record.template if record.template in ("review", "security") else "default"
@@ -418,25 +534,41 @@ class Dispatcher:
                 container_id = existing[0].id
             else:
                 prompt = (ws.meta / "run" / "prompt.md").read_text(encoding="utf-8")
+                cfg = self.settings.agents.get(spec.base)
+                creds = self.credentials(spec.base)
                 plan = agent.plan(
                     RunContext(
                         task=record.task,
                         prompt=prompt,
-                        model=spec.model or self._agent_setting_model(spec.base),
+                        model=spec.model or (cfg.model if cfg else None),
                         run=record.runs,
                         answer=record.answer,
                         question=record.question,
-                        session_id=record.summary.session_id if record.summary else None,
+                        resume_session=record.resume_session,
+                        base_url=_container_url(cfg.base_url) if cfg and cfg.base_url else None,
+                        max_retries=cfg.max_retries if cfg else None,
+                        env=creds.env,
                     )
                 )
                 for rel, text in plan.home_files.items():
                     dest = ws.home / rel
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     dest.write_text(text, encoding="utf-8")
+                for source, rel in creds.copies:  # after the agent's own files: the user's files win
+                    dest = ws.home / rel
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(source, dest)
+                    dest.chmod(0o600)
+                file_mounts = []
+                for source, rel in creds.mounts:
+                    dest = ws.home / rel  # the mount point, made by us so it is owned by the host user
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.touch(mode=0o600, exist_ok=True)
+                    file_mounts.append(Mount(source, f"{CONTAINER_HOME}/{rel}"))
                 log_file = ws.log(spec.base)
                 log_file.parent.mkdir(parents=True, exist_ok=True)
                 with log_file.open("a", encoding="utf-8") as f:
-                    f.write(f"=== run {record.runs} of {name} ({record.agent}) at {utcnow()} ===\n")
+                    f.write(f"{RUN_HEADER}{record.runs} of {name} ({record.agent}) at {utcnow()} ===\n")
                 env = {
                     "HOME": CONTAINER_HOME,
                     "AGENTIC_WORKSPACE": name,
@@ -464,6 +596,7 @@ class Dispatcher:
                             Mount(ws.home, CONTAINER_HOME),
                             Mount(ws.logs, CONTAINER_LOGS),
                             Mount(ws.meta / "run", CONTAINER_RUN, read_only=True),
+                            *file_mounts,
                         ],
                         labels=labels,
                         memory=res.memory or None,
@@ -481,10 +614,6 @@ class Dispatcher:
             self.store.write(record)
         self.store.event(record, "started", container_id=container_id)
         self._wake.set()  # the timer recomputes the nearest deadline
-
-    def _agent_setting_model(self, base: str) -> str | None:
-        cfg = self.settings.agents.get(base)
-        return cfg.model if cfg else None
 
     def _on_exit(self, event: ExitEvent) -> None:
         name = event.labels.get(LABEL_WORKSPACE)
@@ -512,7 +641,7 @@ class Dispatcher:
             spec = parse_agent_spec(rec.agent, self.agents)
             rec.exit_code = exit_code
             rec.finished_at = utcnow()
-            rec.summary = self.agents[spec.base].summarize(ws.log(spec.base))
+            rec.summary = self._summarize(spec.base, ws)
             question = blocked.read_text(encoding="utf-8", errors="replace").strip() if blocked.is_file() else ""
             stop_status, stop_reason = rec.stop_status, rec.stop_reason
             rec.stop_status = rec.stop_reason = None
@@ -545,6 +674,15 @@ class Dispatcher:
                 self._finished.notify_all()
         return changed
 
+    def _summarize(self, base: str, ws: WorkspacePaths) -> RunSummary | None:
+        summary = self.agents[base].summarize(ws.log(base))
+        if summary is None:
+            return None
+        secrets = self.credentials(base).env.values()  # a CLI that echoes its key must not leak it further
+        return summary.model_copy(
+            update={"final_message": redact(summary.final_message, secrets), "error": redact(summary.error, secrets)}
+        )
+
     def _stop_run(self, name: str, status: Status, reason: str) -> bool:
         """Stop a running workspace's container and finalise it as ``status`` with ``reason``."""
 
@@ -572,9 +710,9 @@ class Dispatcher:
         if rec.summary and rec.summary.error:
             why += f": {rec.summary.error}"
         last = [ln for ln in _tail(ws.log(parse_agent_spec(rec.agent, self.agents).base), 5).splitlines() if ln]
-        if last and not last[-1].startswith("=== run"):
+        if last and not last[-1].startswith(RUN_HEADER) and not (rec.summary and rec.summary.error):
             why += f". Last output: {last[-1][:300]}"
-        return why
+        return redact(why, self.credentials(rec.agent.partition(":")[0]).env.values()) or why
 
     def reconcile(self) -> None:
         """Match every running record with its container; enforce timeouts; drain the queue."""
@@ -721,7 +859,7 @@ class Dispatcher:
             raise InvalidInputError("answer", f"is {len(answer)} characters; the limit is {MAX_ANSWER_CHARS}.")
         spec = parse_agent_spec(agent, self.agents) if agent else None
         self.store.paths(workspace)
-        self.preflight()
+        self.preflight(spec.base if spec else parse_agent_spec(self.store.read(workspace).agent, self.agents).base)
         with self.store.locked(workspace) as ws:
             rec = self.store.read(workspace)
             if rec.status not in RESUMABLE_STATUSES:
@@ -743,8 +881,15 @@ class Dispatcher:
             else:
                 rec.answer = None
                 answer_file.unlink(missing_ok=True)
+            previous_base = rec.agent.partition(":")[0]
             if spec is not None:
                 rec.agent = str(spec)
+            base = rec.agent.partition(":")[0]
+            # Native resume: continue the CLI's own session when the agent home still has it;
+            # otherwise a fresh session gets the whole task with the question and the answer.
+            session = rec.summary.session_id if rec.summary else None
+            native = session is not None and base == previous_base and self.agents[base].has_session(ws.home, session)
+            rec.resume_session = session if native else None
             rec.runs += 1
             rec.status = Status.QUEUED
             rec.container_id = None
@@ -752,7 +897,8 @@ class Dispatcher:
             rec.finished_at = None
             # The prompt of the new run carries the question and the answer; the record does not
             # (a queued or running workspace has no open question).
-            self._prepare_run(ws, rec, self._saved_variables(ws))
+            message = self.prompts.answer_message(rec.question, rec.answer) if native else None
+            self._prepare_run(ws, rec, self._saved_variables(ws), message)
             rec.question = None
             self.store.write(rec)
         self.store.event(rec, "resumed")
@@ -889,3 +1035,14 @@ class Dispatcher:
                 f"docker ps --filter label={LABEL_WORKSPACE}={rec.name}",
             ],
         )
+
+
+def _container_url(url: str) -> str:
+    """``url`` as a container reaches it: loopback names mean the host, not the container."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if host not in _LOOPBACK_HOSTS:
+        return url
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = (f"{userinfo}@" if userinfo else "") + "host.docker.internal" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

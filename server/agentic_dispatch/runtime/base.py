@@ -72,6 +72,12 @@ class Runtime(Protocol):
 
     def image_exists(self, image: str) -> bool: ...
 
+    def image_id(self, image: str) -> str | None:
+        """The image's content id, or ``None`` when it is not on the engine."""
+
+    def run_once(self, image: str, command: list[str], timeout: float = 120) -> tuple[int, str]:
+        """Run ``command`` in a throw-away container (no network); return (exit code, output)."""
+
     def start(self, spec: ContainerSpec) -> str:
         """Create and start a container; return its id."""
 

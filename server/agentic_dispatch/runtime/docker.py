@@ -59,6 +59,30 @@ class DockerRuntime:
             raise RuntimeUnavailableError(_UNREACHABLE.format(reason=e)) from e
         return True
 
+    def image_id(self, image: str) -> str | None:
+        try:
+            return str(self.client.images.get(image).id)
+        except docker.errors.ImageNotFound:
+            return None
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as e:
+            raise RuntimeUnavailableError(_UNREACHABLE.format(reason=e)) from e
+
+    def run_once(self, image: str, command: list[str], timeout: float = 120) -> tuple[int, str]:
+        """Run ``command`` in a throw-away container of ``image``; return (exit code, output)."""
+        try:
+            container = self.client.containers.create(image, command, network_disabled=True, init=True)
+            try:
+                container.start()
+                result = container.wait(timeout=timeout)
+                output = container.logs(stdout=True, stderr=True).decode("utf-8", errors="replace")
+                return int(result.get("StatusCode", -1)), output
+            finally:
+                container.remove(force=True)
+        except docker.errors.ImageNotFound as e:
+            raise RuntimeUnavailableError(f"the image {image!r} is not on this engine.") from e
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as e:
+            raise RuntimeUnavailableError(_UNREACHABLE.format(reason=e)) from e
+
     def start(self, spec: ContainerSpec) -> str:
         kwargs: dict[str, Any] = {
             "command": spec.command,
