@@ -16,6 +16,7 @@ LAYER = {
     "workspace": 2,
     "prompts": 2,
     "agents": 2,
+    "credentials": 2,
     "store": 2,
     "sync": 2,
     "runtime": 1,

@@ -18,6 +18,8 @@ from .base import LaunchPlan, LoginFile, RunContext, as_dict, as_int, json_event
 __all__ = ["CodexAgent"]
 
 PROVIDER = "agentic"  # must not be a built-in provider id (openai, ollama, lmstudio)
+# Codex shows this text, not the provider's, for every HTTP 5xx (measured; no log level shows more).
+HTTP_5XX_TEXT = "We\u2019re currently experiencing high demand"
 WORK_ITEMS = {"command_execution", "agent_message", "file_change", "mcp_tool_call", "web_search"}
 
 
@@ -114,6 +116,8 @@ class _Run:
                 last_error = ev["message"]  # ("Reconnecting... n/5" is a retry in progress, not the failure)
         if self.error is None and last_error is not None and self.usage is None:
             self.error = last_error
+        if self.error and self.error.startswith(HTTP_5XX_TEXT):  # Codex's words for any 5xx: say what it was
+            self.error = f"the provider answered with a server error (HTTP 5xx): {self.error}"
 
     def tokens(self, key: str) -> int | None:
         return as_int(self.usage.get(key)) if self.usage else None

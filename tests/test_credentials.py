@@ -1,0 +1,125 @@
+"""Credentials: keys by name, login files copied or mounted, Codex's auth.json never shared by
+concurrent containers, parent-session variables never passed on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agentic_dispatch.agents import AGENTS
+from agentic_dispatch.config import AgentSettings, HostFile, load_settings
+from agentic_dispatch.credentials import redact, resolve_credentials
+from agentic_dispatch.errors import ConfigError
+from agentic_dispatch.models import DispatchRequest
+from agentic_dispatch.runtime.docker import DockerRuntime
+from agentic_dispatch.service import Dispatcher
+
+from .conftest import git
+
+
+def _login(home: Path, rel: str, text: str = '{"token": "t"}') -> Path:
+    path = home / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_an_api_key_in_the_environment_is_passed_by_name_and_login_files_are_then_not_needed(tmp_path: Path) -> None:
+    _login(tmp_path, ".claude/.credentials.json")
+    creds = resolve_credentials(AGENTS["claude"], None, {"ANTHROPIC_API_KEY": "k-123456", "OTHER": "x"}, tmp_path)
+    assert creds.ok
+    assert creds.env == {"ANTHROPIC_API_KEY": "k-123456"}
+    assert creds.copies == [] and creds.mounts == []
+    assert creds.found == ["ANTHROPIC_API_KEY (environment)"]
+
+
+def test_claude_and_gemini_login_files_are_copied_and_codex_auth_is_mounted(tmp_path: Path) -> None:
+    claude = _login(tmp_path, ".claude/.credentials.json")
+    gemini = _login(tmp_path, ".gemini/oauth_creds.json")
+    codex = _login(tmp_path, ".codex/auth.json")
+    c = resolve_credentials(AGENTS["claude"], None, {}, tmp_path)
+    assert (
+        c.ok
+        and c.copies == [(claude, ".claude/.credentials.json")]
+        and c.found == ["~/.claude/.credentials.json (copied)"]
+    )
+    g = resolve_credentials(AGENTS["gemini"], None, {}, tmp_path)
+    assert g.ok and g.copies == [(gemini, ".gemini/oauth_creds.json")]
+    x = resolve_credentials(AGENTS["codex"], None, {}, tmp_path)
+    assert x.ok and x.copies == [] and x.mounts == [(codex, ".codex/auth.json")]
+
+
+def test_codex_runs_are_serialised_when_its_auth_file_is_mounted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    settings, paths = load_settings()
+    assert Dispatcher(settings, paths, DockerRuntime()).scheduler.limits.pools.get("codex") is None
+    _login(tmp_path, ".codex/auth.json")
+    assert Dispatcher(settings, paths, DockerRuntime()).scheduler.limits.pools["codex"] == 1
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-123456")  # with a key the file is not used: no serialising
+    assert Dispatcher(settings, paths, DockerRuntime()).scheduler.limits.pools.get("codex") is None
+
+
+def test_missing_credentials_say_what_to_set_and_a_configured_file_that_is_missing_is_named(tmp_path: Path) -> None:
+    creds = resolve_credentials(AGENTS["codex"], None, {}, tmp_path)
+    assert not creds.ok
+    assert creds.problem is not None and "codex: no credentials found. Set OPENAI_API_KEY" in creds.problem
+    cfg = AgentSettings(files=[HostFile(source=tmp_path / "nope.json", target=".claude/.credentials.json")])
+    creds = resolve_credentials(AGENTS["claude"], cfg, {"ANTHROPIC_API_KEY": "k-123456"}, tmp_path)
+    assert creds.problem is not None and str(tmp_path / "nope.json") in creds.problem
+    assert resolve_credentials(AGENTS["shell"], None, {}, tmp_path).ok  # no model, no key
+
+
+def test_config_refuses_parent_session_variables_bad_targets_and_unknown_agents(
+    isolated_home: Path, tmp_path: Path
+) -> None:
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    cfg = isolated_home / "config.toml"
+    cfg.write_text('[agents.claude]\nenv = ["CLAUDECODE"]\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="CLAUDECODE belongs to the parent session"):
+        load_settings()
+    cfg.write_text('[agents.claude]\nfiles = [{source = "/x", target = "../escape"}]\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="relative to the agent's home"):
+        load_settings()
+    cfg.write_text('[agents.copilot]\nmodel = "x"\n', encoding="utf-8")
+    settings, paths = load_settings()
+    with pytest.raises(ConfigError, match=r"agents\.copilot: unknown agent"):
+        Dispatcher(settings, paths, DockerRuntime())
+
+
+def test_redact_hides_every_secret_value() -> None:
+    assert redact("key sk-abcdef and sk-abcdef!", ["sk-abcdef"]) == "key *** and ***!"
+    assert redact(None, ["sk-abcdef"]) is None
+
+
+def test_env_passthrough_copied_and_mounted_files_reach_the_container(
+    dispatcher: Dispatcher, user_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real container: a named variable arrives, a copied file is private, a mounted file is the host's."""
+    copied = _login(tmp_path, "host/copied.json", "copied-content")
+    mounted = _login(tmp_path, "host/mounted.json", "before")
+    monkeypatch.setenv("MY_TOKEN", "token-value-123")
+    monkeypatch.setenv("NOT_NAMED", "must-not-pass")
+    shell = AgentSettings(
+        env=["MY_TOKEN"],
+        files=[
+            HostFile(source=copied, target="creds/copied.json"),
+            HostFile(source=mounted, target="creds/mounted.json", mode="mount"),
+        ],
+    )
+    dispatcher.settings = dispatcher.settings.model_copy(update={"agents": {"shell": shell}})
+    task = (
+        'printf "%s|%s|%s" "$MY_TOKEN" "${NOT_NAMED:-absent}" "$(cat $HOME/creds/copied.json)" > seen.txt && '
+        "echo after > $HOME/creds/mounted.json && echo changed > $HOME/creds/copied.json && "
+        "git add seen.txt && git commit -qm seen"
+    )
+    res = dispatcher.dispatch(DispatchRequest(repo=str(user_repo), task=task, agent="shell"))
+    rec = dispatcher.wait(res.workspace, 60)
+    assert rec.status == "completed", rec.question
+    assert git(Path(res.repo_path), "show", f"{res.branch}:seen.txt") == "token-value-123|absent|copied-content"
+    assert mounted.read_text(encoding="utf-8").strip() == "after"  # the mount is the host file itself
+    assert copied.read_text(encoding="utf-8") == "copied-content"  # the copy is the workspace's own
+    assert "token-value-123" not in (Path(res.path) / "status.json").read_text(encoding="utf-8")
