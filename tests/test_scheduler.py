@@ -303,3 +303,61 @@ def test_a_labelled_container_no_record_knows_is_reported_and_removed_only_by_cl
     cleaned = svc.cleanup()
     assert len(cleaned.removed) == 1 and cleaned.removed[0].startswith(stray.id[:12])
     assert svc.status().orphans == []
+
+
+def test_a_daily_limit_counted_from_the_events_log_holds_the_pool_until_utc_midnight_across_a_restart(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path, isolated_home: Path
+) -> None:
+    write_config(isolated_home, "[limits]\ndaily = {shell = 2}\n")
+    svc = new_dispatcher(docker_client)
+    try:
+        done = [svc.dispatch(shell(user_repo, "true")) for _ in range(2)]
+        for r in done:
+            assert svc.wait(r.workspace, 60).status == Status.COMPLETED
+        third = svc.dispatch(shell(user_repo, "true"))
+        assert third.status == "queued"
+    finally:
+        svc.close()
+    # A new server on the same root counts the same starts (they are in the events log) ...
+    svc = new_dispatcher(docker_client)
+    try:
+        svc.reconcile()
+        report = svc.status()
+        assert report.counts["queued"] == 1 and report.counts["completed"] == 2
+        hold = next(h for h in report.holds if h.pool == "shell")
+        assert hold.reason == "daily limit of 2 starts reached"
+        tomorrow = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 86400))
+        assert hold.until == f"{tomorrow}T00:00:00Z"
+    finally:
+        svc.close()
+    # ... and yesterday's starts do not count: rewrite the log as if they happened a day ago.
+    events = isolated_home / "events" / "events.jsonl"
+    yesterday = time.strftime("%Y-%m-%dT12:00:00Z", time.gmtime(time.time() - 86400))
+    lines = [json.loads(line) for line in events.read_text(encoding="utf-8").splitlines()]
+    events.write_text("".join(json.dumps({**e, "at": yesterday}) + "\n" for e in lines), encoding="utf-8")
+    svc = new_dispatcher(docker_client)
+    try:
+        svc.reconcile()
+        assert svc.wait(third.workspace, 60).status == Status.COMPLETED
+    finally:
+        svc.close()
+
+
+def test_pacing_keeps_the_minimum_gap_between_two_starts_of_a_pool_and_shows_the_hold(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path, isolated_home: Path
+) -> None:
+    write_config(isolated_home, "drain_interval_seconds = 0.5\n[limits]\npacing_seconds = {shell = 3}\n")
+    svc = new_dispatcher(docker_client)
+    try:
+        first = svc.dispatch(shell(user_repo, "true"))
+        t_first = time.time()
+        second = svc.dispatch(shell(user_repo, "true"))
+        assert (first.status, second.status) == ("running", "queued")
+        hold = next(h for h in svc.status().holds if h.pool == "shell")
+        assert hold.reason.startswith("pacing: 3 s")
+        wait_for(lambda: svc.store.read(second.workspace).status != Status.QUEUED, 20, "the paced start")
+        t_second = time.time()
+        assert t_second - t_first >= 3 - 0.2, f"started {t_second - t_first:.1f}s after the first"
+        assert svc.wait(second.workspace, 60).status == Status.COMPLETED
+    finally:
+        svc.close()

@@ -39,8 +39,6 @@ class SchedulerState:
     paused_until: dict[str, float] = field(default_factory=dict)  # pool -> epoch seconds
     fast_failures: dict[str, list[float]] = field(default_factory=dict)  # pool -> failure times
     last_start: dict[str, float] = field(default_factory=dict)  # pool -> epoch seconds
-    starts_day: str = ""  # UTC date the counts below belong to
-    starts_today: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -59,9 +57,10 @@ def _base(agent: str) -> str:
 class Scheduler:
     """Slot accounting and queue order; the service does the starting."""
 
-    def __init__(self, limits: Limits, state_dir: Path) -> None:
+    def __init__(self, limits: Limits, state_dir: Path, events_file: Path) -> None:
         self.limits = limits
         self.state_dir = state_dir
+        self.events_file = events_file  # daily limits count its "started" lines
         self._thread_lock = threading.RLock()
         self._state_file = state_dir / "scheduler.json"
 
@@ -82,7 +81,8 @@ class Scheduler:
     def state(self) -> SchedulerState:
         try:
             data = json.loads(self._state_file.read_text(encoding="utf-8"))
-            return SchedulerState(**data)
+            known = SchedulerState.__dataclass_fields__
+            return SchedulerState(**{k: v for k, v in data.items() if k in known})  # keys of older versions dropped
         except FileNotFoundError:
             return SchedulerState()
         except (ValueError, TypeError):
@@ -105,15 +105,27 @@ class Scheduler:
             return state
 
     def note_start(self, agent: str) -> None:
-        """Count a start for daily limits and pacing (call under :meth:`admission`)."""
+        """Remember a start for pacing (call under :meth:`admission`). Daily counts come from the events log."""
         state = self.state()
-        pool, now = _base(agent), time.time()
-        today = _utc_day(now)
-        if state.starts_day != today:
-            state.starts_day, state.starts_today = today, {}
-        state.starts_today[pool] = state.starts_today.get(pool, 0) + 1
-        state.last_start[pool] = now
+        state.last_start[_base(agent)] = time.time()
         self._save(state)
+
+    def starts_today(self, now: float) -> Counter[str]:
+        """Starts per pool since the last UTC midnight, counted from the events log's ``started`` lines."""
+        since = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT00:00:00Z")
+        counts: Counter[str] = Counter()
+        for line in _lines_backwards(self.events_file):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+            if not isinstance(event, dict):
+                continue
+            if str(event.get("at", "")) < since:
+                break  # the log is in time order: everything before is an earlier day
+            if event.get("kind") == "started":
+                counts[_base(str(event.get("agent", "")))] += 1
+        return counts
 
     def note_failure(self, agent: str, seconds_after_start: float) -> bool:
         """Record a failed run; a fast one counts towards pausing its pool. Returns True if the pool got paused."""
@@ -142,7 +154,7 @@ class Scheduler:
     def holds(self, pools: set[str] | None = None) -> list[PoolHold]:
         """Pools that start nothing now: paused after fast failures, at their daily limit, or pacing."""
         state, now = self.state(), time.time()
-        today = _utc_day(now)
+        started_today = self.starts_today(now) if self.limits.daily else Counter[str]()
         names = set(pools or set()) | set(state.paused_until) | set(self.limits.daily) | set(self.limits.pacing_seconds)
         out: list[PoolHold] = []
         for pool in sorted(names):
@@ -151,8 +163,7 @@ class Scheduler:
                 out.append(PoolHold(pool, f"paused after {self.limits.fast_fail_count} fast failures", until))
                 continue
             limit = self.limits.daily.get(pool)
-            started = state.starts_today.get(pool, 0) if state.starts_day == today else 0
-            if limit is not None and started >= limit:
+            if limit is not None and started_today[pool] >= limit:
                 out.append(PoolHold(pool, f"daily limit of {limit} starts reached", _next_utc_midnight(now)))
                 continue
             pace = self.limits.pacing_seconds.get(pool, 0)
@@ -196,8 +207,27 @@ class Scheduler:
         return chosen
 
 
-def _utc_day(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).date().isoformat()
+def _lines_backwards(path: Path, block: int = 64 * 1024) -> Iterator[str]:
+    """The lines of ``path``, last first, reading only as far back as the caller goes."""
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return
+    with f:
+        f.seek(0, os.SEEK_END)
+        pos, rest = f.tell(), b""
+        while pos > 0:
+            size = min(block, pos)
+            pos -= size
+            f.seek(pos)
+            chunk = f.read(size) + rest
+            lines = chunk.split(b"\n")
+            rest = lines.pop(0)  # may continue in the previous block
+            for line in reversed(lines):
+                if line.strip():
+                    yield line.decode("utf-8", errors="replace")
+        if rest.strip():
+            yield rest.decode("utf-8", errors="replace")
 
 
 def _next_utc_midnight(ts: float) -> float:

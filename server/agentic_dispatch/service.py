@@ -135,7 +135,7 @@ class Dispatcher:
         self.store = StatusStore(paths.workspaces, paths.events)
         self.mirrors = MirrorCache(paths.mirrors, settings.mirror_max_age_seconds)
         self.prompts = PromptLibrary(paths.user_prompts, paths.user_workspace_templates)
-        self.scheduler = Scheduler(self._effective_limits(), paths.state)
+        self.scheduler = Scheduler(self._effective_limits(), paths.state, self.store.events_file)
         self._cli_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
