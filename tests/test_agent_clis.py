@@ -256,3 +256,23 @@ def test_dispatch_refuses_an_agent_without_credentials_with_the_doctors_reason(
     text = " ".join(getattr(c, "text", "") for c in result.content)
     assert "gemini: no credentials found" in text and "GEMINI_API_KEY" in text, text
     assert not any((isolated_home / "workspaces").rglob("status.json")), "a refused dispatch left a workspace"
+
+
+def test_doctor_tool_names_found_credentials_without_their_values(
+    docker_env: str, isolated_home: Path, tmp_path: Path
+) -> None:
+    secret = f"sk-test-{uuid.uuid4().hex}"
+
+    async def run(client: Client) -> Any:
+        return await client.call_tool("agentic_doctor", {"agents": ["claude", "gemini"]})
+
+    result = with_stdio_client(run, {"HOME": str(tmp_path), "ANTHROPIC_API_KEY": secret})
+    assert not result.is_error, result.content
+    report = result.structured_content
+    assert isinstance(report, dict)
+    checks = {c["agent"]: c for c in report["agents"]}
+    assert checks["claude"]["ok"] and checks["claude"]["credentials"] == ["ANTHROPIC_API_KEY (environment)"]
+    assert checks["claude"]["cli_version"] == "2.1.329 (Claude Code)"
+    assert not checks["gemini"]["ok"] and "GEMINI_API_KEY" in checks["gemini"]["problems"][0]
+    assert report["ok"] is False
+    assert secret not in json.dumps(report) + " ".join(getattr(c, "text", "") for c in result.content)

@@ -33,6 +33,7 @@ def test_tools_list_shows_the_four_tools_with_input_and_output_schemas(isolated_
         assert tool.output_schema is not None and tool.output_schema["type"] == "object"
         assert tool.annotations is not None
         assert tool.description
+        assert "\n    " not in tool.description, f"{name}'s description keeps its docstring indentation"
     assert "repo" in tools["agentic_dispatch"].input_schema["required"]
     assert "task" in tools["agentic_dispatch"].input_schema["required"]
     assert tools["agentic_status"].annotations.read_only_hint is True

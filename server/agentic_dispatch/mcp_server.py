@@ -10,11 +10,12 @@ blocking Docker and git calls off the event loop.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
@@ -27,6 +28,7 @@ from .models import (
     CancelResult,
     DispatchRequest,
     DispatchResult,
+    DoctorReport,
     Priority,
     QueueState,
     StatusReport,
@@ -40,6 +42,7 @@ __all__ = ["build_server"]
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 INSTRUCTIONS = """\
 agentic-dispatch runs coding agents (codex, claude, gemini, or `shell` for a plain script) in Docker containers,
@@ -76,7 +79,16 @@ def build_server(make_dispatcher: Callable[[], Dispatcher]) -> MCPServer[Dispatc
 
     server: MCPServer[Dispatcher] = MCPServer(name="agentic-dispatch", instructions=INSTRUCTIONS, lifespan=lifespan)
 
-    @server.tool(
+    def tool(name: str, annotations: ToolAnnotations) -> Callable[[F], F]:
+        """``server.tool`` with the docstring, dedented, as the description (hosts show it verbatim)."""
+
+        def register(fn: F) -> F:
+            server.tool(name=name, annotations=annotations, description=inspect.cleandoc(fn.__doc__ or ""))(fn)
+            return fn
+
+        return register
+
+    @tool(
         name="agentic_dispatch",
         annotations=ToolAnnotations(
             title="Dispatch a coding agent",
@@ -142,7 +154,7 @@ def build_server(make_dispatcher: Callable[[], Dispatcher]) -> MCPServer[Dispatc
         )
         return _call(lambda: _svc(ctx).dispatch(req))
 
-    @server.tool(
+    @tool(
         name="agentic_status",
         annotations=ToolAnnotations(
             title="Workspace status", read_only_hint=True, idempotent_hint=True, open_world_hint=False
@@ -162,7 +174,7 @@ def build_server(make_dispatcher: Callable[[], Dispatcher]) -> MCPServer[Dispatc
         the reason of a failed one, branch, times, exit code, the agent's run summary, and optionally its log tail."""
         return _call(lambda: _svc(ctx).status(workspace, status, limit, log_lines))
 
-    @server.tool(
+    @tool(
         name="agentic_resume",
         annotations=ToolAnnotations(
             title="Resume a workspace",
@@ -184,7 +196,7 @@ def build_server(make_dispatcher: Callable[[], Dispatcher]) -> MCPServer[Dispatc
         or `completed` one. Returns at once; `runs` goes up by one."""
         return _call(lambda: _svc(ctx).resume(workspace, answer, agent))
 
-    @server.tool(
+    @tool(
         name="agentic_sync",
         annotations=ToolAnnotations(
             title="Deliver results home",
@@ -199,10 +211,11 @@ def build_server(make_dispatcher: Callable[[], Dispatcher]) -> MCPServer[Dispatc
         workspace: Annotated[str | None, Field(description="one workspace; default all finished ones")] = None,
     ) -> SyncReport:
         """Bring results home: push finished workspaces' branches to their origin and report dispatch records.
-        Returns what was delivered, what is pending and when the next retry is."""
+        Not built yet in this version: it delivers nothing, says so, and lists what would be delivered; the work
+        stays safe in each workspace's repo/ folder meanwhile."""
         return _call(lambda: _svc(ctx).sync(workspace))
 
-    @server.tool(
+    @tool(
         name="agentic_watch",
         annotations=ToolAnnotations(
             title="Wait for a workspace", read_only_hint=True, idempotent_hint=True, open_world_hint=False
@@ -229,7 +242,7 @@ def build_server(make_dispatcher: Callable[[], Dispatcher]) -> MCPServer[Dispatc
         report = await anyio.to_thread.run_sync(lambda: _call(lambda: svc.status(workspace, log_lines=20)))
         return report.workspaces[0]
 
-    @server.tool(
+    @tool(
         name="agentic_cancel",
         annotations=ToolAnnotations(
             title="Cancel a workspace",
@@ -246,7 +259,7 @@ def build_server(make_dispatcher: Callable[[], Dispatcher]) -> MCPServer[Dispatc
         stays in the workspace). Cancelling a finished or already cancelled workspace changes nothing."""
         return _call(lambda: _svc(ctx).cancel(workspace))
 
-    @server.tool(
+    @tool(
         name="agentic_dispatch_shutdown",
         annotations=ToolAnnotations(
             title="Freeze the queue",
@@ -264,7 +277,24 @@ def build_server(make_dispatcher: Callable[[], Dispatcher]) -> MCPServer[Dispatc
         Running agents go on unless `now` is true. The frozen state survives restarts."""
         return _call(lambda: _svc(ctx).freeze(now))
 
-    @server.tool(
+    @tool(
+        name="agentic_doctor",
+        annotations=ToolAnnotations(
+            title="Check the agents can run", read_only_hint=True, idempotent_hint=True, open_world_hint=False
+        ),
+    )
+    def agentic_doctor(
+        ctx: Ctx,
+        agents: Annotated[
+            list[str] | None, Field(description="agents to check, e.g. ['codex', 'claude']; default all")
+        ] = None,
+    ) -> DoctorReport:
+        """Check, per agent, that it can run here: container engine reachable, agent image present, the CLI's
+        version in the image, and which credentials were found (named, never shown). A problem says what to
+        set or build. agentic_dispatch refuses an agent that fails these checks."""
+        return _call(lambda: _svc(ctx).doctor(agents))
+
+    @tool(
         name="agentic_dispatch_start",
         annotations=ToolAnnotations(
             title="Unfreeze the queue",
