@@ -70,6 +70,15 @@ def _print_status(report: StatusReport, as_json: bool) -> None:
             print(f"           question: {row.question.splitlines()[0][:200]}")
         if row.error:
             print(f"           error: {row.error}")
+        if row.summary:
+            sm = row.summary
+            figures = [
+                f"{sm.turns} turns" if sm.turns is not None else "",
+                f"{sm.input_tokens} in / {sm.output_tokens} out tokens" if sm.input_tokens is not None else "",
+                f"${sm.cost_usd:.4f}" if sm.cost_usd is not None else "",
+            ]
+            said = (sm.final_message or "").strip().splitlines()
+            print(f"           agent said: {said[0][:200] if said else '-'}  ({', '.join(f for f in figures if f)})")
         if row.log_tail:
             for line in row.log_tail.splitlines():
                 print(f"           | {line}")
