@@ -10,7 +10,7 @@ import pytest
 from agentic_dispatch.agents import AGENTS
 from agentic_dispatch.config import AgentSettings, HostFile, load_settings
 from agentic_dispatch.credentials import redact, resolve_credentials
-from agentic_dispatch.errors import ConfigError
+from agentic_dispatch.errors import ConfigError, InvalidInputError
 from agentic_dispatch.models import DispatchRequest
 from agentic_dispatch.runtime.docker import DockerRuntime
 from agentic_dispatch.service import Dispatcher
@@ -123,3 +123,18 @@ def test_env_passthrough_copied_and_mounted_files_reach_the_container(
     assert mounted.read_text(encoding="utf-8").strip() == "after"  # the mount is the host file itself
     assert copied.read_text(encoding="utf-8") == "copied-content"  # the copy is the workspace's own
     assert "token-value-123" not in (Path(res.path) / "status.json").read_text(encoding="utf-8")
+
+
+def test_a_resume_refused_for_an_over_long_prompt_changes_nothing(dispatcher: Dispatcher, user_repo: Path) -> None:
+    res = dispatcher.dispatch(
+        DispatchRequest(repo=str(user_repo), task="echo 'Which one?' > BLOCKED.md", agent="shell")
+    )
+    assert dispatcher.wait(res.workspace, 60).status == "blocked"
+    ws = Path(res.path)
+    before = (ws / "status.json").read_text(encoding="utf-8")
+    huge = "\U0001f600" * 40_000  # 40 000 characters (under the answer limit), 160 000 bytes of prompt
+    with pytest.raises(InvalidInputError, match=r"answer.*bytes"):
+        dispatcher.resume(res.workspace, answer=huge)
+    assert (ws / "status.json").read_text(encoding="utf-8") == before
+    assert (ws / "repo" / "BLOCKED.md").is_file() and not (ws / "repo" / "ANSWER.md").exists()
+    assert dispatcher.resume(res.workspace, answer="the first").status in ("queued", "running")

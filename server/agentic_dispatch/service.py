@@ -432,41 +432,21 @@ class Dispatcher:
         return DoctorReport(ok=all(c.ok for c in checks), engine=engine, image=self.image, agents=checks)
 
     def _prepare_run(
-        self, ws: WorkspacePaths, record: WorkspaceRecord, variables: dict[str, str], message: str | None = None
+        self, ws: WorkspacePaths, record: WorkspaceRecord, variables: dict[str, str], prompt: str | None = None
     ) -> str:
         """Write the instruction files, the prompt and the task script for run ``record.runs``.
 
-        ``message`` replaces the rendered prompt: on a native resume the CLI's session already
-        holds the task, and the new message is the answer.
+        ``prompt`` is the one :meth:`_render_prompt` made (rendered here when not given).
 
         Raises:
-            InvalidInputError: the prompt is too long to pass to a CLI.
+            InvalidInputError: the prompt is too long to pass to a CLI (nothing is written).
         """
+        if prompt is None:
+            prompt = self._render_prompt(ws, record, variables)
         for d in (ws.meta, ws.logs, ws.home, ws.meta / "run"):
             d.mkdir(parents=True, exist_ok=True)
-        ctx = PromptContext(
-            task=record.task,
-            repo=f"{record.org}/{record.repo_name}",
-            branch=record.branch,
-            base_branch=record.base_branch or "HEAD",
-            template=record.template,
-            repo_facts=detect_repo_facts(ws.repo),
-            git_log=recent_log(ws.repo),
-            persona=record.persona,
-            plan_template=record.plan_template,
-            variables=variables,
-            issue=record.issue,
-            pr=record.pr,
-            question=record.question if record.answer is not None else None,
-            answer=record.answer,
-        )
-        prompt = message if message is not None else self.prompts.render(ctx)
-        if len(prompt.encode()) > MAX_PROMPT_BYTES:
-            raise InvalidInputError(
-                "task", f"the assembled prompt is {len(prompt.encode())} bytes; agents take at most {MAX_PROMPT_BYTES}."
-            )
-        rules = self.prompts.rules_text({"branch": record.branch, "base_branch": ctx.base_branch})
-        written = []
+        rules = self.prompts.rules_text({"branch": record.branch, "base_branch": record.base_branch or "HEAD"})
+        written: list[str] = []
         workspace_template = record.template if record.template in ("review", "security") else "default"
         for fname, text in self.prompts.render_workspace_files(workspace_template, {"rules": rules}).items():
             dest = ws.repo / fname
@@ -483,6 +463,43 @@ class Dispatcher:
         record.prompt_sha256 = prompt_hash(prompt)
         if variables:
             (ws.meta / "variables.json").write_text(json.dumps(variables, indent=2), encoding="utf-8")
+        return prompt
+
+    def _render_prompt(
+        self, ws: WorkspacePaths, record: WorkspaceRecord, variables: dict[str, str], native: bool = False
+    ) -> str:
+        """The prompt of run ``record.runs``; on a native resume (the CLI's session already holds the
+        task) just the new message with the question and the answer. Writes nothing.
+
+        Raises:
+            InvalidInputError: the prompt is too long to pass to a CLI.
+        """
+        if native:
+            prompt = self.prompts.answer_message(record.question, record.answer)
+        else:
+            ctx = PromptContext(
+                task=record.task,
+                repo=f"{record.org}/{record.repo_name}",
+                branch=record.branch,
+                base_branch=record.base_branch or "HEAD",
+                template=record.template,
+                repo_facts=detect_repo_facts(ws.repo),
+                git_log=recent_log(ws.repo),
+                persona=record.persona,
+                plan_template=record.plan_template,
+                variables=variables,
+                issue=record.issue,
+                pr=record.pr,
+                question=record.question if record.answer is not None else None,
+                answer=record.answer,
+            )
+            prompt = self.prompts.render(ctx)
+        size = len(prompt.encode())
+        if size > MAX_PROMPT_BYTES:
+            what = "answer" if record.runs > 1 else "task"
+            raise InvalidInputError(
+                what, f"makes a prompt of {size} bytes; agents take at most {MAX_PROMPT_BYTES}. Shorten the {what}."
+            )
         return prompt
 
     @staticmethod
@@ -871,34 +888,43 @@ class Dispatcher:
                         else "Dispatch the task again instead."
                     )
                 )
+            # Native resume: continue the CLI's own session when the agent home still has it;
+            # otherwise a fresh session gets the whole task with the question and the answer.
+            new_agent = str(spec) if spec is not None else rec.agent
+            base = new_agent.partition(":")[0]
+            session = rec.summary.session_id if rec.summary else None
+            native = (
+                session is not None
+                and base == rec.agent.partition(":")[0]
+                and self.agents[base].has_session(ws.home, session)
+            )
+            answer = answer.strip() if answer is not None and answer.strip() else None
+            nxt = rec.model_copy(
+                update={
+                    "agent": new_agent,
+                    "answer": answer,
+                    "resume_session": session if native else None,
+                    "runs": rec.runs + 1,
+                    "status": Status.QUEUED,
+                    "container_id": None,
+                    "exit_code": None,
+                    "finished_at": None,
+                }
+            )
+            variables = self._saved_variables(ws)
+            prompt = self._render_prompt(ws, nxt, variables, native)  # may refuse; nothing changed yet
             blocked = ws.repo / "BLOCKED.md"
             if blocked.is_file():
                 blocked.rename(ws.meta / f"BLOCKED-run{rec.runs}.md")
             answer_file = ws.repo / "ANSWER.md"
-            if answer is not None and answer.strip():
-                answer_file.write_text(answer.strip() + "\n", encoding="utf-8")
-                rec.answer = answer.strip()
+            if answer is not None:
+                answer_file.write_text(answer + "\n", encoding="utf-8")
             else:
-                rec.answer = None
                 answer_file.unlink(missing_ok=True)
-            previous_base = rec.agent.partition(":")[0]
-            if spec is not None:
-                rec.agent = str(spec)
-            base = rec.agent.partition(":")[0]
-            # Native resume: continue the CLI's own session when the agent home still has it;
-            # otherwise a fresh session gets the whole task with the question and the answer.
-            session = rec.summary.session_id if rec.summary else None
-            native = session is not None and base == previous_base and self.agents[base].has_session(ws.home, session)
-            rec.resume_session = session if native else None
-            rec.runs += 1
-            rec.status = Status.QUEUED
-            rec.container_id = None
-            rec.exit_code = None
-            rec.finished_at = None
+            rec = nxt
             # The prompt of the new run carries the question and the answer; the record does not
             # (a queued or running workspace has no open question).
-            message = self.prompts.answer_message(rec.question, rec.answer) if native else None
-            self._prepare_run(ws, rec, self._saved_variables(ws), message)
+            self._prepare_run(ws, rec, variables, prompt)
             rec.question = None
             self.store.write(rec)
         self.store.event(rec, "resumed")
