@@ -422,7 +422,7 @@ class Dispatcher:
             engine = "reachable"
         except RuntimeUnavailableError as e:
             checks = [AgentCheck(agent=n, ok=False, problems=[str(e)]) for n in names]
-            return DoctorReport(ok=False, engine=str(e), image=self.image, agents=checks)
+            return DoctorReport(ok=False, engine="not reachable", image=self.image, agents=checks)
         if not self.runtime.image_exists(self.image):
             problem = f"the agent image {self.image} is not built; run `agentic-dispatch image build`."
             checks = [AgentCheck(agent=n, ok=False, problems=[problem]) for n in names]
