@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ _UNREACHABLE = (
     "the Docker engine is not reachable ({reason}). Start it (e.g. `dockerd &` as root, or your "
     "Docker Desktop), or point DOCKER_HOST at one, then try again."
 )
+_EXITED = re.compile(r"^Exited \((-?\d+)\)")
 
 
 class DockerRuntime:
@@ -148,14 +150,24 @@ class DockerRuntime:
         filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
         try:
             summaries = self.client.api.containers(all=True, filters=filters)
-            out = []
-            for s in summaries:
-                info = self.inspect(s["Id"])
-                if info is not None:
-                    out.append(info)
-            return out
         except (docker.errors.DockerException, requests.exceptions.RequestException) as e:
             raise RuntimeUnavailableError(_UNREACHABLE.format(reason=e)) from e
+        # One API call for all: the list's summaries carry what callers need (no inspect per container).
+        out = []
+        for c in summaries:
+            state = str(c.get("State", ""))
+            running = state in ("running", "created", "restarting", "paused")
+            exited = _EXITED.search(str(c.get("Status", "")))
+            out.append(
+                ContainerInfo(
+                    id=c["Id"],
+                    name=str((c.get("Names") or ["?"])[0]).lstrip("/"),
+                    labels=dict(c.get("Labels") or {}),
+                    running=running,
+                    exit_code=None if running or not exited else int(exited.group(1)),
+                )
+            )
+        return out
 
     def stop(self, container_id: str, timeout: float = 10) -> None:
         try:
