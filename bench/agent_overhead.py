@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,14 +24,10 @@ import docker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.dispatch_overhead import make_repo
+from bench.dispatch_overhead import make_repo, report, time_dispatches
 from tests.model_server import ModelServer, Say
 
-from agentic_dispatch.config import load_settings
-from agentic_dispatch.models import DispatchRequest
-from agentic_dispatch.runtime.docker import DockerRuntime
 from agentic_dispatch.runtime.images import default_image_tag
-from agentic_dispatch.service import Dispatcher
 
 
 @dataclass(frozen=True)
@@ -113,24 +108,10 @@ def main() -> None:
             )
             baseline.append(time.perf_counter() - t0)
 
-        settings, paths = load_settings()
-        svc = Dispatcher(settings, paths, DockerRuntime(client))
-        svc.start()
-        measured = []
-        try:
-            for _ in range(args.runs):
-                t0 = time.perf_counter()
-                res = svc.dispatch(DispatchRequest(repo=str(repo), task="say done", agent=args.agent))
-                rec = svc.wait(res.workspace, 120)
-                assert rec.status == "completed", rec
-                measured.append(time.perf_counter() - t0)
-        finally:
-            svc.close()
-
-    b, m = statistics.median(baseline), statistics.median(measured)
-    print(f"baseline (git clone + docker run {args.agent}): median {b * 1000:.0f} ms over {args.runs} runs")
-    print(f"agentic-dispatch {args.agent} dispatch       : median {m * 1000:.0f} ms over {args.runs} runs")
-    print(f"ratio: {m / b:.2f}x")
+        measured = time_dispatches(client, repo, "say done", args.agent, args.runs)
+    report(
+        f"baseline (git clone + docker run {args.agent})", f"agentic-dispatch {args.agent} dispatch", baseline, measured
+    )
 
 
 if __name__ == "__main__":

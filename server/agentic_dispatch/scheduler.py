@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from .agents import agent_base as _base
 from .config import Limits
 from .models import Priority, Status, WorkspaceRecord, utcnow
 
@@ -48,10 +49,6 @@ class PoolHold:
     pool: str
     reason: str
     until: float | None
-
-
-def _base(agent: str) -> str:
-    return agent.partition(":")[0]
 
 
 class Scheduler:

@@ -35,6 +35,7 @@ from .agents import (
     Agent,
     AgentSpec,
     RunContext,
+    agent_base,
     parse_agent_spec,
 )
 from .config import IMAGE_ENV, Limits, Paths, Settings, config_file_path
@@ -686,7 +687,7 @@ class Dispatcher:
             if rec.status == Status.FAILED and rec.started_at:
                 ran = time.time() - (_parse_time(rec.started_at) or time.time())
                 if self.scheduler.note_failure(rec.agent, ran):
-                    log.warning("pool %s paused after repeated fast failures", rec.agent.partition(":")[0])
+                    log.warning("pool %s paused after repeated fast failures", agent_base(rec.agent))
             with self._finished:
                 self._finished.notify_all()
         return changed
@@ -726,10 +727,10 @@ class Dispatcher:
             why = f"the agent exited with code {exit_code}"
         if rec.summary and rec.summary.error:
             why += f": {rec.summary.error}"
-        last = [ln for ln in _tail(ws.log(parse_agent_spec(rec.agent, self.agents).base), 5).splitlines() if ln]
+        last = [ln for ln in _tail(ws.log(agent_base(rec.agent)), 5).splitlines() if ln]
         if last and not last[-1].startswith(RUN_HEADER) and not (rec.summary and rec.summary.error):
             why += f". Last output: {last[-1][:300]}"
-        return redact(why, self.credentials(rec.agent.partition(":")[0]).env.values()) or why
+        return redact(why, self.credentials(agent_base(rec.agent)).env.values()) or why
 
     def reconcile(self) -> None:
         """Match every running record with its container; enforce timeouts; drain the queue."""
@@ -809,7 +810,7 @@ class Dispatcher:
             tail = None
             if log_lines > 0:
                 ws = self.store.paths(rec.name)
-                tail = _tail(ws.log(rec.agent.partition(":")[0]), log_lines)
+                tail = _tail(ws.log(agent_base(rec.agent)), log_lines)
             rows.append(
                 WorkspaceRow(
                     name=rec.name,
@@ -891,11 +892,11 @@ class Dispatcher:
             # Native resume: continue the CLI's own session when the agent home still has it;
             # otherwise a fresh session gets the whole task with the question and the answer.
             new_agent = str(spec) if spec is not None else rec.agent
-            base = new_agent.partition(":")[0]
+            base = agent_base(new_agent)
             session = rec.summary.session_id if rec.summary else None
             native = (
                 session is not None
-                and base == rec.agent.partition(":")[0]
+                and base == agent_base(rec.agent)
                 and self.agents[base].has_session(ws.home, session)
             )
             answer = answer.strip() if answer is not None and answer.strip() else None
@@ -1042,7 +1043,7 @@ class Dispatcher:
     # =====================================================================================
     def _result(self, rec: WorkspaceRecord) -> DispatchResult:
         ws = self.store.paths(rec.name)
-        base = rec.agent.partition(":")[0]
+        base = agent_base(rec.agent)
         log_path = ws.log(base)
         return DispatchResult(
             workspace=rec.name,

@@ -14,6 +14,7 @@ from .base import (
     LaunchPlan,
     LoginFile,
     RunContext,
+    agent_base,
 )
 from .claude import ClaudeAgent
 from .codex import CodexAgent
@@ -36,6 +37,7 @@ __all__ = [
     "LoginFile",
     "RunContext",
     "ShellAgent",
+    "agent_base",
     "parse_agent_spec",
 ]
 

@@ -32,6 +32,7 @@ __all__ = [
     "LaunchPlan",
     "LoginFile",
     "RunContext",
+    "agent_base",
     "json_events",
     "log_runs",
 ]
@@ -102,6 +103,11 @@ class Agent(Protocol):
     def has_session(self, home: Path, session_id: str) -> bool:
         """Whether the agent home still holds the CLI session ``session_id`` (for native resume)."""
         ...
+
+
+def agent_base(spec: str) -> str:
+    """The base of an agent spec already validated: ``claude:opus`` -> ``claude`` (also the pool name)."""
+    return spec.partition(":")[0]
 
 
 def log_runs(log_path: Path) -> list[list[str]]:

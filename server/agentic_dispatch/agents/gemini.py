@@ -68,8 +68,9 @@ class GeminiAgent:
             elif kind == "result":
                 result = ev
         final = "".join(chunks).strip() or None
+        turns = tools + (1 if final else 0) or None
         if result is None:
-            return RunSummary(final_message=final, session_id=session, turns=tools + (1 if final else 0) or None)
+            return RunSummary(final_message=final, session_id=session, turns=turns)
         stats = as_dict(result.get("stats"))
         error = None
         if result.get("status") != "success":
@@ -77,7 +78,7 @@ class GeminiAgent:
             error = str(err.get("message") if isinstance(err, dict) else err or "error")
         return RunSummary(
             final_message=None if error else final,
-            turns=tools + (1 if final else 0) or None,
+            turns=turns,
             input_tokens=as_int(stats.get("input_tokens")),
             output_tokens=as_int(stats.get("output_tokens")),
             session_id=session,
