@@ -47,6 +47,60 @@ def test_config_file_values_are_used(isolated_home: Path) -> None:
     assert settings.default_agent == "shell" and settings.limits.pools == {"codex": 1}
 
 
+def _config_error(isolated_home: Path, text: str) -> str:
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    (isolated_home / "config.toml").write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("HOME", "agent home must be /agentic/home"),
+        ("PATH", "where the agent CLIs are"),
+        ("IS_SANDBOX", "permission bypass"),
+        ("CODEX_HOME", "sessions and auth.json in the agent home"),
+        ("AGENTIC_LOG", "names starting with AGENTIC_ are agentic-dispatch's own"),
+    ],
+)
+def test_agent_env_may_not_name_a_variable_the_container_needs_and_the_error_says_which_and_why(
+    isolated_home: Path, name: str, why: str
+) -> None:
+    text = _config_error(isolated_home, f'[agents.claude]\nenv = ["ANTHROPIC_API_KEY", "{name}"]\n')
+    assert len(text.splitlines()) == 1, text
+    assert "agents.claude.env" in text and name in text and why in text
+
+
+def test_gemini_max_retries_over_the_cli_cap_is_a_config_error_but_other_agents_may_use_it(isolated_home: Path) -> None:
+    text = _config_error(isolated_home, "[agents.gemini]\nmax_retries = 10\n")
+    assert "gemini.max_retries is at most 9" in text and len(text.splitlines()) == 1
+    (isolated_home / "config.toml").write_text(
+        "[agents.gemini]\nmax_retries = 9\n[agents.claude]\nmax_retries = 20\n", encoding="utf-8"
+    )
+    settings, _ = load_settings()
+    assert settings.agents["gemini"].max_retries == 9 and settings.agents["claude"].max_retries == 20
+
+
+def test_codex_auth_json_may_be_mounted_but_never_copied(isolated_home: Path) -> None:
+    for files in (
+        '[{source = "~/.codex/auth.json", target = ".codex/auth.json"}]',
+        '[{source = "/secrets/codex-auth.json", target = ".codex/auth.json", mode = "copy"}]',
+        '[{source = "~/.codex/auth.json", target = "elsewhere/auth.json", mode = "copy"}]',
+    ):
+        text = _config_error(isolated_home, f"[agents.codex]\nfiles = {files}\n")
+        assert "agents.codex.files.0" in text and "must not be copied" in text, text
+        assert 'mode = "mount"' in text and "OPENAI_API_KEY" in text
+    (isolated_home / "config.toml").write_text(
+        '[agents.codex]\nfiles = [{source = "~/.codex/auth.json", target = ".codex/auth.json", mode = "mount"}]\n',
+        encoding="utf-8",
+    )
+    settings, _ = load_settings()
+    files = settings.agents["codex"].files
+    assert files is not None and files[0].mode == "mount"
+
+
 def _library(isolated_home: Path) -> PromptLibrary:
     return PromptLibrary(isolated_home / "prompts", isolated_home / "workspace_templates")
 

@@ -3,11 +3,14 @@ concurrent containers, parent-session variables never passed on."""
 
 from __future__ import annotations
 
+import json
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from agentic_dispatch.agents import AGENTS
+from agentic_dispatch.agents import AGENTS, RunContext
 from agentic_dispatch.config import AgentSettings, HostFile, load_settings
 from agentic_dispatch.credentials import redact, resolve_credentials
 from agentic_dispatch.errors import ConfigError, InvalidInputError
@@ -88,6 +91,61 @@ def test_config_refuses_parent_session_variables_bad_targets_and_unknown_agents(
     settings, paths = load_settings()
     with pytest.raises(ConfigError, match=r"agents\.copilot: unknown agent"):
         Dispatcher(settings, paths, DockerRuntime())
+
+
+def test_a_key_variable_that_is_set_but_left_out_of_the_configured_env_is_named_with_where_to_add_it(
+    tmp_path: Path,
+) -> None:
+    cfg = AgentSettings(env=["HTTPS_PROXY"])
+    creds = resolve_credentials(AGENTS["claude"], cfg, {"ANTHROPIC_API_KEY": "k-123456"}, tmp_path)
+    assert creds.problem is not None
+    assert "ANTHROPIC_API_KEY is set in the server's environment" in creds.problem
+    assert "Add 'ANTHROPIC_API_KEY' to [agents.claude] env in the config file" in creds.problem
+    assert "Set ANTHROPIC_API_KEY" not in creds.problem
+
+
+def test_every_key_variable_that_is_set_is_passed(tmp_path: Path) -> None:
+    environ = {"ANTHROPIC_API_KEY": "k-123456", "CLAUDE_CODE_OAUTH_TOKEN": "t-123456"}
+    assert resolve_credentials(AGENTS["claude"], None, environ, tmp_path).env == environ
+
+
+def _ctx(creds_env: dict[str, str], **kw: Any) -> RunContext:
+    return RunContext(task="t", prompt="p", model=None, run=1, env=creds_env, **kw)
+
+
+def test_a_gemini_key_set_only_as_google_api_key_reaches_the_cli_as_gemini_api_key(tmp_path: Path) -> None:
+    """Gemini CLI's gemini-api-key auth reads GEMINI_API_KEY only; GOOGLE_API_KEY is its Vertex AI variable."""
+    creds = resolve_credentials(AGENTS["gemini"], None, {"GOOGLE_API_KEY": "AIza-123456"}, tmp_path)
+    assert creds.ok
+    plan = AGENTS["gemini"].plan(_ctx(creds.env))
+    assert plan.env == {"GEMINI_API_KEY": "AIza-123456"}
+    settings = json.loads(plan.home_files[".gemini/settings.json"])
+    assert settings["security"]["auth"]["selectedType"] == "gemini-api-key"
+
+
+def test_gemini_attempts_are_clamped_to_the_cli_cap_of_ten() -> None:
+    for retries, attempts in ((0, 1), (9, 10), (20, 10)):
+        plan = AGENTS["gemini"].plan(_ctx({"GEMINI_API_KEY": "k-123456"}, max_retries=retries))
+        assert json.loads(plan.home_files[".gemini/settings.json"])["general"]["maxAttempts"] == attempts
+
+
+def _codex_provider(argv: list[str]) -> dict[str, Any]:
+    (option,) = [a for a in argv if a.startswith("model_providers.agentic=")]
+    value: dict[str, Any] = tomllib.loads("p = " + option.partition("=")[2])["p"]
+    return value
+
+
+def test_codex_with_its_login_and_retries_or_a_base_url_keeps_the_login_as_its_credential() -> None:
+    """Without OPENAI_API_KEY the provider must use auth.json (requires_openai_auth), and leave the base URL
+    to Codex (chatgpt.com/backend-api/codex for a ChatGPT login) unless one is configured."""
+    provider = _codex_provider(AGENTS["codex"].plan(_ctx({}, max_retries=2)).argv)
+    assert provider["requires_openai_auth"] is True and provider["request_max_retries"] == 2
+    assert "env_key" not in provider and "base_url" not in provider
+    provider = _codex_provider(AGENTS["codex"].plan(_ctx({}, base_url="http://gw:4000/v1")).argv)
+    assert provider["requires_openai_auth"] is True and provider["base_url"] == "http://gw:4000/v1"
+    keyed = _codex_provider(AGENTS["codex"].plan(_ctx({"OPENAI_API_KEY": "sk-123456"}, max_retries=0)).argv)
+    assert keyed["env_key"] == "OPENAI_API_KEY" and keyed["base_url"] == "https://api.openai.com/v1"
+    assert "requires_openai_auth" not in keyed
 
 
 def test_redact_hides_every_secret_value() -> None:

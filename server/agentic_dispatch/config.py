@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -52,6 +52,26 @@ PARENT_SESSION_ENV = frozenset(
         "GEMINI_CLI",
     }
 )
+
+# Variables the container needs as agentic-dispatch or the image sets them (or leaves unset).
+# Passing the server's value by name would override that, so the config may not name them.
+RESERVED_ENV = {
+    "HOME": "the agent home must be /agentic/home, where its sessions and login files are",
+    "PATH": "the image's PATH is where the agent CLIs are",
+    "NODE_EXTRA_CA_CERTS": "the image points it at the CA bundle that holds the host's certificates",
+    "IS_SANDBOX": "Claude Code needs it to allow the permission bypass",
+    "GEMINI_CLI_NO_RELAUNCH": "without it Gemini CLI ignores the stop signal",
+    "CODEX_HOME": "Codex must keep its sessions and auth.json in the agent home",
+    "CLAUDE_CONFIG_DIR": "Claude Code must keep its sessions and login in the agent home",
+    "GEMINI_CLI_HOME": "Gemini CLI must keep its sessions and settings in the agent home",
+}
+RESERVED_ENV_PREFIX = "AGENTIC_"  # AGENTIC_LOG, AGENTIC_WORKSPACE, AGENTIC_RUN, ... and the server's own settings
+
+# Gemini CLI caps general.maxAttempts at 10 (attempts = retries + 1).
+GEMINI_MAX_RETRIES = 9
+# Codex refreshes its ChatGPT login in auth.json in place; two copies in two containers would
+# each rotate the refresh token and log each other out.
+CODEX_AUTH_FILE = ".codex/auth.json"
 
 
 class _Model(BaseModel):
@@ -110,6 +130,18 @@ class HostFile(_Model):
             raise ValueError("must be a path relative to the agent's home, without '..' (e.g. '.claude/x.json')")
         return value
 
+    @model_validator(mode="after")
+    def _codex_auth_is_never_copied(self) -> HostFile:
+        codex_auth = Path(self.target).as_posix() == CODEX_AUTH_FILE or (
+            self.source.name == "auth.json" and self.source.parent.name == ".codex"
+        )
+        if codex_auth and self.mode == "copy":
+            raise ValueError(
+                "Codex's auth.json must not be copied (Codex refreshes it in place, so copies in concurrent "
+                'containers log each other out): use mode = "mount", or set OPENAI_API_KEY instead'
+            )
+        return self
+
 
 class AgentSettings(_Model):
     """Per-agent settings: credentials, provider and retries. Every key is optional."""
@@ -130,15 +162,19 @@ class AgentSettings(_Model):
     )
     model: str | None = Field(default=None, description="model used when the agent spec names none")
     max_retries: Annotated[int, Field(ge=0, le=20)] | None = Field(
-        default=None, description="provider retries per request; default: the CLI's own"
+        default=None, description="provider retries per request (gemini: at most 9); default: the CLI's own"
     )
 
     @field_validator("env")
     @classmethod
-    def _no_parent_session(cls, value: list[str] | None) -> list[str] | None:
+    def _passable(cls, value: list[str] | None) -> list[str] | None:
         for name in value or []:
             if name in PARENT_SESSION_ENV:
                 raise ValueError(f"{name} belongs to the parent session and is never passed to an agent")
+            if name in RESERVED_ENV:
+                raise ValueError(f"{name} cannot be passed to an agent: {RESERVED_ENV[name]}")
+            if name.startswith(RESERVED_ENV_PREFIX):
+                raise ValueError(f"{name}: names starting with {RESERVED_ENV_PREFIX} are agentic-dispatch's own")
         return value
 
 
@@ -167,6 +203,16 @@ class Settings(_Model):
     agents: dict[str, AgentSettings] = Field(default_factory=dict)
     sync: SyncSettings = Field(default_factory=SyncSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("agents")
+    @classmethod
+    def _gemini_retries(cls, value: dict[str, AgentSettings]) -> dict[str, AgentSettings]:
+        gemini = value.get("gemini")
+        if gemini is not None and gemini.max_retries is not None and gemini.max_retries > GEMINI_MAX_RETRIES:
+            raise ValueError(
+                f"gemini.max_retries is at most {GEMINI_MAX_RETRIES} (Gemini CLI makes at most 10 attempts)"
+            )
+        return value
 
 
 @dataclass(frozen=True)

@@ -38,11 +38,16 @@ class Credentials:
 def resolve_credentials(
     agent: Agent, cfg: AgentSettings | None, environ: Mapping[str, str], host_home: Path
 ) -> Credentials:
-    """Work out ``agent``'s credentials from its settings, the environment and the host home."""
+    """Work out ``agent``'s credentials from its settings, the environment and the host home.
+
+    Every named variable that is set is passed (all of the agent's key variables by default);
+    when several key variables are set, the CLI decides which one it uses.
+    """
     names = cfg.env if cfg is not None and cfg.env is not None else list(agent.key_env)
     creds = Credentials(env={n: environ[n] for n in names if environ.get(n)})
     creds.found = [f"{n} (environment)" for n in creds.env]
     has_key = any(k in creds.env for k in agent.key_env)
+    unlisted = [k for k in agent.key_env if environ.get(k) and k not in names]  # set, but env leaves it out
 
     if cfg is not None and cfg.files is not None:
         files: Iterable[HostFile] = cfg.files
@@ -63,18 +68,25 @@ def resolve_credentials(
         how = "mounted read-write" if f.mode == "mount" else "copied"
         creds.found.append(f"{_home_relative(source, host_home)} ({how})")
 
+    no_credentials = agent.cli is not None and not has_key and not creds.copies and not creds.mounts
     if missing:
         creds.problem = (
             f"{agent.base}: the file(s) {', '.join(missing)} named in [agents.{agent.base}] files do not exist. "
             "Fix the path in the config file, or log in with the CLI on this machine first."
         )
-    elif agent.cli is not None and not has_key and not creds.copies and not creds.mounts:
+    elif no_credentials and unlisted:
+        creds.problem = (
+            f"{agent.base}: {unlisted[0]} is set in the server's environment, but [agents.{agent.base}] env "
+            f"does not list it, so it is not passed. Add {unlisted[0]!r} to [agents.{agent.base}] env "
+            "in the config file."
+        )
+    elif no_credentials:
         keys = " or ".join(agent.key_env)
         login = agent.login_files[0].source if agent.login_files else None
         creds.problem = (
             f"{agent.base}: no credentials found. Set {keys} in the environment of the agentic-dispatch server"
             + (f", or log in with the {agent.cli} CLI on this machine so ~/{login} exists" if login else "")
-            + ". See README 'Credentials'."
+            + ". See README 'Agents and credentials'."
         )
     return creds
 

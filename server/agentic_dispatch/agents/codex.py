@@ -18,6 +18,14 @@ from .base import LaunchPlan, LoginFile, RunContext, as_dict, as_int, json_event
 __all__ = ["CodexAgent"]
 
 PROVIDER = "agentic"  # must not be a built-in provider id (openai, ollama, lmstudio)
+# Without an API key the login in auth.json is the credential. Codex refuses to redefine the
+# built-in `openai` provider ("model_providers contains reserved built-in provider IDs"), and
+# has no other setting for its retries, so retries or a base URL need our own provider with
+# the built-in's auth: requires_openai_auth, and no base_url of its own unless one is
+# configured (Codex then picks chatgpt.com/backend-api/codex for a ChatGPT login and
+# api.openai.com/v1 for a key login). The name "OpenAI" keeps what Codex enables for the
+# OpenAI provider only (ModelProviderInfo.is_openai: remote compaction).
+OPENAI_NAME = "OpenAI"
 # Codex shows this text, not the provider's, for every HTTP 5xx (measured; no log level shows more).
 HTTP_5XX_TEXT = "We\u2019re currently experiencing high demand"
 WORK_ITEMS = {"command_execution", "agent_message", "file_change", "mcp_tool_call", "web_search"}
@@ -46,13 +54,18 @@ class CodexAgent:
         if ctx.model:
             options += ["-m", ctx.model]
         if ctx.base_url or ctx.max_retries is not None:
-            provider: dict[str, Any] = {
-                "name": PROVIDER,
-                "base_url": ctx.base_url or "https://api.openai.com/v1",
-                "wire_api": "responses",
-            }
+            provider: dict[str, Any]
             if "OPENAI_API_KEY" in ctx.env:
-                provider["env_key"] = "OPENAI_API_KEY"
+                provider = {
+                    "name": PROVIDER,
+                    "base_url": ctx.base_url or "https://api.openai.com/v1",
+                    "wire_api": "responses",
+                    "env_key": "OPENAI_API_KEY",
+                }
+            else:  # the login in auth.json (see OPENAI_NAME)
+                provider = {"name": OPENAI_NAME, "wire_api": "responses", "requires_openai_auth": True}
+                if ctx.base_url:
+                    provider["base_url"] = ctx.base_url
             if ctx.max_retries is not None:
                 provider["request_max_retries"] = ctx.max_retries
                 provider["stream_max_retries"] = ctx.max_retries

@@ -3,6 +3,11 @@
 From docs/agent-clis.md: ``--skip-trust`` is needed for ``--yolo`` to hold, the API key
 needs ``security.auth.selectedType`` in ``~/.gemini/settings.json``, the final message is
 the assistant text streamed after the last tool result, and ``stats`` cover this run.
+
+With ``selectedType = "gemini-api-key"`` Gemini CLI reads the key from ``GEMINI_API_KEY``
+only (``validateAuthMethod`` and ``createContentGeneratorConfig`` in 0.61.0; it reads
+``GOOGLE_API_KEY`` for Vertex AI, which this adapter never selects). A key the server has
+only as ``GOOGLE_API_KEY`` is therefore passed to the container as ``GEMINI_API_KEY``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ from ..models import RunSummary
 from .base import LaunchPlan, LoginFile, RunContext, as_dict, as_int, json_events, log_runs
 
 __all__ = ["GeminiAgent"]
+
+# Gemini CLI uses min(general.maxAttempts, 10); the config refuses more than 9 retries for
+# gemini, and the clamp keeps a plan honest for a context built some other way.
+MAX_ATTEMPTS = 10
 
 
 class GeminiAgent:
@@ -34,12 +43,14 @@ class GeminiAgent:
         if ctx.resume_session:
             argv += ["--resume", ctx.resume_session]
         env = dict(ctx.env)
+        if "GEMINI_API_KEY" not in env and "GOOGLE_API_KEY" in env:
+            env["GEMINI_API_KEY"] = env.pop("GOOGLE_API_KEY")  # the only name gemini-api-key auth reads
         if ctx.base_url:
             env["GOOGLE_GEMINI_BASE_URL"] = ctx.base_url
-        api_key = any(k in ctx.env for k in self.key_env)
+        api_key = "GEMINI_API_KEY" in env
         general: dict[str, Any] = {"enableAutoUpdate": False, "enableAutoUpdateNotification": False}
         if ctx.max_retries is not None:
-            general["maxAttempts"] = ctx.max_retries + 1
+            general["maxAttempts"] = min(ctx.max_retries + 1, MAX_ATTEMPTS)
         settings = {
             "security": {"auth": {"selectedType": "gemini-api-key" if api_key else "oauth-personal"}},
             "general": general,
