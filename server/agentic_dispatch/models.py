@@ -98,6 +98,10 @@ class WorkspaceRecord(BaseModel):
     container_id: str | None = None
     pid: int | None = None
     created_at: str = Field(default_factory=utcnow)
+    queued_ns: int | None = Field(
+        default=None,
+        description="when it last entered the queue (ns since the epoch); orders dispatches within a second",
+    )
     started_at: str | None = None
     updated_at: str = Field(default_factory=utcnow)
     finished_at: str | None = None

@@ -6,6 +6,10 @@ priority order (critical > high > normal > low), then oldest first. Decisions ar
 taken under an admission lock that spans processes (``flock`` on
 ``<root>/state/admission.lock``), so two servers sharing a root never start the same
 workspace twice.
+
+The persisted state (``<root>/state/scheduler.json``) fails closed: while it cannot be read
+the queue counts as frozen, :attr:`Scheduler.state_problem` says why, and the file is left
+as it is until an operator unfreezes (which sets it aside and writes a fresh one).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import threading
 import time
@@ -22,11 +27,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from pydantic import TypeAdapter, ValidationError
+
 from .agents import agent_base as _base
 from .config import Limits
 from .models import Priority, Status, WorkspaceRecord, utcnow
 
-__all__ = ["PoolHold", "Scheduler", "SchedulerState"]
+__all__ = ["ALL_POOLS", "PoolHold", "Scheduler", "SchedulerState"]
+
+log = logging.getLogger(__name__)
+
+ALL_POOLS = "*"  # the pool of a hold that stops every pool
 
 _PRIORITY_RANK = {Priority.CRITICAL: 0, Priority.HIGH: 1, Priority.NORMAL: 2, Priority.LOW: 3}
 
@@ -40,6 +51,9 @@ class SchedulerState:
     paused_until: dict[str, float] = field(default_factory=dict)  # pool -> epoch seconds
     fast_failures: dict[str, list[float]] = field(default_factory=dict)  # pool -> failure times
     last_start: dict[str, float] = field(default_factory=dict)  # pool -> epoch seconds
+
+
+_STATE = TypeAdapter(SchedulerState)  # keys of older versions are ignored
 
 
 @dataclass(frozen=True)
@@ -59,34 +73,81 @@ class Scheduler:
         self.state_dir = state_dir
         self.events_file = events_file  # daily limits count its "started" lines
         self._thread_lock = threading.RLock()
+        self._depth = 0  # admission() nesting of the thread that holds _thread_lock
         self._state_file = state_dir / "scheduler.json"
+        self._reported_problem: str | None = None
 
     @contextlib.contextmanager
     def admission(self) -> Iterator[None]:
-        """Hold the admission lock (threads here and other processes on the same root)."""
+        """Hold the admission lock (threads here and other processes on the same root).
+
+        Re-entrant within a thread: only the outermost entry takes the ``flock`` (a second
+        ``open`` of the lock file would be a new lock that waits for our own).
+        """
         with self._thread_lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
             self.state_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.state_dir / "admission.lock", os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
+                self._depth = 1
+                try:
+                    yield
+                finally:
+                    self._depth = 0
+                    fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
                 os.close(fd)
 
     # -- persisted state -------------------------------------------------------------------
     def state(self) -> SchedulerState:
+        """The persisted state; frozen (fail closed) while the state file cannot be read."""
+        return self._load()[0]
+
+    @property
+    def state_problem(self) -> str | None:
+        """Why the state file cannot be read (the queue is frozen meanwhile), or None."""
+        return self._load()[1]
+
+    def _load(self) -> tuple[SchedulerState, str | None]:
         try:
-            data = json.loads(self._state_file.read_text(encoding="utf-8"))
-            known = SchedulerState.__dataclass_fields__
-            return SchedulerState(**{k: v for k, v in data.items() if k in known})  # keys of older versions dropped
+            text = self._state_file.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return SchedulerState()
-        except (ValueError, TypeError):
-            # A broken state file must not stop the queue; it is kept aside for inspection.
-            with contextlib.suppress(OSError):
-                self._state_file.rename(self._state_file.with_suffix(".broken"))
-            return SchedulerState()
+            return SchedulerState(), self._report(None)
+        except (OSError, UnicodeDecodeError) as e:
+            return SchedulerState(frozen=True), self._report(f"cannot read it ({e})")
+        try:
+            # strict: a wrong type (a string for `frozen`) could otherwise lift the freeze or a pause
+            return _STATE.validate_json(text, strict=True), self._report(None)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "the file"
+            return SchedulerState(frozen=True), self._report(
+                f"it is not valid scheduler state ({where}: {first['msg']})"
+            )
+
+    def _report(self, reason: str | None) -> str | None:
+        """Turn a read failure into the message status shows; log it once per distinct failure."""
+        problem = None
+        if reason is not None:
+            problem = (
+                f"the scheduler state file {self._state_file} is unreadable: {reason}; nothing starts until it "
+                "is fixed: repair or delete the file, or run agentic_dispatch_start (the broken file is kept "
+                f"as {self._state_file.name}.broken and pool pauses are reset)"
+            )
+        if problem != self._reported_problem:
+            if problem is not None:
+                log.error("%s", problem)
+            elif self._reported_problem is not None:
+                log.warning("the scheduler state file %s is readable again", self._state_file)
+            self._reported_problem = problem
+        return problem
 
     def _save(self, state: SchedulerState) -> None:
         tmp = self._state_file.with_suffix(".tmp")
@@ -94,16 +155,33 @@ class Scheduler:
         os.replace(tmp, self._state_file)
 
     def set_frozen(self, frozen: bool) -> SchedulerState:
+        """Freeze or unfreeze the queue.
+
+        While the state file is unreadable, freezing changes nothing (the queue is frozen
+        already) and unfreezing is the operator's repair: the broken file is renamed to
+        ``scheduler.json.broken`` and a fresh state (no pauses) is written.
+        """
         with self.admission():
-            state = self.state()
+            state, problem = self._load()
+            if problem is not None:
+                if frozen:
+                    return state
+                broken = self._state_file.with_name(self._state_file.name + ".broken")
+                with contextlib.suppress(FileNotFoundError):  # another server may have repaired it meanwhile
+                    os.replace(self._state_file, broken)
+                log.warning("unfrozen by the operator: %s set aside as %s", self._state_file, broken)
+                state = SchedulerState()
             state.frozen = frozen
             state.frozen_at = utcnow() if frozen else None
             self._save(state)
+            self._report(None)
             return state
 
     def note_start(self, agent: str) -> None:
         """Remember a start for pacing (call under :meth:`admission`). Daily counts come from the events log."""
-        state = self.state()
+        state, problem = self._load()
+        if problem is not None:
+            return  # the broken file is kept for the operator; nothing starts meanwhile anyway
         state.last_start[_base(agent)] = time.time()
         self._save(state)
 
@@ -129,7 +207,9 @@ class Scheduler:
         if seconds_after_start > self.limits.fast_fail_window_seconds:
             return False
         with self.admission():
-            state = self.state()
+            state, problem = self._load()
+            if problem is not None:
+                return False  # the queue is frozen meanwhile; the broken file is kept for the operator
             pool, now = _base(agent), time.time()
             window = self.limits.fast_fail_window_seconds
             recent = [t for t in state.fast_failures.get(pool, []) if now - t <= window] + [now]
@@ -142,18 +222,33 @@ class Scheduler:
             return paused
 
     def resume_pool(self, pool: str) -> None:
+        """Lift a fast-failure pause. Does nothing while the state file is unreadable (see :meth:`set_frozen`)."""
         with self.admission():
-            state = self.state()
+            state, problem = self._load()
+            if problem is not None:
+                return
             state.paused_until.pop(pool, None)
             state.fast_failures.pop(pool, None)
             self._save(state)
 
     def holds(self, pools: set[str] | None = None) -> list[PoolHold]:
-        """Pools that start nothing now: paused after fast failures, at their daily limit, or pacing."""
-        state, now = self.state(), time.time()
+        """Pools that start nothing now: all of them while the state file is unreadable (pool ``*``);
+        paused after fast failures, at their daily limit, or pacing."""
+        state, problem = self._load()
+        now = time.time()
         started_today = self.starts_today(now) if self.limits.daily else Counter[str]()
+        return self._holds(state, problem, now, started_today, pools)
+
+    def _holds(
+        self,
+        state: SchedulerState,
+        problem: str | None,
+        now: float,
+        started_today: Counter[str],
+        pools: set[str] | None,
+    ) -> list[PoolHold]:
+        out: list[PoolHold] = [PoolHold(ALL_POOLS, problem, None)] if problem is not None else []
         names = set(pools or set()) | set(state.paused_until) | set(self.limits.daily) | set(self.limits.pacing_seconds)
-        out: list[PoolHold] = []
         for pool in sorted(names):
             until = state.paused_until.get(pool, 0)
             if until > now:
@@ -172,14 +267,19 @@ class Scheduler:
     # -- decisions -------------------------------------------------------------------------
     @staticmethod
     def order(queued: list[WorkspaceRecord]) -> list[WorkspaceRecord]:
-        return sorted(queued, key=lambda r: (_PRIORITY_RANK[r.priority], r.created_at, r.name))
+        return sorted(queued, key=lambda r: (_PRIORITY_RANK[r.priority], r.created_at, r.queued_ns or 0, r.name))
 
     def pick(self, records: list[WorkspaceRecord]) -> list[WorkspaceRecord]:
         """The queued records that may start now, in start order (call under :meth:`admission`)."""
-        if self.state().frozen:
+        state, problem = self._load()
+        if state.frozen or problem is not None:
             return []
-        held = {h.pool for h in self.holds({_base(r.agent) for r in records})}
+        now = time.time()
+        # Counted once: starts chosen here are added below, since their "started" lines come later.
+        started_today = self.starts_today(now) if self.limits.daily else Counter[str]()
+        held = {h.pool for h in self._holds(state, problem, now, started_today, {_base(r.agent) for r in records})}
         pacing = self.limits.pacing_seconds
+        daily = self.limits.daily
         running = [r for r in records if r.status == Status.RUNNING]
         total = len(running)
         pools = Counter(_base(r.agent) for r in running)
@@ -198,6 +298,9 @@ class Scheduler:
             chosen.append(rec)
             if pacing.get(base):
                 held.add(base)  # one start per pacing interval
+            started_today[base] += 1
+            if base in daily and started_today[base] >= daily[base]:
+                held.add(base)  # this pick used the rest of today's starts
             total += 1
             pools[base] += 1
             models[rec.agent] += 1
