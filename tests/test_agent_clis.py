@@ -190,6 +190,31 @@ def test_resume_without_the_cli_session_starts_afresh_with_task_question_and_ans
         assert "Blocked." not in fresh, "a fresh session must not carry the old turns"
 
 
+def test_a_key_the_agent_prints_is_masked_in_the_question_and_the_log_tail(
+    docker_env: str, user_repo: Path, isolated_home: Path, tmp_path: Path
+) -> None:
+    # The agent has its key (it must, to call the provider) and may print it. The raw log then
+    # holds it, as the container saw it; no tool output may repeat it.
+    agent = "claude"
+    with ModelServer() as model:
+        model.script([Shell("printenv ANTHROPIC_API_KEY; printenv ANTHROPIC_API_KEY > BLOCKED.md"), Say("Printed.")])
+        setup = Setup(isolated_home, tmp_path, agent, model.port)
+
+        async def run(client: Client) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+            started = await setup.call(client, "agentic_dispatch", repo=str(user_repo), task="Print it", agent=agent)
+            final = await setup.final(client, started["workspace"])
+            await setup.call(client, "agentic_status", workspace=started["workspace"], log_lines=200)
+            watched = await setup.call(client, "agentic_watch", workspace=started["workspace"], timeout_seconds=1)
+            return started, final, watched
+
+        started, final, watched = with_stdio_client(run, setup.env)
+    assert final["status"] == "blocked" and final["question"] == "***", final
+    assert "***" in str(watched["log_tail"]), "the log tail should show where the key was"
+    for out in setup.outputs:
+        assert setup.secret not in out, "the API key appeared in a tool's output"
+    assert setup.secret in Path(started["log_path"]).read_text(encoding="utf-8"), "the agent did print it"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

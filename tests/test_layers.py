@@ -24,6 +24,7 @@ LAYER = {
     "models": 0,
     "errors": 0,
     "naming": 0,
+    "safefs": 0,
 }
 
 

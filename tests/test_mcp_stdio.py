@@ -155,18 +155,20 @@ def test_bad_inputs_return_tool_errors_naming_the_problem_and_create_nothing(
 
 
 def test_resume_of_a_running_workspace_and_of_an_unknown_one_are_tool_errors_with_advice(
-    docker_env: str, user_repo: Path
+    docker_env: str, user_repo: Path, isolated_home: Path
 ) -> None:
-    async def run(client: Client) -> tuple[str, str]:
+    async def run(client: Client) -> tuple[str, str, str]:
         started = await call(client, "agentic_dispatch", repo=str(user_repo), task="sleep 30", agent="shell")
         busy = await client.call_tool("agentic_resume", {"workspace": started["workspace"], "answer": "x"})
         unknown = await client.call_tool("agentic_resume", {"workspace": "local/nope/task-1"})
-        assert busy.is_error and unknown.is_error
-        return busy.content[0].text, unknown.content[0].text  # type: ignore[union-attr]
+        other = await client.call_tool("agentic_resume", {"workspace": "local/nope/task-2", "agent": "shell"})
+        assert busy.is_error and unknown.is_error and other.is_error
+        return busy.content[0].text, unknown.content[0].text, other.content[0].text  # type: ignore[union-attr]
 
-    busy, unknown = with_stdio_client(run)
+    busy, unknown, other = with_stdio_client(run)
     assert "only blocked, failed or completed" in busy
-    assert "agentic_status" in unknown
+    assert "agentic_status" in unknown and "agentic_status" in other
+    assert not (isolated_home / "workspaces" / "local" / "nope").exists(), "an unknown name left a folder"
 
 
 def test_sync_says_plainly_that_nothing_is_delivered_yet(docker_env: str) -> None:

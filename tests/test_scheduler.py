@@ -17,7 +17,7 @@ import pytest
 
 from agentic_dispatch.config import load_settings
 from agentic_dispatch.models import DispatchRequest, Priority, Status
-from agentic_dispatch.runtime.base import LABEL_ROOT, LABEL_WORKSPACE
+from agentic_dispatch.runtime.base import LABEL_ROOT, LABEL_RUN, LABEL_WORKSPACE
 from agentic_dispatch.runtime.docker import DockerRuntime
 from agentic_dispatch.service import Dispatcher
 
@@ -44,6 +44,28 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def engine_starts(client: docker.DockerClient, since: int) -> tuple[int, list[str]]:
+    """Replay this root's container start/die events since ``since``, as the engine saw them:
+    the most containers running at once, and the workspaces in the order they started."""
+    root = load_settings()[1].root_id
+    events = client.events(
+        since=since,
+        until=int(time.time()) + 1,
+        decode=True,
+        filters={"type": "container", "label": [f"{LABEL_ROOT}={root}"], "event": ["start", "die"]},
+    )
+    running = peak = 0
+    starts: list[str] = []
+    for ev in events:
+        if ev["status"] == "start":
+            running += 1
+            starts.append(ev["Actor"]["Attributes"][LABEL_WORKSPACE])
+        else:
+            running -= 1
+        peak = max(peak, running)
+    return peak, starts
+
+
 def shell(repo: Path, task: str, **kw: object) -> DispatchRequest:
     return DispatchRequest(repo=str(repo), task=task, agent="shell", **kw)  # type: ignore[arg-type]
 
@@ -68,23 +90,7 @@ def test_pool_limit_of_two_runs_five_dispatches_at_most_two_at_a_time_in_priorit
             assert svc.wait(n, 60).status == Status.COMPLETED
     finally:
         svc.close()
-    # Observed through the engine: replay start/die events of this root's containers.
-    root = load_settings()[1].root_id
-    events = docker_client.events(
-        since=since,
-        until=int(time.time()) + 1,
-        decode=True,
-        filters={"type": "container", "label": [f"{LABEL_ROOT}={root}"], "event": ["start", "die"]},
-    )
-    running = peak = 0
-    starts: list[str] = []
-    for ev in events:
-        if ev["status"] == "start":
-            running += 1
-            starts.append(ev["Actor"]["Attributes"][LABEL_WORKSPACE])
-        else:
-            running -= 1
-        peak = max(peak, running)
+    peak, starts = engine_starts(docker_client, since)
     assert peak <= 2 and len(starts) == 5
     assert starts[2:] == [queued[p].workspace for p in (Priority.CRITICAL, Priority.HIGH, Priority.LOW)]
     for r in queued.values():
@@ -201,7 +207,11 @@ def test_after_a_sigkill_restart_finalises_exited_watches_running_and_fails_vani
 
     svc.start()  # the restart: reconciles once, then watches
     try:
-        wait_for(lambda: svc.store.read(str(exits["workspace"])).status != Status.RUNNING, 10, "finalise exited")
+        wait_for(
+            lambda: all(svc.store.read(str(r["workspace"])).status != Status.RUNNING for r in (exits, removed)),
+            10,
+            "the exited and the vanished run to be finalised",
+        )
         first = svc.store.read(str(exits["workspace"]))
         assert first.status == Status.FAILED and first.exit_code == 4
         third = svc.store.read(str(removed["workspace"]))
@@ -229,6 +239,7 @@ def test_two_servers_on_one_root_run_each_of_ten_queued_dispatches_exactly_once(
         )
         for i in range(10)
     ]
+    since = int(time.time()) - 1
     servers = [_serve(dict(os.environ)) for _ in range(2)]
     try:
         svc = new_dispatcher(docker_client, start=False)
@@ -246,6 +257,9 @@ def test_two_servers_on_one_root_run_each_of_ten_queued_dispatches_exactly_once(
         ws = svc.store.paths(n)
         assert (ws.logs / f"count-{i}").read_text(encoding="utf-8") == "ran\n", f"{n} ran more than once"
         assert ws.log("shell").read_text(encoding="utf-8").count("=== run 1") == 1
+    # Both servers took work, and together they kept the global cap of 3.
+    peak, starts = engine_starts(docker_client, since)
+    assert sorted(starts) == sorted(names) and peak <= 3
 
 
 def test_the_same_idempotency_key_returns_the_existing_workspace_instead_of_a_second_run(
@@ -359,5 +373,90 @@ def test_pacing_keeps_the_minimum_gap_between_two_starts_of_a_pool_and_shows_the
         t_second = time.time()
         assert t_second - t_first >= 3 - 0.2, f"started {t_second - t_first:.1f}s after the first"
         assert svc.wait(second.workspace, 60).status == Status.COMPLETED
+    finally:
+        svc.close()
+
+
+def test_a_queued_run_that_cannot_start_fails_with_the_reason_and_the_queue_goes_on(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path
+) -> None:
+    svc = new_dispatcher(docker_client)
+    try:
+        svc.freeze()
+        broken = svc.dispatch(shell(user_repo, "echo never"))
+        fine = svc.dispatch(shell(user_repo, "echo fine"))
+        (Path(broken.path) / ".meta" / "run" / "prompt.md").unlink()  # lost, say, by a disk clean-up
+        svc.unfreeze()
+        assert svc.wait(fine.workspace, 60).status == Status.COMPLETED
+        rec = svc.store.read(broken.workspace)
+        assert rec.status == Status.FAILED
+        assert rec.question and "could not start" in rec.question and "agentic_resume" in rec.question
+        svc.resume(broken.workspace)  # the prompt is made again: the run is not lost
+        assert svc.wait(broken.workspace, 60).status == Status.COMPLETED
+    finally:
+        svc.close()
+
+
+def _labelled(svc: Dispatcher, workspace: str, run: int = 1) -> dict[str, str]:
+    return {LABEL_ROOT: svc.paths.root_id, LABEL_WORKSPACE: workspace, LABEL_RUN: str(run)}
+
+
+def test_a_container_started_just_before_a_crash_is_adopted_not_orphaned_nor_started_twice(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path
+) -> None:
+    # A server killed between starting a container and recording it leaves a queued record
+    # and a running container with the record's labels.
+    svc = new_dispatcher(docker_client, start=False)
+    svc.freeze()
+    res = svc.dispatch(shell(user_repo, "echo from-the-server"))
+    stray = docker_client.containers.run(
+        docker_env,
+        ["sh", "-c", "while [ ! -f /tmp/go ]; do sleep 0.1; done"],
+        detach=True,
+        init=True,
+        labels=_labelled(svc, res.workspace),
+    )
+    assert svc.orphans() == [], "the container of a queued record is not an orphan"
+    svc.reconcile()  # frozen: nothing new starts, but a running container is adopted
+    rec = svc.store.read(res.workspace)
+    assert rec.status == Status.RUNNING and rec.container_id == stray.id
+    stray.exec_run(["touch", "/tmp/go"])
+    svc.start()
+    try:
+        rec = svc.wait(res.workspace, 30)
+        assert rec.status == Status.COMPLETED and rec.container_id == stray.id
+        log = Path(res.log_path)
+        assert not log.exists() or "from-the-server" not in log.read_text(encoding="utf-8"), "the run started twice"
+    finally:
+        svc.close()
+
+
+def test_a_container_created_but_never_started_is_replaced_not_adopted(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path
+) -> None:
+    svc = new_dispatcher(docker_client)
+    try:
+        svc.freeze()
+        res = svc.dispatch(shell(user_repo, "echo from-the-server"))
+        dead = docker_client.containers.create(docker_env, ["true"], labels=_labelled(svc, res.workspace))
+        svc.unfreeze()
+        rec = svc.wait(res.workspace, 60)
+        assert rec.status == Status.COMPLETED and rec.container_id != dead.id
+        assert "from-the-server" in Path(res.log_path).read_text(encoding="utf-8")
+        with pytest.raises(docker.errors.NotFound):
+            docker_client.containers.get(dead.id)
+    finally:
+        svc.close()
+
+
+def test_a_bad_resource_limit_fails_the_run_with_the_engine_s_reason_instead_of_queueing_forever(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path, isolated_home: Path
+) -> None:
+    write_config(isolated_home, "[resources]\ncpus = 64\n")  # more CPUs than this machine has
+    svc = new_dispatcher(docker_client)
+    try:
+        rec = svc.wait(svc.dispatch(shell(user_repo, "echo hi")).workspace, 30)
+        assert rec.status == Status.FAILED, rec
+        assert rec.question and "refused" in rec.question and "CPU" in rec.question.upper()
     finally:
         svc.close()

@@ -74,3 +74,17 @@ def test_reading_a_missing_workspace_says_how_to_find_the_right_name(tmp_path: P
     store = StatusStore(tmp_path / "ws", tmp_path / "ev")
     with pytest.raises(WorkspaceNotFoundError, match="agentic_status"):
         store.read("acme/app/task-9")
+
+
+def test_a_record_that_is_not_utf8_is_reported_as_corrupt_not_raised(tmp_path: Path) -> None:
+    store = StatusStore(tmp_path / "ws", tmp_path / "ev")
+    rec = _record()
+    with store.locked(rec.name):
+        store.write(rec)
+    path = store.paths(rec.name).status
+    path.write_bytes(b'{"status": "\xff\xfe"}')
+    with pytest.raises(CorruptRecordError, match="not UTF-8"):
+        store.read(rec.name)
+    (listed,) = store.list()
+    assert listed.record is None and listed.error is not None and "not UTF-8" in str(listed.error)
+    assert path.read_bytes() == b'{"status": "\xff\xfe"}'

@@ -12,8 +12,10 @@ translated at the module that calls the library, with ``raise ... from e``.
     ├── WorkspaceNotFoundError   no workspace by that name
     ├── StateError               the operation does not fit the workspace's status (resume a running one)
     ├── CorruptRecordError       a status.json that cannot be read back; it is reported, never overwritten
+    ├── UnsafePathError          an agent left a link (or a non-file) where the server reads or writes
     ├── ConfigError              the config file is invalid (one line per problem)
-    └── RuntimeUnavailableError  the container engine or the agent image is missing
+    ├── RuntimeUnavailableError  the container engine or the agent image is missing
+    └── LaunchError              the engine refused this one container (bad resource limit, name clash ...)
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ __all__ = [
     "CorruptRecordError",
     "DispatchError",
     "InvalidInputError",
+    "LaunchError",
     "MissingVariablesError",
     "RepoError",
     "RuntimeUnavailableError",
     "StateError",
+    "UnsafePathError",
     "WorkspaceNotFoundError",
 ]
 
@@ -108,8 +112,23 @@ class RuntimeUnavailableError(DispatchError):
     """The container engine cannot be reached or the agent image is missing."""
 
 
+class LaunchError(DispatchError):
+    """The engine refused to start one run's container; other runs may still start."""
+
+
 class AgentNotReadyError(DispatchError):
     """An agent cannot run here: its CLI is missing from the image or it has no credentials.
 
     The message is the doctor's reason, naming the agent and what to set or build.
     """
+
+
+class UnsafePathError(DispatchError):
+    """An agent left a symbolic link, a folder or a special file where the server reads or writes.
+
+    The server never follows such a link: it could point anywhere on the host.
+    """
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path} {problem}. Remove it (the agent made it inside its workspace), then try again.")
+        self.path = path

@@ -15,8 +15,9 @@ from pathlib import Path
 from string import Template
 from typing import Literal
 
+from . import safefs
 from .config import builtin_dir
-from .errors import InvalidInputError, MissingVariablesError
+from .errors import InvalidInputError, MissingVariablesError, UnsafePathError
 from .naming import check_component
 
 __all__ = [
@@ -211,8 +212,9 @@ def detect_repo_facts(repo_dir: Path) -> str:
         facts.append(f"Build: pip install -e .   Test: {test}")
     if has("package.json"):
         try:
-            pkg = json.loads((repo_dir / "package.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            # the agent may have left a link here (on resume): read it only as a regular file
+            pkg = json.loads(safefs.read_text(repo_dir, repo_dir / "package.json", 1 << 20) or "{}")
+        except (OSError, ValueError, UnsafePathError):
             pkg = {}
         scripts = pkg.get("scripts", {}) if isinstance(pkg, dict) else {}
         lang = "TypeScript" if has("tsconfig.json") else "JavaScript"

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from . import safefs
 from .agents import (
     AGENTS,
     CONTAINER_HOME,
@@ -40,7 +41,15 @@ from .agents import (
 )
 from .config import IMAGE_ENV, Limits, Paths, Settings, config_file_path
 from .credentials import Credentials, redact, resolve_credentials
-from .errors import AgentNotReadyError, ConfigError, InvalidInputError, RuntimeUnavailableError, StateError
+from .errors import (
+    AgentNotReadyError,
+    ConfigError,
+    InvalidInputError,
+    LaunchError,
+    RuntimeUnavailableError,
+    StateError,
+    UnsafePathError,
+)
 from .models import (
     ACTIVE_STATUSES,
     RESUMABLE_STATUSES,
@@ -84,6 +93,8 @@ log = logging.getLogger(__name__)
 
 MAX_TASK_CHARS = 100_000
 MAX_ANSWER_CHARS = 50_000
+# BLOCKED.md is the agent's question; more than this is not a question.
+MAX_QUESTION_BYTES = 64 * 1024
 # A prompt travels on the CLI's command line; Linux caps one argument at 128 KiB.
 MAX_PROMPT_BYTES = 120_000
 # What `doctor` runs in the image to read each CLI's version (one container for all).
@@ -100,15 +111,12 @@ def _parse_time(ts: str | None) -> float | None:
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
-def _tail(path: Path, lines: int) -> str:
+def _tail(ws: WorkspacePaths, base: str, lines: int) -> str:
+    """The last ``lines`` lines of the agent's log (the logs folder is writable by the agent)."""
     try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
-            data = f.read().decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        return ""
+        data = safefs.tail_text(ws.logs, ws.log(base), 64 * 1024) or ""
+    except UnsafePathError as e:
+        return f"(the log cannot be shown: {e})"
     return "\n".join(data.splitlines()[-lines:])
 
 
@@ -142,6 +150,7 @@ class Dispatcher:
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._finished = threading.Condition()
+        self._stalled: str | None = None  # why queued work cannot start, from the last drain
         self._remove_stale_staging()
 
     def credentials(self, base: str) -> Credentials:
@@ -324,6 +333,7 @@ class Dispatcher:
                 timeout_seconds=timeout,
                 image=self.image,
                 runs=1,
+                queued_ns=time.time_ns(),
                 idempotency_key=None if req.dry_run else req.idempotency_key,
             )
             prompt = self._prepare_run(ws, record, req.variables)
@@ -415,6 +425,12 @@ class Dispatcher:
             version = None
         return AgentCheck(agent=base, ok=not problems, cli_version=version, credentials=creds.found, problems=problems)
 
+    def _check_without_image(self, base: str, problem: str) -> AgentCheck:
+        """What can be checked with no engine or no image: the credentials (so all problems show at once)."""
+        creds = self.credentials(base)
+        problems = [problem, *([creds.problem] if creds.problem else [])]
+        return AgentCheck(agent=base, ok=False, credentials=creds.found, problems=problems)
+
     def doctor(self, agents: list[str] | None = None) -> DoctorReport:
         """Check, per agent: engine reachable, image present, CLI version in the image, credentials."""
         names = [parse_agent_spec(a, self.agents).base for a in agents] if agents else sorted(self.agents)
@@ -422,11 +438,11 @@ class Dispatcher:
             self.runtime.check()
             engine = "reachable"
         except RuntimeUnavailableError as e:
-            checks = [AgentCheck(agent=n, ok=False, problems=[str(e)]) for n in names]
+            checks = [self._check_without_image(n, str(e)) for n in names]
             return DoctorReport(ok=False, engine="not reachable", image=self.image, agents=checks)
         if not self.runtime.image_exists(self.image):
             problem = f"the agent image {self.image} is not built; run `agentic-dispatch image build`."
-            checks = [AgentCheck(agent=n, ok=False, problems=[problem]) for n in names]
+            checks = [self._check_without_image(n, problem) for n in names]
             return DoctorReport(ok=False, engine=engine, image=f"{self.image} (missing)", agents=checks)
         versions = self.cli_versions(fresh=True)
         checks = [self._agent_check(n, versions) for n in names]
@@ -448,12 +464,12 @@ class Dispatcher:
             d.mkdir(parents=True, exist_ok=True)
         rules = self.prompts.rules_text({"branch": record.branch, "base_branch": record.base_branch or "HEAD"})
         written: list[str] = []
-        workspace_template = record.template if record.template in ("review", "security") else "default"
-        for fname, text in self.prompts.render_workspace_files(workspace_template, {"rules": rules}).items():
+        # the workspace template named like the task template (yours or ours), else `default`
+        for fname, text in self.prompts.render_workspace_files(record.template, {"rules": rules}).items():
             dest = ws.repo / fname
-            tracked = dest.exists() and fname not in self._managed_instruction_files(ws)
+            tracked = os.path.lexists(dest) and fname not in self._managed_instruction_files(ws)
             if not tracked:  # never overwrite the repository's own instruction files
-                dest.write_text(text, encoding="utf-8")
+                safefs.write_text(ws.repo, dest, text)
                 written.append(fname)
         (ws.meta / "instruction-files").write_text("\n".join(written), encoding="utf-8")
         exclude_paths(ws.repo, [*MANAGED_FILES, *written])
@@ -514,18 +530,48 @@ class Dispatcher:
     # starting and finishing runs
     # =====================================================================================
     def drain(self) -> list[str]:
-        """Start every queued workspace that has a free slot now. Returns the names started."""
+        """Start every queued workspace that has a free slot now. Returns the names started.
+
+        A run that cannot start for a reason of its own (the engine refuses its container, a
+        file the agent left is unsafe) ends ``failed`` with that reason, and the drain goes on.
+        When the engine or the image is missing nothing can start: the queue waits, and
+        :meth:`status` says why.
+        """
         started: list[str] = []
         with self.scheduler.admission():
+            # Login files may appear after the server started (a `codex login` meanwhile):
+            # the serialised pools follow what is on disk now.
+            self.scheduler.limits = self._effective_limits()
             records = [i.record for i in self.store.list() if i.record is not None]
+            stalled = None
             for rec in self.scheduler.pick(records):
                 try:
                     self._launch(rec.name)
                     started.append(rec.name)
                 except RuntimeUnavailableError as e:
                     log.warning("cannot start %s: %s", rec.name, e)
+                    stalled = f"queued work cannot start: {e}"
                     break
+                except Exception as e:
+                    if not isinstance(e, (LaunchError, UnsafePathError, OSError)):
+                        log.exception("cannot start %s", rec.name)
+                    self._fail_queued(rec.name, f"the run could not start: {e}")
+            self._stalled = stalled
         return started
+
+    def _fail_queued(self, name: str, reason: str) -> None:
+        def apply(rec: WorkspaceRecord) -> bool:
+            if rec.status != Status.QUEUED:
+                return False
+            rec.status = Status.FAILED
+            rec.finished_at = utcnow()
+            rec.question = f"{reason}. Fix that, then call agentic_resume to run it again."
+            return True
+
+        try:
+            self.store.update(name, apply)
+        except Exception:  # the record itself is unreadable: status reports it as such
+            log.exception("cannot mark %s failed", name)
 
     def _container_name(self, record: WorkspaceRecord) -> str:
         base = slugify(f"{record.org}-{record.repo_name}-{record.name.rsplit('/', 1)[-1]}", 80)
@@ -548,6 +594,10 @@ class Dispatcher:
             # A crash between starting a container and recording it leaves a labelled container:
             # adopt it instead of starting the same run twice.
             existing = self.runtime.list({**self.root_labels, LABEL_WORKSPACE: name, LABEL_RUN: str(record.runs)})
+            for c in existing:
+                if not c.running and c.exit_code is None:  # created but never started: start afresh
+                    self.runtime.remove(c.id)
+            existing = [c for c in existing if c.running or c.exit_code is not None]
             if existing:
                 container_id = existing[0].id
             else:
@@ -568,25 +618,19 @@ class Dispatcher:
                         env=creds.env,
                     )
                 )
+                # The agent home is the agent's to write: every path in it goes through safefs.
                 for rel, text in plan.home_files.items():
-                    dest = ws.home / rel
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    dest.write_text(text, encoding="utf-8")
+                    safefs.write_text(ws.home, ws.home / rel, text, mode=0o600)
                 for source, rel in creds.copies:  # after the agent's own files: the user's files win
-                    dest = ws.home / rel
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(source, dest)
-                    dest.chmod(0o600)
+                    safefs.copy_file(ws.home, source, ws.home / rel, mode=0o600, keep_newer=True)
                 file_mounts = []
                 for source, rel in creds.mounts:
-                    dest = ws.home / rel  # the mount point, made by us so it is owned by the host user
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    dest.touch(mode=0o600, exist_ok=True)
+                    # the mount point, made by us so it is owned by the host user
+                    safefs.ensure_file(ws.home, ws.home / rel, mode=0o600)
                     file_mounts.append(Mount(source, f"{CONTAINER_HOME}/{rel}"))
                 log_file = ws.log(spec.base)
-                log_file.parent.mkdir(parents=True, exist_ok=True)
-                with log_file.open("a", encoding="utf-8") as f:
-                    f.write(f"{RUN_HEADER}{record.runs} of {name} ({record.agent}) at {utcnow()} ===\n")
+                header = f"{RUN_HEADER}{record.runs} of {name} ({record.agent}) at {utcnow()} ===\n"
+                safefs.append_text(ws.logs, log_file, header)
                 env = {
                     "HOME": CONTAINER_HOME,
                     "AGENTIC_WORKSPACE": name,
@@ -641,7 +685,10 @@ class Dispatcher:
             self.finalise(name, event.container_id, event.exit_code)
         except Exception:  # the background boundary: never let one bad record stop the watcher
             log.exception("cannot finalise %s", name)
-        self.drain()
+        try:
+            self.drain()
+        except Exception:
+            log.exception("cannot drain the queue after %s exited", name)
 
     def finalise(self, name: str, container_id: str, exit_code: int | None) -> bool:
         """Apply the final-status rule to a run whose container has exited (or was stopped).
@@ -655,17 +702,24 @@ class Dispatcher:
             if rec.status != Status.RUNNING or rec.container_id != container_id:
                 return False
             ws = self.store.paths(name)
-            blocked = ws.repo / "BLOCKED.md"
-            spec = parse_agent_spec(rec.agent, self.agents)
+            base = agent_base(rec.agent)
+            secrets = self.credentials(base).env.values()
             rec.exit_code = exit_code
             rec.finished_at = utcnow()
-            rec.summary = self._summarize(spec.base, ws)
-            question = blocked.read_text(encoding="utf-8", errors="replace").strip() if blocked.is_file() else ""
+            rec.summary = self._summarize(base, ws)
+            try:
+                question = redact(self._blocked_question(ws), secrets) or ""
+                unsafe = None
+            except UnsafePathError as e:
+                question, unsafe = "", str(e)
             stop_status, stop_reason = rec.stop_status, rec.stop_reason
             rec.stop_status = rec.stop_reason = None
             if stop_status == Status.CANCELLED:
                 rec.status = Status.CANCELLED
                 rec.question = stop_reason
+            elif unsafe is not None:
+                rec.status = Status.FAILED
+                rec.question = f"the agent's BLOCKED.md cannot be read: {unsafe}"
             elif question:
                 rec.status = Status.BLOCKED
                 rec.question = question
@@ -692,7 +746,22 @@ class Dispatcher:
                 self._finished.notify_all()
         return changed
 
+    @staticmethod
+    def _blocked_question(ws: WorkspacePaths) -> str:
+        """The text of ``repo/BLOCKED.md`` (its first 64 KiB), or ``""`` when there is none.
+
+        Raises:
+            UnsafePathError: the agent left a link or a non-file there.
+        """
+        text = safefs.read_text(ws.repo, ws.repo / "BLOCKED.md", MAX_QUESTION_BYTES)
+        return (text or "").strip()
+
     def _summarize(self, base: str, ws: WorkspacePaths) -> RunSummary | None:
+        try:
+            safefs.check_file(ws.logs, ws.log(base))  # only a regular file is parsed
+        except UnsafePathError as e:
+            log.warning("not reading the log of %s: %s", ws.dir, e)
+            return None
         summary = self.agents[base].summarize(ws.log(base))
         if summary is None:
             return None
@@ -701,11 +770,15 @@ class Dispatcher:
             update={"final_message": redact(summary.final_message, secrets), "error": redact(summary.error, secrets)}
         )
 
-    def _stop_run(self, name: str, status: Status, reason: str) -> bool:
-        """Stop a running workspace's container and finalise it as ``status`` with ``reason``."""
+    def _stop_run(self, name: str, status: Status, reason: str, container_id: str | None = None) -> bool:
+        """Stop a running workspace's container and finalise it as ``status`` with ``reason``.
+
+        With ``container_id``, only that run is stopped (a timeout decided on an older view of the
+        record must not stop the run a resume started since).
+        """
 
         def mark(rec: WorkspaceRecord) -> bool:
-            if rec.status != Status.RUNNING:
+            if rec.status != Status.RUNNING or (container_id is not None and rec.container_id != container_id):
                 return False
             rec.stop_status, rec.stop_reason = status, reason
             return True
@@ -727,7 +800,7 @@ class Dispatcher:
             why = f"the agent exited with code {exit_code}"
         if rec.summary and rec.summary.error:
             why += f": {rec.summary.error}"
-        last = [ln for ln in _tail(ws.log(agent_base(rec.agent)), 5).splitlines() if ln]
+        last = [ln for ln in _tail(ws, agent_base(rec.agent), 5).splitlines() if ln]
         if last and not last[-1].startswith(RUN_HEADER) and not (rec.summary and rec.summary.error):
             why += f". Last output: {last[-1][:300]}"
         return redact(why, self.credentials(agent_base(rec.agent)).env.values()) or why
@@ -751,8 +824,37 @@ class Dispatcher:
                         rec.name,
                         Status.FAILED,
                         f"timed out after {rec.timeout_seconds} s; the container was stopped and the log so far kept",
+                        rec.container_id,
                     )
+        self._adopt_started()
         self.drain()
+
+    def _adopt_started(self) -> None:
+        """Record the runs whose container started but whose record still says ``queued``.
+
+        A server killed between starting a container and writing the record leaves that; the
+        run is adopted whatever the limits say (it is running already), never started twice.
+        """
+        queued = {
+            (i.record.name, str(i.record.runs))
+            for i in self.store.list()
+            if i.record is not None and i.record.status == Status.QUEUED
+        }
+        if not queued:
+            return
+        started = {
+            c.labels.get(LABEL_WORKSPACE)
+            for c in self.runtime.list(self.root_labels)
+            if (c.labels.get(LABEL_WORKSPACE), c.labels.get(LABEL_RUN)) in queued
+            and (c.running or c.exit_code is not None)
+        }
+        if started:
+            with self.scheduler.admission():
+                for name in sorted(n for n in started if n):
+                    try:
+                        self._launch(name)  # finds the container and adopts it
+                    except Exception:
+                        log.exception("cannot adopt the running container of %s", name)
 
     def _fail_vanished(self, rec: WorkspaceRecord) -> None:
         def apply(r: WorkspaceRecord) -> bool:
@@ -809,8 +911,8 @@ class Dispatcher:
                 continue
             tail = None
             if log_lines > 0:
-                ws = self.store.paths(rec.name)
-                tail = _tail(ws.log(agent_base(rec.agent)), log_lines)
+                base = agent_base(rec.agent)
+                tail = redact(_tail(self.store.paths(rec.name), base, log_lines), self.credentials(base).env.values())
             rows.append(
                 WorkspaceRow(
                     name=rec.name,
@@ -831,6 +933,8 @@ class Dispatcher:
         rows.sort(key=lambda r: r.updated_at or "", reverse=True)
         frozen = self.scheduler.state().frozen
         notes = ["the queue is frozen: new dispatches wait until agentic_dispatch_start"] if frozen else []
+        if self._stalled and counts[Status.QUEUED.value]:
+            notes.append(self._stalled)
         holds = [
             PoolHoldRow(
                 pool=h.pool,
@@ -876,8 +980,8 @@ class Dispatcher:
         if answer is not None and len(answer) > MAX_ANSWER_CHARS:
             raise InvalidInputError("answer", f"is {len(answer)} characters; the limit is {MAX_ANSWER_CHARS}.")
         spec = parse_agent_spec(agent, self.agents) if agent else None
-        self.store.paths(workspace)
-        self.preflight(spec.base if spec else parse_agent_spec(self.store.read(workspace).agent, self.agents).base)
+        current = self.store.read(workspace)  # before any lock: an unknown name must leave nothing behind
+        self.preflight(spec.base if spec else agent_base(current.agent))
         with self.store.locked(workspace) as ws:
             rec = self.store.read(workspace)
             if rec.status not in RESUMABLE_STATUSES:
@@ -893,7 +997,9 @@ class Dispatcher:
             # otherwise a fresh session gets the whole task with the question and the answer.
             new_agent = str(spec) if spec is not None else rec.agent
             base = agent_base(new_agent)
-            session = rec.summary.session_id if rec.summary else None
+            # The last session the CLI reported; a run cut off before its CLI said anything
+            # (killed, timed out) leaves the session it was resuming as the last one known.
+            session = (rec.summary.session_id if rec.summary else None) or rec.resume_session
             native = (
                 session is not None
                 and base == agent_base(rec.agent)
@@ -907,6 +1013,7 @@ class Dispatcher:
                     "resume_session": session if native else None,
                     "runs": rec.runs + 1,
                     "status": Status.QUEUED,
+                    "queued_ns": time.time_ns(),
                     "container_id": None,
                     "exit_code": None,
                     "finished_at": None,
@@ -915,11 +1022,11 @@ class Dispatcher:
             variables = self._saved_variables(ws)
             prompt = self._render_prompt(ws, nxt, variables, native)  # may refuse; nothing changed yet
             blocked = ws.repo / "BLOCKED.md"
-            if blocked.is_file():
+            if os.path.lexists(blocked):  # moved as it is: a rename never follows a link
                 blocked.rename(ws.meta / f"BLOCKED-run{rec.runs}.md")
             answer_file = ws.repo / "ANSWER.md"
             if answer is not None:
-                answer_file.write_text(answer + "\n", encoding="utf-8")
+                safefs.write_text(ws.repo, answer_file, answer + "\n")
             else:
                 answer_file.unlink(missing_ok=True)
             rec = nxt
@@ -991,13 +1098,31 @@ class Dispatcher:
         return QueueState(frozen=False, message=f"unfrozen; started {len(started)} queued workspace(s)")
 
     def _orphan_containers(self) -> list[ContainerInfo]:
-        """Containers labelled with this root that no running record knows."""
+        """Containers labelled with this root that no record knows.
+
+        Not orphans: the container of a running record; one a queued record is about to adopt
+        (same workspace and run); one whose workspace's record cannot be read (it is reported
+        as unreadable, and its container is left alone until a person has looked).
+        """
+        listed = self.store.list()
         known = {
             i.record.container_id
-            for i in self.store.list()
+            for i in listed
             if i.record is not None and i.record.status == Status.RUNNING and i.record.container_id
         }
-        return [c for c in self.runtime.list(self.root_labels) if c.id not in known]
+        adopting = {
+            (i.record.name, str(i.record.runs))
+            for i in listed
+            if i.record is not None and i.record.status == Status.QUEUED
+        }
+        unreadable = {i.name for i in listed if i.record is None}
+        return [
+            c
+            for c in self.runtime.list(self.root_labels)
+            if c.id not in known
+            and (c.labels.get(LABEL_WORKSPACE), c.labels.get(LABEL_RUN)) not in adopting
+            and c.labels.get(LABEL_WORKSPACE) not in unreadable
+        ]
 
     def orphans(self) -> list[str]:
         """The orphaned containers, described for a person (id, name, workspace label)."""
@@ -1006,9 +1131,10 @@ class Dispatcher:
     def cleanup(self) -> CleanupReport:
         """Remove the orphaned containers :meth:`orphans` reports."""
         removed = []
-        for c in self._orphan_containers():
-            self.runtime.remove(c.id)
-            removed.append(f"{c.id[:12]} {c.name}")
+        with self.scheduler.admission():  # no container starts (here or in another server) while we look
+            for c in self._orphan_containers():
+                self.runtime.remove(c.id)
+                removed.append(f"{c.id[:12]} {c.name}")
         return CleanupReport(removed=removed, message=f"removed {len(removed)} orphaned container(s)")
 
     @staticmethod

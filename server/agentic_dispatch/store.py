@@ -132,6 +132,8 @@ class StatusStore:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError as e:
             raise WorkspaceNotFoundError(name) from e
+        except UnicodeDecodeError as e:
+            raise CorruptRecordError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from e
         return self._parse(path, text)
 
     @staticmethod
@@ -197,6 +199,8 @@ class StatusStore:
                 out.append(Listed(name, self._parse(status_file, text)))
             except CorruptRecordError as e:
                 out.append(Listed(name, None, e))
+            except UnicodeDecodeError as e:
+                out.append(Listed(name, None, CorruptRecordError(status_file, f"not UTF-8 text ({e.reason})")))
             except OSError as e:
                 out.append(Listed(name, None, CorruptRecordError(status_file, e.strerror or str(e))))
         return out

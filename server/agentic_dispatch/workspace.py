@@ -25,6 +25,7 @@ from typing import Literal
 
 import git
 
+from . import safefs
 from .errors import InvalidInputError, RepoError
 from .naming import check_component, check_git_ref, slugify
 
@@ -204,7 +205,17 @@ class MirrorCache:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             self.fetches += 1
-            git.Repo.clone_from(ref.fetch_url, tmp, mirror=True, env=GIT_ENV, kill_after_timeout=FETCH_TIMEOUT_SECONDS)
+            # A mirror of a local repository gets its own copies of the objects: hardlinked files
+            # would be shared with the user's repository all the way into each agent's workspace,
+            # where the agent (running as the host user) could rewrite them.
+            git.Repo.clone_from(
+                ref.fetch_url,
+                tmp,
+                mirror=True,
+                no_hardlinks=ref.kind == "local",
+                env=GIT_ENV,
+                kill_after_timeout=FETCH_TIMEOUT_SECONDS,
+            )
         except git.GitCommandError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise RepoError(
@@ -312,20 +323,40 @@ def _identity(repo: git.Repo) -> tuple[str, str]:
 
 
 def exclude_paths(repo_dir: Path, names: list[str]) -> None:
-    """Keep server-managed files (BLOCKED.md, ANSWER.md, our instruction files) out of commits."""
+    """Keep server-managed files (BLOCKED.md, ANSWER.md, our instruction files) out of commits.
+
+    Raises:
+        UnsafePathError: the agent left a link at ``.git/info/exclude`` or a folder above it.
+    """
     exclude = repo_dir / ".git" / "info" / "exclude"
-    exclude.parent.mkdir(parents=True, exist_ok=True)
-    current = exclude.read_text(encoding="utf-8") if exclude.exists() else ""
+    current = safefs.read_text(repo_dir, exclude, 1 << 20) or ""
     missing = [f"/{n}" for n in names if f"/{n}" not in current.splitlines()]
     if missing:
-        with exclude.open("a", encoding="utf-8") as f:
-            f.write("\n# managed by agentic-dispatch\n" + "\n".join(missing) + "\n")
+        safefs.append_text(repo_dir, exclude, "\n# managed by agentic-dispatch\n" + "\n".join(missing) + "\n")
+
+
+_HOST_GIT_OVERRIDES = (
+    "core.fsmonitor=false",
+    "core.hooksPath=/dev/null",
+    "log.showSignature=false",
+    "gpg.program=false",
+    "core.pager=cat",
+)
+
+
+def _host_git(repo: git.Repo) -> git.Git:
+    """``repo.git`` for a command the server runs on the host in a repository an agent has written to.
+
+    The agent controls ``.git/config``; these overrides keep settings that run programs
+    (an fsmonitor hook, a signature checker) from running them on the host.
+    """
+    return repo.git(c=list(_HOST_GIT_OVERRIDES))
 
 
 def recent_log(repo_dir: Path, n: int = 10) -> str:
     with git.Repo(repo_dir) as repo:
         try:
-            return str(repo.git.log(f"-n{n}", "--format=%h %s (%an, %ar)"))
+            return str(_host_git(repo).log(f"-n{n}", "--no-show-signature", "--format=%h %s (%an, %ar)"))
         except git.GitCommandError:
             return ""
 
@@ -334,7 +365,7 @@ def commits_ahead(repo_dir: Path, base: str) -> int:
     """How many commits HEAD has that ``origin/<base>`` lacks."""
     with git.Repo(repo_dir) as repo:
         try:
-            return int(repo.git.rev_list("--count", f"refs/remotes/origin/{base}..HEAD"))
+            return int(_host_git(repo).rev_list("--count", f"refs/remotes/origin/{base}..HEAD"))
         except git.GitCommandError:
             return 0
 

@@ -15,7 +15,7 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from ..errors import RuntimeUnavailableError
+from ..errors import LaunchError, RuntimeUnavailableError
 from .base import ContainerInfo, ContainerSpec, ExitEvent
 
 __all__ = ["DockerRuntime"]
@@ -118,7 +118,7 @@ class DockerRuntime:
                 "`agentic-dispatch image build`, or set `image` in the config file."
             ) from e
         except docker.errors.APIError as e:
-            raise RuntimeUnavailableError(f"the Docker engine refused to start the container: {e.explanation}") from e
+            raise LaunchError(f"the Docker engine refused to start the container: {e.explanation}") from e
         except (docker.errors.DockerException, requests.exceptions.RequestException) as e:
             raise RuntimeUnavailableError(_UNREACHABLE.format(reason=e)) from e
         return str(container.id)
@@ -127,13 +127,15 @@ class DockerRuntime:
     def _info(attrs: dict[str, Any]) -> ContainerInfo:
         state = attrs.get("State") or {}
         labels = (attrs.get("Config") or {}).get("Labels") or {}
-        running = bool(state.get("Running")) or state.get("Status") in ("created", "restarting")
+        # "created" is not running: a container whose start failed stays created and never exits.
+        running = bool(state.get("Running")) or state.get("Status") == "restarting"
+        never_ran = state.get("Status") == "created" and not state.get("Error")
         return ContainerInfo(
             id=attrs["Id"],
             name=str(attrs.get("Name", "")).lstrip("/"),
             labels=dict(labels),
             running=running,
-            exit_code=None if running else int(state.get("ExitCode", -1)),
+            exit_code=None if running or never_ran else int(state.get("ExitCode", -1)),
             oom_killed=bool(state.get("OOMKilled")),
             error=state.get("Error") or None,
         )
@@ -156,7 +158,7 @@ class DockerRuntime:
         out = []
         for c in summaries:
             state = str(c.get("State", ""))
-            running = state in ("running", "created", "restarting", "paused")
+            running = state in ("running", "restarting", "paused")
             exited = _EXITED.search(str(c.get("Status", "")))
             out.append(
                 ContainerInfo(

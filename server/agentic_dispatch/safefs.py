@@ -1,0 +1,207 @@
+"""Reading and writing files inside folders an agent can write to.
+
+The workspace's ``repo/``, the agent home and the logs folder are mounted read-write into
+the agent's container, and the agent runs as the host user. Whatever the agent leaves there
+may be a symbolic link to anywhere on the host, a FIFO, or a gigabyte of text. The server
+touches those folders only through these functions, which:
+
+* never follow a symbolic link, neither the file itself nor any folder between the trusted
+  ``base`` (a folder the server made, or a mount root the agent cannot replace) and the file;
+* read only regular files, and at most ``limit`` bytes;
+* replace files atomically (a temporary file in the same folder, then ``os.replace``, which
+  replaces a link rather than writing through it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from .errors import UnsafePathError
+
+__all__ = ["append_text", "check_file", "copy_file", "ensure_file", "read_text", "tail_text", "write_text"]
+
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_LINK = "is a symbolic link; agentic-dispatch does not follow links an agent made"
+
+
+def _check_folders(base: Path, path: Path, create: bool) -> None:
+    """Every folder from ``base`` (exclusive) down to ``path``'s parent is a real folder.
+
+    Raises:
+        UnsafePathError: ``path`` is not under ``base``, or a folder on the way is a link or a file.
+    """
+    try:
+        rel = path.relative_to(base)
+    except ValueError as e:
+        raise UnsafePathError(path, f"is not inside {base}") from e
+    if not rel.parts or ".." in rel.parts:
+        raise UnsafePathError(path, f"is not inside {base}")
+    current = base
+    for part in rel.parts[:-1]:
+        current = current / part
+        try:
+            mode = os.lstat(current).st_mode
+        except FileNotFoundError:
+            if not create:
+                return  # nothing below can exist either
+            current.mkdir()
+            continue
+        if stat.S_ISLNK(mode):
+            raise UnsafePathError(current, _LINK)
+        if not stat.S_ISDIR(mode):
+            raise UnsafePathError(current, "is not a folder")
+
+
+def _check_file(path: Path) -> bool:
+    """Whether ``path`` exists.
+
+    Raises:
+        UnsafePathError: it exists and is not a regular file.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if stat.S_ISLNK(mode):
+        raise UnsafePathError(path, _LINK)
+    if not stat.S_ISREG(mode):
+        raise UnsafePathError(path, "is not a regular file")
+    return True
+
+
+def check_file(base: Path, path: Path) -> bool:
+    """Whether the regular file ``path`` exists (reached without following any link).
+
+    Raises:
+        UnsafePathError: it (or a folder on the way) is a link, or it is not a regular file.
+    """
+    _check_folders(base, path, create=False)
+    return _check_file(path)
+
+
+def _open_regular(base: Path, path: Path) -> int | None:
+    """An fd of the regular file ``path``, or ``None`` when it does not exist.
+
+    Raises:
+        UnsafePathError: it (or a folder on the way) is a link, or it is not a regular file.
+    """
+    _check_folders(base, path, create=False)
+    if not _check_file(path):
+        return None
+    try:
+        fd = os.open(path, _READ_FLAGS)  # O_NOFOLLOW: a link swapped in since the check fails here
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UnsafePathError(path, f"cannot be opened safely ({e.strerror})") from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePathError(path, "is not a regular file")
+    return fd
+
+
+def read_text(base: Path, path: Path, limit: int) -> str | None:
+    """The first ``limit`` bytes of ``path`` as text, or ``None`` when it does not exist.
+
+    Raises:
+        UnsafePathError: see :func:`_open_regular`.
+    """
+    fd = _open_regular(base, path)
+    if fd is None:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read(limit).decode("utf-8", errors="replace")
+
+
+def tail_text(base: Path, path: Path, limit: int) -> str | None:
+    """The last ``limit`` bytes of ``path`` as text, or ``None`` when it does not exist.
+
+    Raises:
+        UnsafePathError: see :func:`_open_regular`.
+    """
+    fd = _open_regular(base, path)
+    if fd is None:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - limit))
+        return f.read().decode("utf-8", errors="replace")
+
+
+def write_text(base: Path, path: Path, text: str | bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``text`` atomically, creating folders below ``base`` as needed.
+
+    A link or file the agent left at ``path`` is replaced, never written through; the new
+    file has ``mode`` from the start.
+
+    Raises:
+        UnsafePathError: a folder on the way is a link or not a folder, or ``path`` is a folder.
+    """
+    _check_folders(base, path, create=True)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            raise UnsafePathError(path, "is a folder")
+    data = text.encode() if isinstance(text, str) else text
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            Path(tmp).unlink()
+        raise
+
+
+def append_text(base: Path, path: Path, text: str) -> None:
+    """Append ``text`` to the regular file ``path`` (created when missing), never through a link.
+
+    Raises:
+        UnsafePathError: ``path`` or a folder on the way is a link, or it is not a regular file.
+    """
+    _check_folders(base, path, create=True)
+    _check_file(path)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        raise UnsafePathError(path, f"cannot be opened safely ({e.strerror})") from e
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise UnsafePathError(path, "is not a regular file")
+        f.write(text)
+
+
+def copy_file(base: Path, source: Path, path: Path, mode: int = 0o600, keep_newer: bool = False) -> bool:
+    """Copy the host file ``source`` (trusted) to ``path`` under ``base`` as :func:`write_text` does.
+
+    With ``keep_newer``, a copy at ``path`` at least as new as ``source`` is kept: a CLI that
+    refreshed its login in its copy must not get the older tokens back. Returns whether it copied.
+
+    Raises:
+        UnsafePathError: as :func:`write_text`, or the existing copy is a link or not a file.
+    """
+    _check_folders(base, path, create=True)
+    if keep_newer and _check_file(path) and os.lstat(path).st_mtime >= source.stat().st_mtime:
+        return False
+    write_text(base, path, source.read_bytes(), mode)
+    return True
+
+
+def ensure_file(base: Path, path: Path, mode: int = 0o600) -> None:
+    """Make ``path`` an (empty) regular file unless it is one already; used for mount points.
+
+    Raises:
+        UnsafePathError: ``path`` or a folder on the way is a link, or ``path`` is not a regular file.
+    """
+    _check_folders(base, path, create=True)
+    if _check_file(path):
+        return
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode))
+    _check_file(path)
