@@ -16,6 +16,15 @@ ensure_python() {
   local stamp="$VENV/.installed" want
   want="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return; fi
+  # A bare Debian has neither git nor venv support; python3-venv brings ensurepip.
+  if ! command -v git >/dev/null || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+    if is_debian_root; then
+      apt_install git python3 python3-venv
+    else
+      say "git and Python 3 with venv support are needed; install them (e.g. apt install git python3-venv)."
+      return 1
+    fi
+  fi
   say "installing Python dependencies into .venv"
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2

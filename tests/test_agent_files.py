@@ -12,11 +12,13 @@ import os
 import subprocess
 from pathlib import Path
 
+import docker
 import pytest
 
 from agentic_dispatch import safefs
 from agentic_dispatch.errors import UnsafePathError
 from agentic_dispatch.models import DispatchRequest, Status
+from agentic_dispatch.runtime.base import LABEL_AGENT, LABEL_ROOT, LABEL_RUN, LABEL_WORKSPACE
 from agentic_dispatch.service import Dispatcher
 from agentic_dispatch.workspace import MirrorCache, recent_log, resolve_repo
 
@@ -198,3 +200,32 @@ def test_resume_writes_its_files_in_place_of_links_without_touching_their_target
     assert not (repo / "ANSWER.md").is_symlink() and not (repo / "AGENTS.md").is_symlink()
     log = Path(res.log_path).read_text(encoding="utf-8")
     assert "the answer" in log  # the second run read the answer the server wrote
+
+
+@pytest.mark.docker
+def test_the_container_is_the_boundary_no_privilege_no_socket_no_server_state_inside(
+    dispatcher: Dispatcher, user_repo: Path, docker_client: docker.DockerClient
+) -> None:
+    res = dispatcher.dispatch(
+        DispatchRequest(repo=str(user_repo), task="while [ ! -f go ]; do sleep 0.1; done", agent="shell")
+    )
+    rec = dispatcher.store.read(res.workspace)
+    attrs = docker_client.api.inspect_container(rec.container_id)
+    host = attrs["HostConfig"]
+    try:
+        assert host["Init"] is True and host["Privileged"] is False
+        assert "no-new-privileges" in (host.get("SecurityOpt") or [])
+        assert attrs["Config"]["User"] == f"{os.getuid()}:{os.getgid()}"
+        labels = attrs["Config"]["Labels"]
+        assert labels[LABEL_WORKSPACE] == res.workspace and labels[LABEL_RUN] == "1"
+        assert labels[LABEL_ROOT] == dispatcher.paths.root_id and labels[LABEL_AGENT] == "shell"
+        mounts = {m["Source"]: m for m in attrs["Mounts"]}
+        assert not any("docker.sock" in src or "/.ssh" in src for src in mounts), mounts
+        ws = Path(res.path)
+        writable = [Path(src) for src, m in mounts.items() if m["RW"]]
+        assert sorted(writable) == sorted([ws / "repo", ws / ".meta" / "home", ws / ".meta" / "logs"])
+        status = ws / "status.json"
+        assert not any(status.is_relative_to(w) for w in writable), "status.json is inside a writable mount"
+    finally:
+        (Path(res.repo_path) / "go").touch()
+    assert dispatcher.wait(res.workspace, 30).status == Status.COMPLETED

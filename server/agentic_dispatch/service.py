@@ -285,10 +285,10 @@ class Dispatcher:
         return None
 
     def _dispatch(self, req: DispatchRequest, spec: AgentSpec, template: str, timeout: int) -> DispatchResult:
+        task = req.task.strip()
+        ref = resolve_repo(req.repo, req.org, self.settings.repo_url_template)  # a bad repo is named first
         if not req.dry_run:
             self.preflight(spec.base)
-        task = req.task.strip()
-        ref = resolve_repo(req.repo, req.org, self.settings.repo_url_template)
 
         if req.issue:
             slug = f"task-{req.issue}"
