@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import docker
 import pytest
 
 from agentic_dispatch.config import load_settings
 from agentic_dispatch.errors import ConfigError, InvalidInputError, MissingVariablesError
 from agentic_dispatch.prompts import PromptContext, PromptLibrary, detect_repo_facts
+from agentic_dispatch.runtime.docker import DockerRuntime
+from agentic_dispatch.service import Dispatcher
 
 
 def test_no_config_file_gives_working_defaults_under_the_home_root(isolated_home: Path) -> None:
@@ -29,6 +32,30 @@ def test_config_errors_are_reported_one_line_per_problem_with_the_file_path(isol
     assert all(line.startswith(str(cfg)) for line in lines)
     text = str(info.value)
     assert "timeout_seconds" in text and "colour: unknown key" in text and "limits.total" in text
+
+
+def test_values_that_would_only_fail_at_dispatch_time_are_config_errors_at_start(
+    isolated_home: Path, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "elsewhere.toml"  # given with --config: errors must name this file
+    cfg.write_text('repo_url_template = "https://git.example/{owner}/{name}.git"\n[resources]\nmemory = "lots"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 2 and all(line.startswith(str(cfg)) for line in lines), lines
+    assert "repo_url_template" in lines[0] and "{org} and {repo}" in lines[0]
+    assert "resources.memory" in lines[1]
+
+    cfg.write_text('default_agent = "copilot"\ndefault_template = "poem"\n')
+    settings, paths = load_settings(cfg)
+    with pytest.raises(ConfigError) as info:
+        Dispatcher(
+            settings, paths, DockerRuntime(docker.DockerClient(base_url="unix:///nonexistent.sock", version="1.41"))
+        )
+    lines = str(info.value).splitlines()
+    assert len(lines) == 2 and all(line.startswith(str(cfg)) for line in lines), lines
+    assert "default_agent" in lines[0] and "shell" in lines[0]
+    assert "default_template" in lines[1] and "coding" in lines[1]
 
 
 def test_broken_toml_is_a_config_error_naming_the_file(isolated_home: Path) -> None:

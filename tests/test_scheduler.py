@@ -460,3 +460,45 @@ def test_a_bad_resource_limit_fails_the_run_with_the_engine_s_reason_instead_of_
         assert rec.question and "refused" in rec.question and "CPU" in rec.question.upper()
     finally:
         svc.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_ends_the_server_cleanly_and_leaves_the_running_agent_running(
+    sig: signal.Signals, docker_env: str, docker_client: docker.DockerClient, user_repo: Path
+) -> None:
+    server = _serve(dict(os.environ))
+    try:
+        res = _cli("dispatch", str(user_repo), "while [ ! -f go ]; do sleep 0.1; done", "--agent", "shell")
+    finally:
+        server.send_signal(sig)
+        assert server.wait(10) == 0, "the server must exit cleanly within a few seconds"
+    svc = new_dispatcher(docker_client, start=False)
+    rec = svc.store.read(str(res["workspace"]))
+    assert rec.status == Status.RUNNING
+    assert docker_client.api.inspect_container(rec.container_id)["State"]["Running"] is True
+    (Path(str(res["repo_path"])) / "go").touch()
+    svc.start()  # the next server finalises it
+    try:
+        assert svc.wait(str(res["workspace"]), 30).status == Status.COMPLETED
+    finally:
+        svc.close()
+
+
+def test_shutdown_now_stops_running_agents_queues_new_work_and_start_runs_it(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path
+) -> None:
+    svc = new_dispatcher(docker_client)
+    try:
+        running = svc.dispatch(shell(user_repo, "sleep 60"))
+        assert running.status == "running"
+        state = svc.freeze(now=True)
+        assert state.frozen and state.stopped == [running.workspace]
+        rec = svc.store.read(running.workspace)
+        assert rec.status == Status.CANCELLED and "shutdown" in (rec.question or "")
+        assert docker_client.containers.list(filters={"label": f"{LABEL_WORKSPACE}={running.workspace}"}) == []
+        later = svc.dispatch(shell(user_repo, "echo later"))
+        assert later.status == "queued"
+        svc.unfreeze()
+        assert svc.wait(later.workspace, 60).status == Status.COMPLETED
+    finally:
+        svc.close()

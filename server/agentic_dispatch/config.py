@@ -102,7 +102,11 @@ class Limits(_Model):
 class Resources(_Model):
     """Resource limits applied to every agent container."""
 
-    memory: str | None = Field(default="4g", description="Docker memory limit, e.g. '4g'; empty for none")
+    memory: str | None = Field(
+        default="4g",
+        pattern=r"^(\d+[bkmgBKMG]?)?$",
+        description="Docker memory limit: bytes with an optional unit b, k, m or g (e.g. '4g'); empty for none",
+    )
     cpus: float | None = Field(default=None, gt=0)
     pids: int | None = Field(default=1024, ge=16)
     network: str | None = Field(default=None, description="Docker network name; default bridge")
@@ -204,6 +208,17 @@ class Settings(_Model):
     sync: SyncSettings = Field(default_factory=SyncSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    @field_validator("repo_url_template")
+    @classmethod
+    def _url_template(cls, value: str) -> str:
+        try:
+            value.format(org="org", repo="repo")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"may use only {{org}} and {{repo}} ({e!r} is not one of them)") from e
+        if "{repo}" not in value:
+            raise ValueError("must contain {repo}, e.g. 'https://git.example/{org}/{repo}.git'")
+        return value
+
     @field_validator("agents")
     @classmethod
     def _gemini_retries(cls, value: dict[str, AgentSettings]) -> dict[str, AgentSettings]:
@@ -221,6 +236,7 @@ class Paths:
 
     root: Path
     config_dir: Path
+    config_file: Path | None = None  # the file the settings came from (it need not exist)
 
     @property
     def workspaces(self) -> Path:
@@ -319,5 +335,5 @@ def load_settings(path: Path | None = None) -> tuple[Settings, Paths]:
         root = settings.root.expanduser()
     else:
         root = Path(platformdirs.user_data_dir(APP_NAME))
-    paths = Paths(root=root.resolve(), config_dir=_default_config_dir())
+    paths = Paths(root=root.resolve(), config_dir=_default_config_dir(), config_file=path)
     return settings, paths

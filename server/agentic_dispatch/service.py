@@ -134,16 +134,24 @@ class Dispatcher:
         self.paths = paths
         self.runtime = runtime
         self.agents = agents if agents is not None else AGENTS
-        unknown = sorted(set(settings.agents) - set(self.agents))
-        if unknown:
-            raise ConfigError(
-                config_file_path(),
-                [f"agents.{n}: unknown agent; the known ones are {', '.join(sorted(self.agents))}" for n in unknown],
+        known = ", ".join(sorted(self.agents))
+        problems = [
+            f"agents.{n}: unknown agent; the known ones are {known}"
+            for n in sorted(set(settings.agents) - set(self.agents))
+        ]
+        if agent_base(settings.default_agent) not in self.agents:
+            problems.append(f"default_agent: unknown agent {settings.default_agent!r}; the known ones are {known}")
+        self.prompts = PromptLibrary(paths.user_prompts, paths.user_workspace_templates)
+        if settings.default_template not in self.prompts.names("task"):
+            problems.append(
+                f"default_template: no template {settings.default_template!r}; "
+                f"there are {', '.join(self.prompts.names('task'))}"
             )
+        if problems:
+            raise ConfigError(paths.config_file or config_file_path(), problems)
         paths.ensure()
         self.store = StatusStore(paths.workspaces, paths.events)
         self.mirrors = MirrorCache(paths.mirrors, settings.mirror_max_age_seconds)
-        self.prompts = PromptLibrary(paths.user_prompts, paths.user_workspace_templates)
         self.scheduler = Scheduler(self._effective_limits(), paths.state, self.store.events_file)
         self._cli_lock = threading.Lock()
         self._stop = threading.Event()
