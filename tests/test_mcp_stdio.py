@@ -4,10 +4,14 @@ stdio by the official Python client, running real containers on a real Docker en
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from mcp import Client
 
@@ -37,6 +41,52 @@ def test_tools_list_shows_the_four_tools_with_input_and_output_schemas(isolated_
     assert "repo" in tools["agentic_dispatch"].input_schema["required"]
     assert "task" in tools["agentic_dispatch"].input_schema["required"]
     assert tools["agentic_status"].annotations.read_only_hint is True
+
+
+def test_http_transport_serves_the_same_tools_on_loopback_and_refuses_an_open_address(
+    isolated_home: Path, docker_env: str, user_repo: Path
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ)
+    refused = subprocess.run(
+        [sys.executable, "-m", "agentic_dispatch", "serve", "--transport", "http", "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert refused.returncode == 2 and "--host" in refused.stderr and "authentication" in refused.stderr
+    server = subprocess.Popen(
+        [sys.executable, "-m", "agentic_dispatch", "serve", "--transport", "http", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+
+        async def run() -> tuple[list[str], dict[str, Any]]:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    async with Client(f"http://127.0.0.1:{port}/mcp", read_timeout_seconds=60) as client:
+                        names = [t.name for t in (await client.list_tools()).tools]
+                        started = await call(
+                            client, "agentic_dispatch", repo=str(user_repo), task="true", agent="shell"
+                        )
+                        return names, await poll_until_final(client, started["workspace"])
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    await anyio.sleep(0.2)  # the server is still starting
+
+        names, final = anyio.run(run)
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert {"agentic_dispatch", "agentic_status", "agentic_resume", "agentic_sync"} <= set(names)
+    assert final["status"] == "completed"
 
 
 def test_shell_dispatch_returns_fast_then_completes_with_a_commit_on_the_agent_branch(

@@ -8,6 +8,7 @@ Exit codes: 0 success, 1 failure, 2 bad input or configuration.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -84,9 +85,27 @@ def _print_status(report: StatusReport, as_json: bool) -> None:
                 print(f"           | {line}")
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .mcp_server import build_server  # only this command needs the MCP SDK
 
+    if args.transport == "http" and not _loopback(args.host) and not args.allow_remote:
+        raise InvalidInputError(
+            "--host",
+            f"{args.host} is reachable from other machines, and the HTTP transport has no authentication: anyone "
+            "who reaches it could run agents with your credentials. Serve on 127.0.0.1 (reach it through an SSH "
+            "tunnel), or add --allow-remote if something in front of it authenticates callers.",
+        )
+    if not 0 < args.port < 65536:
+        raise InvalidInputError("--port", f"must be between 1 and 65535, got {args.port}.")
     settings, _ = load_settings(Path(args.config) if args.config else None)  # fail fast on a bad config
     logging.getLogger().setLevel(settings.log_level)
     made: list[Dispatcher] = []
@@ -241,8 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the MCP server")
     s.add_argument("--transport", choices=["stdio", "http"], default="stdio")
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", default="127.0.0.1", help="address for --transport http (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=8765)
+    s.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="serve http on a non-loopback address (there is no authentication: put one in front)",
+    )
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("dispatch", help="dispatch an agent on a repository")
