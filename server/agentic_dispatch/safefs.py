@@ -104,8 +104,9 @@ def _open_regular(base: Path, path: Path) -> int | None:
     return fd
 
 
-def read_text(base: Path, path: Path, limit: int) -> str | None:
-    """The first ``limit`` bytes of ``path`` as text, or ``None`` when it does not exist.
+def read_text(base: Path, path: Path, limit: int, from_end: bool = False) -> str | None:
+    """The first (``from_end``: the last) ``limit`` bytes of ``path`` as text, or ``None`` when
+    it does not exist.
 
     Raises:
         UnsafePathError: see :func:`_open_regular`.
@@ -114,22 +115,14 @@ def read_text(base: Path, path: Path, limit: int) -> str | None:
     if fd is None:
         return None
     with os.fdopen(fd, "rb") as f:
+        if from_end:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
         return f.read(limit).decode("utf-8", errors="replace")
 
 
 def tail_text(base: Path, path: Path, limit: int) -> str | None:
-    """The last ``limit`` bytes of ``path`` as text, or ``None`` when it does not exist.
-
-    Raises:
-        UnsafePathError: see :func:`_open_regular`.
-    """
-    fd = _open_regular(base, path)
-    if fd is None:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        f.seek(max(0, size - limit))
-        return f.read().decode("utf-8", errors="replace")
+    """The last ``limit`` bytes of ``path`` as text (see :func:`read_text`)."""
+    return read_text(base, path, limit, from_end=True)
 
 
 def write_text(base: Path, path: Path, text: str | bytes, mode: int = 0o644) -> None:
