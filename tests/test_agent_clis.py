@@ -11,10 +11,12 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from mcp import Client
 
@@ -213,6 +215,31 @@ def test_a_key_the_agent_prints_is_masked_in_the_question_and_the_log_tail(
     for out in setup.outputs:
         assert setup.secret not in out, "the API key appeared in a tool's output"
     assert setup.secret in Path(started["log_path"]).read_text(encoding="utf-8"), "the agent did print it"
+
+
+def test_a_run_cut_off_mid_command_leaves_no_key_in_the_cli_s_files(
+    docker_env: str, user_repo: Path, isolated_home: Path, tmp_path: Path
+) -> None:
+    # Codex snapshots its shell's environment (the key included) into its home unless told not to;
+    # a clean exit may tidy up, a cancelled run cannot. So: cancel while the agent's command runs.
+    agent = "codex"
+    with ModelServer() as model:
+        model.script([Shell("touch started && sleep 60"), Say("Done.")])
+        setup = Setup(isolated_home, tmp_path, agent, model.port)
+
+        async def run(client: Client) -> dict[str, Any]:
+            started = await setup.call(client, "agentic_dispatch", repo=str(user_repo), task="Wait", agent=agent)
+            marker = Path(started["repo_path"]) / "started"
+            deadline = time.monotonic() + 60
+            while not marker.exists():
+                assert time.monotonic() < deadline, "the agent never ran its command"
+                await anyio.sleep(0.2)
+            await setup.call(client, "agentic_cancel", workspace=started["workspace"])
+            return await setup.final(client, started["workspace"])
+
+        final = with_stdio_client(run, setup.env)
+    assert final["status"] == "cancelled", final
+    setup.assert_secret_kept()
 
 
 def _free_port() -> int:

@@ -3,7 +3,8 @@
 Facts this relies on are measured in docs/agent-clis.md: usage in ``turn.completed`` is
 summed over the whole thread (so a resumed run's own usage is the difference), and
 without ``--disable unbounded_connection_retries`` Codex never gives up on a provider
-it cannot reach.
+it cannot reach; without ``--disable shell_snapshot`` it writes the shell's environment
+(the API key included) to ``~/.codex/shell_snapshots/``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ class CodexAgent:
             "plugins",
             "--disable",
             "unbounded_connection_retries",
+            # A shell snapshot is a file in the agent home listing the shell's whole environment,
+            # API key included: keys must not be written under the workspaces root.
+            "--disable",
+            "shell_snapshot",
             "-c",
             "analytics.enabled=false",
         ]
