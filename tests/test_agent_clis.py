@@ -217,12 +217,12 @@ def test_a_key_the_agent_prints_is_masked_in_the_question_and_the_log_tail(
     assert setup.secret in Path(started["log_path"]).read_text(encoding="utf-8"), "the agent did print it"
 
 
+@ALL
 def test_a_run_cut_off_mid_command_leaves_no_key_in_the_cli_s_files(
-    docker_env: str, user_repo: Path, isolated_home: Path, tmp_path: Path
+    agent: str, docker_env: str, user_repo: Path, isolated_home: Path, tmp_path: Path
 ) -> None:
     # Codex snapshots its shell's environment (the key included) into its home unless told not to;
     # a clean exit may tidy up, a cancelled run cannot. So: cancel while the agent's command runs.
-    agent = "codex"
     with ModelServer() as model:
         model.script([Shell("touch started && sleep 60"), Say("Done.")])
         setup = Setup(isolated_home, tmp_path, agent, model.port)
