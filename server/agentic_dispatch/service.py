@@ -21,6 +21,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -84,7 +85,7 @@ from .runtime.base import (
 )
 from .runtime.images import default_image_tag
 from .scheduler import Scheduler
-from .store import StatusStore, WorkspacePaths
+from .store import Listed, StatusStore, WorkspacePaths
 from .workspace import MirrorCache, clone_workspace, exclude_paths, file_lock, recent_log, resolve_repo
 
 __all__ = ["Dispatcher"]
@@ -419,12 +420,14 @@ class Dispatcher:
                 tmp.replace(cache)
             return {str(k): str(v) for k, v in entry.items()}
 
-    def _agent_check(self, base: str, versions: dict[str, str]) -> AgentCheck:
+    def _agent_check(self, base: str, versions: dict[str, str] | None, blocker: str | None = None) -> AgentCheck:
+        """``base``'s problems: ``blocker`` (no engine or no image: ``versions`` is then None and the
+        CLI is not checked), its credentials, and its CLI's version in the image."""
         agent = self.agents[base]
         creds = self.credentials(base)
-        problems = [creds.problem] if creds.problem else []
-        version = versions.get(agent.cli) if agent.cli else None
-        if agent.cli and (version is None or version.startswith("!")):
+        problems = [p for p in (blocker, creds.problem) if p]
+        version = versions.get(agent.cli) if agent.cli and versions is not None else None
+        if agent.cli and versions is not None and (version is None or version.startswith("!")):
             why = version[1:] if version else "not checked"
             problems.append(
                 f"{base}: the {agent.cli} CLI does not run in the image {self.image} ({why}). "
@@ -433,12 +436,6 @@ class Dispatcher:
             version = None
         return AgentCheck(agent=base, ok=not problems, cli_version=version, credentials=creds.found, problems=problems)
 
-    def _check_without_image(self, base: str, problem: str) -> AgentCheck:
-        """What can be checked with no engine or no image: the credentials (so all problems show at once)."""
-        creds = self.credentials(base)
-        problems = [problem, *([creds.problem] if creds.problem else [])]
-        return AgentCheck(agent=base, ok=False, credentials=creds.found, problems=problems)
-
     def doctor(self, agents: list[str] | None = None) -> DoctorReport:
         """Check, per agent: engine reachable, image present, CLI version in the image, credentials."""
         names = [parse_agent_spec(a, self.agents).base for a in agents] if agents else sorted(self.agents)
@@ -446,11 +443,11 @@ class Dispatcher:
             self.runtime.check()
             engine = "reachable"
         except RuntimeUnavailableError as e:
-            checks = [self._check_without_image(n, str(e)) for n in names]
+            checks = [self._agent_check(n, None, str(e)) for n in names]
             return DoctorReport(ok=False, engine="not reachable", image=self.image, agents=checks)
         if not self.runtime.image_exists(self.image):
             problem = f"the agent image {self.image} is not built; run `agentic-dispatch image build`."
-            checks = [self._check_without_image(n, problem) for n in names]
+            checks = [self._agent_check(n, None, problem) for n in names]
             return DoctorReport(ok=False, engine=engine, image=f"{self.image} (missing)", agents=checks)
         versions = self.cli_versions(fresh=True)
         checks = [self._agent_check(n, versions) for n in names]
@@ -560,9 +557,10 @@ class Dispatcher:
                     log.warning("cannot start %s: %s", rec.name, e)
                     stalled = f"queued work cannot start: {e}"
                     break
-                except Exception as e:
-                    if not isinstance(e, (LaunchError, UnsafePathError, OSError)):
-                        log.exception("cannot start %s", rec.name)
+                except (LaunchError, UnsafePathError, OSError) as e:
+                    self._fail_queued(rec.name, f"the run could not start: {e}")
+                except Exception as e:  # a bug: logged, and the run still ends with a reason
+                    log.exception("cannot start %s", rec.name)
                     self._fail_queued(rec.name, f"the run could not start: {e}")
             self._stalled = stalled
         return started
@@ -603,9 +601,9 @@ class Dispatcher:
             # adopt it instead of starting the same run twice.
             existing = self.runtime.list({**self.root_labels, LABEL_WORKSPACE: name, LABEL_RUN: str(record.runs)})
             for c in existing:
-                if not c.running and c.exit_code is None:  # created but never started: start afresh
+                if not c.started:  # created but never started: start afresh
                     self.runtime.remove(c.id)
-            existing = [c for c in existing if c.running or c.exit_code is not None]
+            existing = [c for c in existing if c.started]
             if existing:
                 container_id = existing[0].id
             else:
@@ -711,10 +709,10 @@ class Dispatcher:
                 return False
             ws = self.store.paths(name)
             base = agent_base(rec.agent)
-            secrets = self.credentials(base).env.values()
+            secrets = list(self.credentials(base).env.values())  # a CLI may echo its key: never repeat it
             rec.exit_code = exit_code
             rec.finished_at = utcnow()
-            rec.summary = self._summarize(base, ws)
+            rec.summary = self._summarize(base, ws, secrets)
             try:
                 question = redact(self._blocked_question(ws), secrets) or ""
                 unsafe = None
@@ -736,7 +734,7 @@ class Dispatcher:
                 rec.question = stop_reason
             elif exit_code != 0:
                 rec.status = Status.FAILED
-                rec.question = self._failure_reason(rec, ws, exit_code)
+                rec.question = self._failure_reason(rec, ws, exit_code, secrets)
             else:
                 rec.status = Status.COMPLETED
                 rec.question = None
@@ -764,7 +762,7 @@ class Dispatcher:
         text = safefs.read_text(ws.repo, ws.repo / "BLOCKED.md", MAX_QUESTION_BYTES)
         return (text or "").strip()
 
-    def _summarize(self, base: str, ws: WorkspacePaths) -> RunSummary | None:
+    def _summarize(self, base: str, ws: WorkspacePaths, secrets: Iterable[str]) -> RunSummary | None:
         try:
             safefs.check_file(ws.logs, ws.log(base))  # only a regular file is parsed
         except UnsafePathError as e:
@@ -773,7 +771,6 @@ class Dispatcher:
         summary = self.agents[base].summarize(ws.log(base))
         if summary is None:
             return None
-        secrets = self.credentials(base).env.values()  # a CLI that echoes its key must not leak it further
         return summary.model_copy(
             update={"final_message": redact(summary.final_message, secrets), "error": redact(summary.error, secrets)}
         )
@@ -799,7 +796,9 @@ class Dispatcher:
         self.finalise(name, rec.container_id, info.exit_code if info else None)
         return True
 
-    def _failure_reason(self, rec: WorkspaceRecord, ws: WorkspacePaths, exit_code: int | None) -> str:
+    def _failure_reason(
+        self, rec: WorkspaceRecord, ws: WorkspacePaths, exit_code: int | None, secrets: Iterable[str]
+    ) -> str:
         if exit_code is None:
             why = "the agent container ended without an exit code"
         elif exit_code == 137:
@@ -811,12 +810,13 @@ class Dispatcher:
         last = [ln for ln in _tail(ws, agent_base(rec.agent), 5).splitlines() if ln]
         if last and not last[-1].startswith(RUN_HEADER) and not (rec.summary and rec.summary.error):
             why += f". Last output: {last[-1][:300]}"
-        return redact(why, self.credentials(agent_base(rec.agent)).env.values()) or why
+        return redact(why, secrets) or why
 
     def reconcile(self) -> None:
         """Match every running record with its container; enforce timeouts; drain the queue."""
         now = time.time()
-        for item in self.store.list():
+        listed = self.store.list()
+        for item in listed:
             rec = item.record
             if rec is None or rec.status != Status.RUNNING or rec.container_id is None:
                 continue
@@ -834,27 +834,28 @@ class Dispatcher:
                         f"timed out after {rec.timeout_seconds} s; the container was stopped and the log so far kept",
                         rec.container_id,
                     )
-        self._adopt_started()
+        self._adopt_started(listed)
         self.drain()
 
-    def _adopt_started(self) -> None:
+    @staticmethod
+    def _queued_runs(listed: list[Listed]) -> set[tuple[str, str]]:
+        """(workspace, run) of every queued record: the labels its container will carry."""
+        return {(i.record.name, str(i.record.runs)) for i in listed if i.record and i.record.status == Status.QUEUED}
+
+    def _adopt_started(self, listed: list[Listed]) -> None:
         """Record the runs whose container started but whose record still says ``queued``.
 
         A server killed between starting a container and writing the record leaves that; the
         run is adopted whatever the limits say (it is running already), never started twice.
+        ``_launch`` re-reads each record under its lock, so an older ``listed`` is safe.
         """
-        queued = {
-            (i.record.name, str(i.record.runs))
-            for i in self.store.list()
-            if i.record is not None and i.record.status == Status.QUEUED
-        }
+        queued = self._queued_runs(listed)
         if not queued:
             return
         started = {
             c.labels.get(LABEL_WORKSPACE)
             for c in self.runtime.list(self.root_labels)
-            if (c.labels.get(LABEL_WORKSPACE), c.labels.get(LABEL_RUN)) in queued
-            and (c.running or c.exit_code is not None)
+            if (c.labels.get(LABEL_WORKSPACE), c.labels.get(LABEL_RUN)) in queued and c.started
         }
         if started:
             with self.scheduler.admission():
@@ -1118,11 +1119,7 @@ class Dispatcher:
             for i in listed
             if i.record is not None and i.record.status == Status.RUNNING and i.record.container_id
         }
-        adopting = {
-            (i.record.name, str(i.record.runs))
-            for i in listed
-            if i.record is not None and i.record.status == Status.QUEUED
-        }
+        adopting = self._queued_runs(listed)
         unreadable = {i.name for i in listed if i.record is None}
         return [
             c

@@ -129,15 +129,17 @@ class StatusStore:
         """
         path = self.paths(name).status
         try:
-            text = path.read_text(encoding="utf-8")
+            data = path.read_bytes()
         except FileNotFoundError as e:
             raise WorkspaceNotFoundError(name) from e
-        except UnicodeDecodeError as e:
-            raise CorruptRecordError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from e
-        return self._parse(path, text)
+        return self._parse(path, data)
 
     @staticmethod
-    def _parse(path: Path, text: str) -> WorkspaceRecord:
+    def _parse(path: Path, data: bytes) -> WorkspaceRecord:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CorruptRecordError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from e
         try:
             return WorkspaceRecord.model_validate_json(text)
         except ValidationError as e:
@@ -195,12 +197,9 @@ class StatusStore:
             rel = status_file.parent.relative_to(self.root)
             name = "/".join(rel.parts)
             try:
-                text = status_file.read_text(encoding="utf-8")
-                out.append(Listed(name, self._parse(status_file, text)))
+                out.append(Listed(name, self._parse(status_file, status_file.read_bytes())))
             except CorruptRecordError as e:
                 out.append(Listed(name, None, e))
-            except UnicodeDecodeError as e:
-                out.append(Listed(name, None, CorruptRecordError(status_file, f"not UTF-8 text ({e.reason})")))
             except OSError as e:
                 out.append(Listed(name, None, CorruptRecordError(status_file, e.strerror or str(e))))
         return out

@@ -56,6 +56,11 @@ class ContainerInfo:
     oom_killed: bool = False
     error: str | None = None
 
+    @property
+    def started(self) -> bool:
+        """It runs or has run (a container created but never started is neither)."""
+        return self.running or self.exit_code is not None
+
 
 @dataclass(frozen=True)
 class ExitEvent:
