@@ -16,6 +16,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeAlias
 
 from pydantic import BaseModel
 
@@ -257,7 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agentic-dispatch", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="config file (default: AGENTIC_DISPATCH_CONFIG or config.toml in the config dir)")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_dispatch(sub)
+    _add_workspace_commands(sub)
+    _add_queue_commands(sub)
+    _add_setup_commands(sub)
+    return p
 
+
+_Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _add_serve(sub: _Sub) -> None:
     s = sub.add_parser("serve", help="run the MCP server")
     s.add_argument("--transport", choices=["stdio", "http"], default="stdio")
     s.add_argument("--host", default="127.0.0.1", help="address for --transport http (default: 127.0.0.1)")
@@ -269,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_serve)
 
+
+def _add_dispatch(sub: _Sub) -> None:
     d = sub.add_parser("dispatch", help="dispatch an agent on a repository")
     d.add_argument("repo")
     d.add_argument("task", help="the task text ('-' reads it from stdin)")
@@ -290,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_dispatch)
 
+
+def _add_workspace_commands(sub: _Sub) -> None:
     st = sub.add_parser("status", help="show workspaces")
     st.add_argument("workspace", nargs="?")
     st.add_argument("--status")
@@ -310,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_cancel)
 
+
+def _add_queue_commands(sub: _Sub) -> None:
     fr = sub.add_parser("freeze", help="freeze the queue (new dispatches queue, nothing starts)")
     fr.add_argument("--now", action="store_true", help="also stop running agents")
     fr.add_argument("--json", action="store_true")
@@ -328,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--json", action="store_true")
     sy.set_defaults(func=cmd_sync)
 
+
+def _add_setup_commands(sub: _Sub) -> None:
     dr = sub.add_parser(
         "doctor", help="check each agent can run: engine, image, CLI version, credentials (never printed)"
     )
@@ -344,7 +364,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_image_build)
     t = im_sub.add_parser("tag", help="print the tag the current recipe builds")
     t.set_defaults(func=cmd_image_tag)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,297 @@
+"""Dispatching: a request becomes a validated spec, a staged workspace and a queued record;
+a resume turns a finished workspace into its next queued run.
+
+Bad input is refused before anything is written; a workspace is built in a staging folder
+and renamed into place whole, so a failure leaves nothing half-made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import safefs
+from ..agents import AgentSpec, agent_base
+from ..config import Paths, Settings
+from ..errors import InvalidInputError, StateError
+from ..models import (
+    ACTIVE_STATUSES,
+    RESUMABLE_STATUSES,
+    DispatchRequest,
+    DispatchResult,
+    Status,
+    WorkspaceRecord,
+)
+from ..naming import check_component, check_git_ref, generated_id, slugify
+from ..runtime.base import LABEL_WORKSPACE
+from ..store import StatusStore, WorkspacePaths
+from ..workspace import MirrorCache, RepoRef, clone_workspace, file_lock, resolve_repo
+from .catalog import AgentCatalog
+from .preflight import Preflight
+from .run_files import RunFiles
+
+__all__ = ["Dispatching"]
+
+MAX_TASK_CHARS = 100_000
+MAX_ANSWER_CHARS = 50_000
+
+
+class Dispatching:
+    """New work and resumed work, up to a queued record; ``drain`` then starts what may start."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        paths: Paths,
+        store: StatusStore,
+        catalog: AgentCatalog,
+        mirrors: MirrorCache,
+        preflight: Preflight,
+        run_files: RunFiles,
+        drain: Callable[[], object],
+    ) -> None:
+        self.settings = settings
+        self.paths = paths
+        self.store = store
+        self.catalog = catalog
+        self.mirrors = mirrors
+        self.preflight = preflight
+        self.run_files = run_files
+        self._drain = drain
+
+    def dispatch(self, req: DispatchRequest) -> DispatchResult:
+        """Prepare a workspace and start (or queue) an agent on it; returns at once.
+
+        Raises:
+            InvalidInputError: a bad argument (nothing is written).
+            RepoError: the repository cannot be found or fetched (nothing is written).
+            RuntimeUnavailableError: no container engine or no agent image.
+            AgentNotReadyError: the agent cannot run here (its CLI or credentials).
+        """
+        task = req.task.strip()
+        if not task:
+            raise InvalidInputError("task", "is empty. Say what the agent should do.")
+        if len(task) > MAX_TASK_CHARS:
+            raise InvalidInputError("task", f"is {len(task)} characters; the limit is {MAX_TASK_CHARS}.")
+        spec = self.catalog.parse(req.agent or self.settings.default_agent)
+        template = req.template or self.settings.default_template
+        self.run_files.prompts.check(template, req.persona, req.plan_template, req.variables)
+        if req.branch is not None:
+            check_git_ref("branch", req.branch)
+        if req.tag is not None:
+            check_component("tag", req.tag)
+        for field, value in (("issue", req.issue), ("pr", req.pr)):
+            if value is not None and value <= 0:
+                raise InvalidInputError(field, f"must be a positive number, got {value}.")
+        timeout = req.timeout_seconds or self.settings.timeout_seconds
+        if timeout <= 0:
+            raise InvalidInputError("timeout_seconds", "must be positive.")
+        if req.idempotency_key is None:
+            return self._dispatch(req, spec, template, timeout)
+        if not req.idempotency_key.strip() or len(req.idempotency_key) > 200:
+            raise InvalidInputError("idempotency_key", "must be 1 to 200 characters.")
+        with self._key_lock(req.idempotency_key):
+            existing = self._find_by_key(req.idempotency_key)
+            if existing is not None:
+                return self.result(existing)
+            return self._dispatch(req, spec, template, timeout)
+
+    def _key_lock(self, key: str) -> contextlib.AbstractContextManager[None]:
+        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+        return file_lock(self.paths.state / "keys" / f"{digest}.lock")
+
+    def _find_by_key(self, key: str) -> WorkspaceRecord | None:
+        for item in self.store.list():
+            if item.record is not None and item.record.idempotency_key == key:
+                return item.record
+        return None
+
+    def _dispatch(self, req: DispatchRequest, spec: AgentSpec, template: str, timeout: int) -> DispatchResult:
+        ref = resolve_repo(req.repo, req.org, self.settings.repo_url_template)  # a bad repo is named first
+        if not req.dry_run:
+            self.preflight.check(spec.base)
+        name = f"{ref.org}/{ref.name}/{self._slug(req)}"
+        target = self.store.paths(name)
+        if target.dir.exists():
+            raise InvalidInputError(
+                "workspace",
+                f"{name} exists already. Call agentic_resume on it, or dispatch with another issue/pr/branch.",
+            )
+        mirror = self.mirrors.ensure(ref, req.branch)
+        staging = self.paths.state / "staging" / generated_id()
+        staging.mkdir(parents=True)
+        try:
+            record, prompt = self._stage(WorkspacePaths(staging), mirror, ref, req, name, spec, template, timeout)
+            if req.dry_run:
+                return self.result(record).model_copy(
+                    update={"status": "dry_run", "commands": [], "prompt": prompt, "dry_run": True}
+                )
+            target.dir.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                staging.rename(target.dir)
+            except OSError as e:
+                raise InvalidInputError("workspace", f"{name} was created by another dispatch just now.") from e
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        with self.store.locked(name):
+            self.store.write(record)
+        self.store.event(record, "dispatched")
+        self._drain()
+        return self.result(self.store.read(name))
+
+    @staticmethod
+    def _slug(req: DispatchRequest) -> str:
+        if req.issue:
+            return f"task-{req.issue}"
+        if req.pr:
+            return f"pr-{req.pr}"
+        if req.branch:
+            return slugify(req.branch, 60)
+        return generated_id()
+
+    def _stage(
+        self,
+        ws: WorkspacePaths,
+        mirror: Path,
+        ref: RepoRef,
+        req: DispatchRequest,
+        name: str,
+        spec: AgentSpec,
+        template: str,
+        timeout: int,
+    ) -> tuple[WorkspaceRecord, str]:
+        """Clone and write the first run's files into the staging folder ``ws``; the record to commit."""
+        task = req.task.strip()
+        branch, base_branch = clone_workspace(mirror, ws.repo, ref.fetch_url, req.branch, slugify(task))
+        record = WorkspaceRecord(
+            name=name,
+            status=Status.QUEUED,
+            agent=str(spec),
+            repo=req.repo,
+            org=ref.org,
+            repo_name=ref.name,
+            origin_url=ref.fetch_url,
+            task=task,
+            branch=branch,
+            base_branch=base_branch,
+            template=template,
+            persona=req.persona,
+            plan_template=req.plan_template,
+            issue=req.issue,
+            pr=req.pr,
+            tag=req.tag,
+            priority=req.priority,
+            timeout_seconds=timeout,
+            image=self.catalog.image,
+            runs=1,
+            queued_ns=time.time_ns(),
+            idempotency_key=None if req.dry_run else req.idempotency_key,
+        )
+        return record, self.run_files.prepare(ws, record, req.variables)
+
+    def resume(self, workspace: str, answer: str | None = None, agent: str | None = None) -> DispatchResult:
+        """Run the agent again in the same workspace and branch; ``runs`` goes up by one.
+
+        Raises:
+            WorkspaceNotFoundError: no such workspace.
+            StateError: the workspace is queued, running or cancelled.
+            InvalidInputError: a bad agent or an over-long answer.
+        """
+        if answer is not None and len(answer) > MAX_ANSWER_CHARS:
+            raise InvalidInputError("answer", f"is {len(answer)} characters; the limit is {MAX_ANSWER_CHARS}.")
+        spec = self.catalog.parse(agent) if agent else None
+        current = self.store.read(workspace)  # before any lock: an unknown name must leave nothing behind
+        self.preflight.check(spec.base if spec else agent_base(current.agent))
+        with self.store.locked(workspace) as ws:
+            rec = self.store.read(workspace)
+            if rec.status not in RESUMABLE_STATUSES:
+                advice = (
+                    "Wait for it with agentic_status, or cancel it first."
+                    if rec.status in ACTIVE_STATUSES
+                    else "Dispatch the task again instead."
+                )
+                raise StateError(
+                    f"{workspace} is {rec.status}; only blocked, failed or completed workspaces can be resumed. "
+                    + advice
+                )
+            nxt = self._next_run(ws, rec, str(spec) if spec is not None else rec.agent, answer)
+            variables = self.run_files.saved_variables(ws)
+            prompt = self.run_files.render(ws, nxt, variables, nxt.resume_session is not None)  # may refuse
+            self._hand_over_answer(ws, rec.runs, nxt.answer)
+            # The prompt of the new run carries the question and the answer; the record does not
+            # (a queued or running workspace has no open question).
+            self.run_files.prepare(ws, nxt, variables, prompt)
+            nxt.question = None
+            self.store.write(nxt)
+        self.store.event(nxt, "resumed")
+        self._drain()
+        return self.result(self.store.read(workspace))
+
+    def _next_run(
+        self, ws: WorkspacePaths, rec: WorkspaceRecord, new_agent: str, answer: str | None
+    ) -> WorkspaceRecord:
+        """The queued record of the run after ``rec``. Native resume continues the CLI's own session
+        when the agent home still has it; otherwise a fresh session gets the whole task with the
+        question and the answer."""
+        base = agent_base(new_agent)
+        # The last session the CLI reported; a run cut off before its CLI said anything
+        # (killed, timed out) leaves the session it was resuming as the last one known.
+        session = (rec.summary.session_id if rec.summary else None) or rec.resume_session
+        native = (
+            session is not None
+            and base == agent_base(rec.agent)
+            and self.catalog.agents[base].has_session(ws.home, session)
+        )
+        answer = answer.strip() if answer is not None and answer.strip() else None
+        return rec.model_copy(
+            update={
+                "agent": new_agent,
+                "answer": answer,
+                "resume_session": session if native else None,
+                "runs": rec.runs + 1,
+                "status": Status.QUEUED,
+                "queued_ns": time.time_ns(),
+                "container_id": None,
+                "exit_code": None,
+                "finished_at": None,
+            }
+        )
+
+    @staticmethod
+    def _hand_over_answer(ws: WorkspacePaths, last_run: int, answer: str | None) -> None:
+        """Set the last question aside and leave the answer where the agent reads it."""
+        blocked = ws.repo / "BLOCKED.md"
+        if os.path.lexists(blocked):  # moved as it is: a rename never follows a link
+            blocked.rename(ws.meta / f"BLOCKED-run{last_run}.md")
+        answer_file = ws.repo / "ANSWER.md"
+        if answer is not None:
+            safefs.write_text(ws.repo, answer_file, answer + "\n")
+        else:
+            answer_file.unlink(missing_ok=True)
+
+    def result(self, rec: WorkspaceRecord) -> DispatchResult:
+        """What dispatch and resume return: where the work is and commands to look at it."""
+        ws = self.store.paths(rec.name)
+        log_path = ws.log(agent_base(rec.agent))
+        return DispatchResult(
+            workspace=rec.name,
+            status=rec.status.value,
+            agent=rec.agent,
+            branch=rec.branch,
+            path=str(ws.dir),
+            repo_path=str(ws.repo),
+            log_path=str(log_path),
+            commands=[
+                f"agentic-dispatch status {rec.name}",
+                f"tail -f {log_path}",
+                f"git -C {ws.repo} log --oneline {rec.base_branch or 'HEAD'}..{rec.branch}"
+                if rec.base_branch and rec.base_branch != "HEAD"
+                else f"git -C {ws.repo} log --oneline -n 10",
+                f"docker ps --filter label={LABEL_WORKSPACE}={rec.name}",
+            ],
+        )

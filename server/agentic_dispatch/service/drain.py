@@ -1,0 +1,226 @@
+"""Draining the queue: start every queued workspace that has a free slot, each in its container.
+
+:meth:`QueueDrainer.drain` runs after every dispatch, resume and finished run, and on the
+timer. Start decisions are taken under the scheduler's admission lock, so two servers on
+one root never start the same run or overrun a limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+from .. import safefs
+from ..agents import (
+    CONTAINER_HOME,
+    CONTAINER_LOGS,
+    CONTAINER_RUN,
+    CONTAINER_WORKDIR,
+    RUN_HEADER,
+    RunContext,
+)
+from ..config import Settings
+from ..credentials import Credentials
+from ..errors import LaunchError, RuntimeUnavailableError, UnsafePathError
+from ..models import Status, WorkspaceRecord, utcnow
+from ..naming import slugify
+from ..runtime.base import LABEL_AGENT, LABEL_ROOT, LABEL_RUN, LABEL_WORKSPACE, ContainerSpec, Mount, Runtime
+from ..scheduler import Scheduler
+from ..store import StatusStore, WorkspacePaths
+from .catalog import AgentCatalog
+from .common import container_url
+
+__all__ = ["QueueDrainer"]
+
+log = logging.getLogger(__name__)
+
+
+class QueueDrainer:
+    """Picks what may start and starts it: the only place a container for a run is created."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: StatusStore,
+        scheduler: Scheduler,
+        runtime: Runtime,
+        catalog: AgentCatalog,
+        root_id: str,
+        on_start: Callable[[], None],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.scheduler = scheduler
+        self.runtime = runtime
+        self.catalog = catalog
+        self.root_id = root_id
+        self.root_labels = {LABEL_ROOT: root_id}
+        self._on_start = on_start  # the timer recomputes the nearest deadline
+        self.stalled: str | None = None  # why queued work cannot start, from the last drain
+
+    def drain(self) -> list[str]:
+        """Start every queued workspace that has a free slot now. Returns the names started.
+
+        A run that cannot start for a reason of its own (the engine refuses its container, a
+        file the agent left is unsafe) ends ``failed`` with that reason, and the drain goes on.
+        When the engine or the image is missing nothing can start: the queue waits, and
+        status says why (:attr:`stalled`).
+        """
+        started: list[str] = []
+        with self.scheduler.admission():
+            # Login files may appear after the server started (a `codex login` meanwhile):
+            # the serialised pools follow what is on disk now.
+            self.scheduler.limits = self.catalog.effective_limits()
+            records = [i.record for i in self.store.list() if i.record is not None]
+            stalled = None
+            for rec in self.scheduler.pick(records):
+                try:
+                    self.launch(rec.name)
+                    started.append(rec.name)
+                except RuntimeUnavailableError as e:
+                    log.warning("cannot start %s: %s", rec.name, e)
+                    stalled = f"queued work cannot start: {e}"
+                    break
+                except (LaunchError, UnsafePathError, OSError) as e:
+                    self._fail_queued(rec.name, f"the run could not start: {e}")
+                except Exception as e:  # a bug: logged, and the run still ends with a reason
+                    log.exception("cannot start %s", rec.name)
+                    self._fail_queued(rec.name, f"the run could not start: {e}")
+            self.stalled = stalled
+        return started
+
+    def _fail_queued(self, name: str, reason: str) -> None:
+        def apply(rec: WorkspaceRecord) -> bool:
+            if rec.status != Status.QUEUED:
+                return False
+            rec.status = Status.FAILED
+            rec.finished_at = utcnow()
+            rec.question = f"{reason}. Fix that, then call agentic_resume to run it again."
+            return True
+
+        try:
+            self.store.update(name, apply)
+        except Exception:  # the record itself is unreadable: status reports it as such
+            log.exception("cannot mark %s failed", name)
+
+    def launch(self, name: str) -> None:
+        """Start the container of a queued workspace and record it ``running`` (call under the
+        admission lock). A container already labelled with this workspace and run is adopted.
+
+        Raises:
+            RuntimeUnavailableError: no engine or no image.
+            LaunchError: the engine refused the container.
+            UnsafePathError: the agent left a link where the server writes.
+        """
+        with self.store.locked(name) as ws:
+            record = self.store.read(name)
+            if record.status != Status.QUEUED:
+                return
+            container_id = self._adoptable(name, record.runs) or self._start(ws, record)
+            self.scheduler.note_start(record.agent)
+            record.status = Status.RUNNING
+            record.container_id = container_id
+            record.started_at = utcnow()
+            record.finished_at = None
+            record.exit_code = None
+            self.store.write(record)
+        self.store.event(record, "started", container_id=container_id)
+        self._on_start()
+
+    def _adoptable(self, name: str, run: int) -> str | None:
+        """A crash between starting a container and recording it leaves a labelled container:
+        its id, so the run is adopted rather than started twice. One created but never started
+        is removed (the run starts afresh)."""
+        existing = self.runtime.list({**self.root_labels, LABEL_WORKSPACE: name, LABEL_RUN: str(run)})
+        for c in existing:
+            if not c.started:
+                self.runtime.remove(c.id)
+        started = [c for c in existing if c.started]
+        return started[0].id if started else None
+
+    def _start(self, ws: WorkspacePaths, record: WorkspaceRecord) -> str:
+        spec = self.catalog.parse(record.agent)
+        cfg = self.settings.agents.get(spec.base)
+        creds = self.catalog.credentials(spec.base)
+        plan = self.catalog.agents[spec.base].plan(
+            RunContext(
+                task=record.task,
+                prompt=(ws.meta / "run" / "prompt.md").read_text(encoding="utf-8"),
+                model=spec.model or (cfg.model if cfg else None),
+                run=record.runs,
+                answer=record.answer,
+                question=record.question,
+                resume_session=record.resume_session,
+                base_url=container_url(cfg.base_url) if cfg and cfg.base_url else None,
+                max_retries=cfg.max_retries if cfg else None,
+                env=creds.env,
+            )
+        )
+        file_mounts = self._prepare_home(ws, plan.home_files, creds)
+        log_file = ws.log(spec.base)
+        safefs.append_text(
+            ws.logs, log_file, f"{RUN_HEADER}{record.runs} of {record.name} ({record.agent}) at {utcnow()} ===\n"
+        )
+        env = {
+            "HOME": CONTAINER_HOME,
+            "AGENTIC_WORKSPACE": record.name,
+            "AGENTIC_LOG": f"{CONTAINER_LOGS}/{log_file.name}",
+            **plan.env,
+        }
+        return self.runtime.start(self._container_spec(ws, record, plan.argv, env, file_mounts))
+
+    @staticmethod
+    def _prepare_home(ws: WorkspacePaths, home_files: dict[str, str], creds: Credentials) -> list[Mount]:
+        """Write the agent's own home files, then the user's login copies; return the login mounts.
+        The agent home is the agent's to write: every path in it goes through safefs."""
+        for rel, text in home_files.items():
+            safefs.write_text(ws.home, ws.home / rel, text, mode=0o600)
+        for source, rel in creds.copies:  # after the agent's own files: the user's files win
+            safefs.copy_file(ws.home, source, ws.home / rel, mode=0o600, keep_newer=True)
+        mounts = []
+        for source, rel in creds.mounts:
+            # the mount point, made by us so it is owned by the host user
+            safefs.ensure_file(ws.home, ws.home / rel, mode=0o600)
+            mounts.append(Mount(source, f"{CONTAINER_HOME}/{rel}"))
+        return mounts
+
+    def _container_spec(
+        self,
+        ws: WorkspacePaths,
+        record: WorkspaceRecord,
+        argv: list[str],
+        env: dict[str, str],
+        file_mounts: list[Mount],
+    ) -> ContainerSpec:
+        res = self.settings.resources
+        return ContainerSpec(
+            image=record.image or self.catalog.image,
+            # output lands in the log as it comes; `exec` keeps the agent's exit code
+            command=["/bin/sh", "-c", 'exec "$@" >>"$AGENTIC_LOG" 2>&1', "agentic-run", *argv],
+            name=self._container_name(record),
+            workdir=CONTAINER_WORKDIR,
+            user=f"{os.getuid()}:{os.getgid()}",
+            env=env,
+            mounts=[
+                Mount(ws.repo, CONTAINER_WORKDIR),
+                Mount(ws.home, CONTAINER_HOME),
+                Mount(ws.logs, CONTAINER_LOGS),
+                Mount(ws.meta / "run", CONTAINER_RUN, read_only=True),
+                *file_mounts,
+            ],
+            labels={
+                **self.root_labels,
+                LABEL_WORKSPACE: record.name,
+                LABEL_RUN: str(record.runs),
+                LABEL_AGENT: record.agent,
+            },
+            memory=res.memory or None,
+            cpus=res.cpus,
+            pids=res.pids,
+            network=res.network,
+        )
+
+    def _container_name(self, record: WorkspaceRecord) -> str:
+        base = slugify(f"{record.org}-{record.repo_name}-{record.name.rsplit('/', 1)[-1]}", 80)
+        return f"agentic-{base}-r{record.runs}-{self.root_id[:6]}"

@@ -1,0 +1,206 @@
+"""The facade: one :class:`Dispatcher` that both front ends (MCP, CLI) call.
+
+It checks the configuration against what exists, builds the parts (each a one-job module
+of this package that receives what it uses), and runs the background lifecycle. Every
+method blocks; async callers run them on a worker thread.
+
+Background work (only when :meth:`Dispatcher.start` is called, i.e. in a server): one thread
+follows the runtime's exit events (→ ``finalise``, then ``drain``); one timer thread runs
+``reconcile`` (timeouts, missed exits, adoption, drain) and wakes early for the nearest
+deadline. A one-shot CLI call reconciles once instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from ..agents import AGENTS, Agent, agent_base
+from ..config import Paths, Settings, config_file_path
+from ..errors import ConfigError
+from ..models import (
+    CancelResult,
+    CleanupReport,
+    DispatchRequest,
+    DispatchResult,
+    DoctorReport,
+    QueueState,
+    StatusReport,
+    SyncReport,
+    WorkspaceRecord,
+)
+from ..prompts import PromptLibrary
+from ..runtime.base import LABEL_WORKSPACE, ExitEvent, Runtime
+from ..scheduler import Scheduler
+from ..store import StatusStore
+from ..workspace import MirrorCache
+from .catalog import AgentCatalog
+from .control import Control
+from .delivery import Delivery
+from .dispatching import Dispatching
+from .drain import QueueDrainer
+from .finalise import Finaliser
+from .preflight import Preflight
+from .recovery import Recovery
+from .reports import Reports
+from .run_files import RunFiles
+
+__all__ = ["Dispatcher"]
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    """The one service object: dispatch, status, resume, cancel, sync, and the background loops."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        paths: Paths,
+        runtime: Runtime,
+        agents: dict[str, Agent] | None = None,
+    ) -> None:
+        """Raises:
+        ConfigError: the settings name an agent or template that does not exist (one line each).
+        """
+        self.settings = settings
+        self.paths = paths
+        self.runtime = runtime
+        self.agents = agents if agents is not None else AGENTS
+        self.prompts = PromptLibrary(paths.user_prompts, paths.user_workspace_templates)
+        self._check_config()
+        paths.ensure()
+        self.catalog = AgentCatalog(settings, self.agents)
+        self.store = StatusStore(paths.workspaces, paths.events)
+        self.mirrors = MirrorCache(paths.mirrors, settings.mirror_max_age_seconds)
+        self.scheduler = Scheduler(self.catalog.effective_limits(), paths.state, self.store.events_file)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        finished = threading.Condition()
+
+        self.preflight = Preflight(runtime, self.catalog, paths.state)
+        self.drainer = QueueDrainer(
+            settings, self.store, self.scheduler, runtime, self.catalog, paths.root_id, self._wake.set
+        )
+        self.finaliser = Finaliser(self.store, runtime, self.scheduler, self.catalog, finished)
+        self.recovery = Recovery(self.store, runtime, self.scheduler, self.drainer, self.finaliser)
+        self.reports = Reports(self.store, self.scheduler, self.catalog, self.drainer, self.recovery, finished)
+        self.dispatching = Dispatching(
+            settings,
+            paths,
+            self.store,
+            self.catalog,
+            self.mirrors,
+            self.preflight,
+            RunFiles(self.prompts),
+            self.drainer.drain,
+        )
+        self.control = Control(self.store, self.scheduler, self.drainer, self.finaliser)
+        self.delivery = Delivery(self.store)
+        self.recovery.remove_stale_staging(paths.state / "staging")
+
+    def _check_config(self) -> None:
+        known = ", ".join(sorted(self.agents))
+        problems = [
+            f"agents.{n}: unknown agent; the known ones are {known}"
+            for n in sorted(set(self.settings.agents) - set(self.agents))
+        ]
+        if agent_base(self.settings.default_agent) not in self.agents:
+            problems.append(f"default_agent: unknown agent {self.settings.default_agent!r}; the known ones are {known}")
+        templates = self.prompts.names("task")
+        if self.settings.default_template not in templates:
+            problems.append(
+                f"default_template: no template {self.settings.default_template!r}; there are {', '.join(templates)}"
+            )
+        if problems:
+            raise ConfigError(self.paths.config_file or config_file_path(), problems)
+
+    # -- background lifecycle ------------------------------------------------------------
+    def start(self) -> None:
+        """Start the background threads (exit watcher, timer); the timer reconciles at once."""
+        if self._threads:
+            return
+        watcher = threading.Thread(
+            target=self.runtime.watch_exits,
+            args=(self.drainer.root_labels, self._on_exit, self._stop),
+            name="agentic-exit-watcher",
+            daemon=True,
+        )
+        timer = threading.Thread(target=self._timer_loop, name="agentic-timer", daemon=True)
+        self._threads = [watcher, timer]
+        for t in self._threads:
+            t.start()
+
+    def close(self, timeout: float = 5) -> None:
+        """Stop background threads. Running containers keep running; the next start reconciles them."""
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout)
+        self._threads = []
+
+    def _timer_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.recovery.reconcile()
+            except Exception:  # the one top-level boundary of this background task
+                log.exception("reconcile failed; retrying on the next tick")
+            self._wake.wait(self.recovery.next_wakeup(self.settings.drain_interval_seconds))
+            self._wake.clear()
+
+    def _on_exit(self, event: ExitEvent) -> None:
+        name = event.labels.get(LABEL_WORKSPACE)
+        if not name:
+            return
+        try:
+            self.finaliser.finalise(name, event.container_id, event.exit_code)
+        except Exception:  # the background boundary: never let one bad record stop the watcher
+            log.exception("cannot finalise %s", name)
+        try:
+            self.drainer.drain()
+        except Exception:
+            log.exception("cannot drain the queue after %s exited", name)
+
+    # -- what the front ends call (each documented on the part that does it) --------------
+    def dispatch(self, req: DispatchRequest) -> DispatchResult:
+        return self.dispatching.dispatch(req)
+
+    def resume(self, workspace: str, answer: str | None = None, agent: str | None = None) -> DispatchResult:
+        return self.dispatching.resume(workspace, answer, agent)
+
+    def status(
+        self, workspace: str | None = None, status: str | None = None, limit: int = 50, log_lines: int = 0
+    ) -> StatusReport:
+        return self.reports.status(workspace, status, limit, log_lines)
+
+    def wait(self, workspace: str, timeout: float) -> WorkspaceRecord:
+        # Without an exit watcher in this process (a CLI call), look at the container ourselves.
+        return self.reports.wait(workspace, timeout, poll=None if self._threads else self.recovery.reconcile)
+
+    def doctor(self, agents: list[str] | None = None) -> DoctorReport:
+        return self.preflight.doctor(agents)
+
+    def cancel(self, workspace: str) -> CancelResult:
+        return self.control.cancel(workspace)
+
+    def freeze(self, now: bool = False) -> QueueState:
+        return self.control.freeze(now)
+
+    def unfreeze(self) -> QueueState:
+        return self.control.unfreeze()
+
+    def reconcile(self) -> None:
+        self.recovery.reconcile()
+
+    def drain(self) -> list[str]:
+        return self.drainer.drain()
+
+    def orphans(self) -> list[str]:
+        return self.recovery.orphans()
+
+    def cleanup(self) -> CleanupReport:
+        return self.recovery.cleanup()
+
+    def sync(self, workspace: str | None = None) -> SyncReport:
+        return self.delivery.sync(workspace)

@@ -1,0 +1,119 @@
+"""Can an agent run here? The engine, the image, each CLI in it, and credentials.
+
+Every dispatch and resume asks :meth:`Preflight.check` before writing anything; `doctor`
+reports the same checks for every agent.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+from ..errors import AgentNotReadyError, RuntimeUnavailableError
+from ..models import AgentCheck, DoctorReport
+from ..runtime.base import Runtime
+from .catalog import AgentCatalog
+
+__all__ = ["Preflight"]
+
+# What `doctor` runs in the image to read each CLI's version (one container for all).
+_VERSIONS_SCRIPT = (
+    'for c in "$@"; do if v=$("$c" --version 2>&1); then printf "%s\\t%s\\n" "$c" "$(printf "%s" "$v" | head -n1)"; '
+    'else printf "%s\\t!%s\\n" "$c" "$(printf "%s" "$v" | tail -n1)"; fi; done'
+)
+
+
+class Preflight:
+    """The checks before a run, and the doctor's report."""
+
+    def __init__(self, runtime: Runtime, catalog: AgentCatalog, state_dir: Path) -> None:
+        self.runtime = runtime
+        self.catalog = catalog
+        self._cache = state_dir / "cli-versions.json"
+        self._lock = threading.Lock()
+
+    def check(self, base: str | None = None) -> None:
+        """Check the engine is reachable and the agent image is present; with ``base``, also that
+        the agent's CLI runs in the image and its credentials are found (what `doctor` checks).
+
+        Raises:
+            RuntimeUnavailableError: no engine or no image, with what to do about it.
+            AgentNotReadyError: the agent cannot run; the doctor's reason.
+        """
+        self.runtime.check()
+        image = self.catalog.image
+        if not self.runtime.image_exists(image):
+            raise RuntimeUnavailableError(
+                f"the agent image {image!r} is not built. Run `agentic-dispatch image build` "
+                "(or set `image` in the config file), then dispatch again."
+            )
+        if base is not None:
+            problems = self._agent_check(base, self.cli_versions()).problems
+            if problems:
+                raise AgentNotReadyError(" ".join(problems) + " (`agentic-dispatch doctor` checks every agent.)")
+
+    def cli_versions(self, fresh: bool = False) -> dict[str, str]:
+        """Each CLI's ``--version`` line in the agent image; a value starting with ``!`` is the error.
+
+        Read once per image (the result is kept in ``state/cli-versions.json`` by image id).
+        """
+        image = self.catalog.image
+        clis = sorted({a.cli for a in self.catalog.agents.values() if a.cli})
+        image_id = self.runtime.image_id(image)
+        if image_id is None or not clis:
+            return {}
+        with self._lock:
+            try:
+                known = json.loads(self._cache.read_text(encoding="utf-8"))
+            except (FileNotFoundError, ValueError):
+                known = {}
+            entry = known.get(image_id)
+            if fresh or not isinstance(entry, dict) or not set(clis) <= set(entry):
+                _, output = self.runtime.run_once(image, ["/bin/sh", "-c", _VERSIONS_SCRIPT, "versions", *clis])
+                entry = dict.fromkeys(clis, "!the version check did not run")
+                for line in output.splitlines():
+                    name, _, version = line.partition("\t")
+                    if name in entry:
+                        entry[name] = version.strip() or "!no output"
+                tmp = self._cache.with_suffix(".tmp")
+                tmp.write_text(json.dumps({image_id: entry}, indent=2), encoding="utf-8")  # only this image matters
+                tmp.replace(self._cache)
+            return {str(k): str(v) for k, v in entry.items()}
+
+    def _agent_check(self, base: str, versions: dict[str, str] | None, blocker: str | None = None) -> AgentCheck:
+        """``base``'s problems: ``blocker`` (no engine or no image: ``versions`` is then None and the
+        CLI is not checked), its credentials, and its CLI's version in the image."""
+        agent = self.catalog.agents[base]
+        creds = self.catalog.credentials(base)
+        problems = [p for p in (blocker, creds.problem) if p]
+        version = versions.get(agent.cli) if agent.cli and versions is not None else None
+        if agent.cli and versions is not None and (version is None or version.startswith("!")):
+            why = version[1:] if version else "not checked"
+            problems.append(
+                f"{base}: the {agent.cli} CLI does not run in the image {self.catalog.image} ({why}). "
+                "Rebuild it with `agentic-dispatch image build`."
+            )
+            version = None
+        return AgentCheck(agent=base, ok=not problems, cli_version=version, credentials=creds.found, problems=problems)
+
+    def doctor(self, agents: list[str] | None = None) -> DoctorReport:
+        """Check, per agent: engine reachable, image present, CLI version in the image, credentials.
+
+        Raises:
+            InvalidInputError: an unknown agent name.
+        """
+        names = [self.catalog.parse(a).base for a in agents] if agents else sorted(self.catalog.agents)
+        image = self.catalog.image
+        try:
+            self.runtime.check()
+        except RuntimeUnavailableError as e:
+            checks = [self._agent_check(n, None, str(e)) for n in names]
+            return DoctorReport(ok=False, engine="not reachable", image=image, agents=checks)
+        if not self.runtime.image_exists(image):
+            problem = f"the agent image {image} is not built; run `agentic-dispatch image build`."
+            checks = [self._agent_check(n, None, problem) for n in names]
+            return DoctorReport(ok=False, engine="reachable", image=f"{image} (missing)", agents=checks)
+        versions = self.cli_versions(fresh=True)
+        checks = [self._agent_check(n, versions) for n in names]
+        return DoctorReport(ok=all(c.ok for c in checks), engine="reachable", image=image, agents=checks)

@@ -1,0 +1,146 @@
+"""Reports: the status table (counts, one row per workspace, queue notes, holds, orphans)
+and waiting for a workspace to leave ``queued``/``running``."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from ..agents import agent_base
+from ..credentials import redact
+from ..errors import InvalidInputError, RuntimeUnavailableError
+from ..models import ACTIVE_STATUSES, PoolHoldRow, Status, StatusReport, WorkspaceRecord, WorkspaceRow
+from ..scheduler import Scheduler
+from ..store import Listed, StatusStore
+from .catalog import AgentCatalog
+from .common import log_tail
+from .drain import QueueDrainer
+from .recovery import Recovery
+
+__all__ = ["Reports"]
+
+
+class Reports:
+    """What a person or a model reads about the runs."""
+
+    def __init__(
+        self,
+        store: StatusStore,
+        scheduler: Scheduler,
+        catalog: AgentCatalog,
+        drainer: QueueDrainer,
+        recovery: Recovery,
+        finished: threading.Condition,
+    ) -> None:
+        self.store = store
+        self.scheduler = scheduler
+        self.catalog = catalog
+        self.drainer = drainer
+        self.recovery = recovery
+        self._finished = finished
+
+    def status(
+        self, workspace: str | None = None, status: str | None = None, limit: int = 50, log_lines: int = 0
+    ) -> StatusReport:
+        """Counts per status and a row per workspace (newest first).
+
+        Raises:
+            InvalidInputError: a bad workspace name, status or limit.
+            WorkspaceNotFoundError: ``workspace`` does not exist.
+        """
+        if workspace is not None:
+            self.store.paths(workspace)  # validates the name
+        if status is not None and status not in {s.value for s in Status}:
+            raise InvalidInputError("status", f"unknown status {status!r}; use one of {', '.join(Status)}.")
+        if limit < 1:
+            raise InvalidInputError("limit", "must be at least 1.")
+        counts: dict[str, int] = {s.value: 0 for s in Status}
+        rows: list[WorkspaceRow] = []
+        listed = self.store.list()
+        if workspace is not None and not any(i.name == workspace for i in listed):
+            self.store.read(workspace)  # raises WorkspaceNotFoundError with the recovery hint
+        for item in listed:
+            if workspace is not None and item.name != workspace:
+                continue
+            if item.record is None:
+                counts["unreadable"] = counts.get("unreadable", 0) + 1
+                rows.append(self._unreadable_row(item))
+                continue
+            counts[item.record.status.value] += 1
+            if status is None or item.record.status.value == status:
+                rows.append(self._row(item.record, log_lines))
+        rows.sort(key=lambda r: r.updated_at or "", reverse=True)
+        return self._report(counts, rows[:limit])
+
+    @staticmethod
+    def _unreadable_row(item: Listed) -> WorkspaceRow:
+        return WorkspaceRow(
+            name=item.name, repo="?", agent="?", status="unreadable", runs=0, branch="?", error=str(item.error)
+        )
+
+    def _row(self, rec: WorkspaceRecord, log_lines: int) -> WorkspaceRow:
+        tail = None
+        if log_lines > 0:
+            base = agent_base(rec.agent)
+            tail = redact(log_tail(self.store.paths(rec.name), base, log_lines), self.catalog.secrets(base))
+        return WorkspaceRow(
+            name=rec.name,
+            repo=rec.repo,
+            agent=rec.agent,
+            status=rec.status,
+            runs=rec.runs,
+            branch=rec.branch,
+            question=rec.question,
+            started_at=rec.started_at,
+            updated_at=rec.updated_at,
+            finished_at=rec.finished_at,
+            exit_code=rec.exit_code,
+            summary=rec.summary,
+            log_tail=tail,
+        )
+
+    def _report(self, counts: dict[str, int], rows: list[WorkspaceRow]) -> StatusReport:
+        """The rows with what holds the queue: frozen, why queued work cannot start, pool holds, orphans."""
+        frozen = self.scheduler.state().frozen
+        notes = ["the queue is frozen: new dispatches wait until agentic_dispatch_start"] if frozen else []
+        if self.drainer.stalled and counts[Status.QUEUED.value]:
+            notes.append(self.drainer.stalled)
+        holds = [
+            PoolHoldRow(
+                pool=h.pool,
+                reason=h.reason,
+                until=datetime.fromtimestamp(h.until, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+                if h.until
+                else None,
+            )
+            for h in self.scheduler.holds()
+        ]
+        try:
+            orphans = self.recovery.orphans()
+        except RuntimeUnavailableError as e:
+            orphans, notes = [], [*notes, str(e)]
+        return StatusReport(counts=counts, workspaces=rows, frozen=frozen, holds=holds, orphans=orphans, notes=notes)
+
+    def wait(self, workspace: str, timeout: float, poll: Callable[[], None] | None = None) -> WorkspaceRecord:
+        """Block until ``workspace`` leaves queued/running or ``timeout`` passes; return its record.
+
+        ``poll`` brings records up to date where no exit watcher runs in this process (a CLI call).
+
+        Raises:
+            WorkspaceNotFoundError: no such workspace.
+        """
+        deadline = time.monotonic() + timeout
+        with self._finished:
+            while True:
+                rec = self.store.read(workspace)
+                left = deadline - time.monotonic()
+                if rec.status not in ACTIVE_STATUSES or left <= 0:
+                    return rec
+                if poll is not None:
+                    poll()
+                    rec = self.store.read(workspace)
+                    if rec.status not in ACTIVE_STATUSES:
+                        return rec
+                self._finished.wait(min(left, 1.0))
