@@ -154,7 +154,7 @@ def test_redact_hides_every_secret_value() -> None:
 
 
 def test_env_passthrough_copied_and_mounted_files_reach_the_container(
-    dispatcher: Dispatcher, user_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    docker_env: str, user_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Real container: a named variable arrives, a copied file is private, a mounted file is the host's."""
     copied = _login(tmp_path, "host/copied.json", "copied-content")
@@ -168,14 +168,15 @@ def test_env_passthrough_copied_and_mounted_files_reach_the_container(
             HostFile(source=mounted, target="creds/mounted.json", mode="mount"),
         ],
     )
-    dispatcher.settings = dispatcher.settings.model_copy(update={"agents": {"shell": shell}})
+    settings, paths = load_settings()
+    dispatcher = Dispatcher(settings.model_copy(update={"agents": {"shell": shell}}), paths, DockerRuntime())
     task = (
         'printf "%s|%s|%s" "$MY_TOKEN" "${NOT_NAMED:-absent}" "$(cat $HOME/creds/copied.json)" > seen.txt && '
         "echo after > $HOME/creds/mounted.json && echo changed > $HOME/creds/copied.json && "
         "git add seen.txt && git commit -qm seen"
     )
     res = dispatcher.dispatch(DispatchRequest(repo=str(user_repo), task=task, agent="shell"))
-    rec = dispatcher.wait(res.workspace, 60)
+    rec = dispatcher.wait(res.workspace, 60)  # no background threads: wait reconciles itself
     assert rec.status == "completed", rec.question
     assert git(Path(res.repo_path), "show", f"{res.branch}:seen.txt") == "token-value-123|absent|copied-content"
     assert mounted.read_text(encoding="utf-8").strip() == "after"  # the mount is the host file itself
