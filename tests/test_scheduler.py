@@ -115,6 +115,26 @@ def test_a_five_second_timeout_fails_a_sleeping_task_with_the_reason_in_under_te
     assert "started" in Path(res.log_path).read_text(encoding="utf-8"), "the log so far is kept"
 
 
+def test_a_timeout_decided_for_an_older_run_does_not_stop_the_run_that_replaced_it(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path
+) -> None:
+    """The timer decides a timeout on a view of the record it read earlier; by the time it stops the
+    run, a resume may have started the next one. Only the container it decided on may be stopped."""
+    svc = new_dispatcher(docker_client, start=False)
+    try:
+        res = svc.dispatch(shell(user_repo, "sleep 60"))
+        current = svc.store.read(res.workspace).container_id
+        assert current is not None
+        stopped = svc.finaliser.stop_run(res.workspace, Status.FAILED, "timed out", container_id="an-older-run")
+        rec = svc.store.read(res.workspace)
+        assert not stopped
+        assert rec.status == Status.RUNNING and rec.container_id == current and rec.stop_status is None
+        assert docker_client.containers.get(current).status == "running"
+    finally:
+        svc.cancel(res.workspace)
+        svc.close()
+
+
 def test_cancel_of_running_queued_and_finished_workspaces_and_twice(
     docker_env: str, docker_client: docker.DockerClient, user_repo: Path, isolated_home: Path
 ) -> None:

@@ -149,14 +149,18 @@ class Finaliser:
         record must not stop the run a resume started since).
         """
 
+        marked = False
+
         def mark(rec: WorkspaceRecord) -> bool:
+            nonlocal marked
             if rec.status != Status.RUNNING or (container_id is not None and rec.container_id != container_id):
                 return False
             rec.stop_status, rec.stop_reason = status, reason
+            marked = True
             return True
 
         rec = self.store.update(name, mark)
-        if rec.status != Status.RUNNING or rec.container_id is None:
+        if not marked or rec.container_id is None:  # another run now, or nothing running
             return False
         self.runtime.stop(rec.container_id, timeout=5)
         info = self.runtime.inspect(rec.container_id)
