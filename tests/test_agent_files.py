@@ -17,10 +17,12 @@ import pytest
 
 from agentic_dispatch import safefs
 from agentic_dispatch.errors import UnsafePathError
+from agentic_dispatch.mirrors import MirrorCache
 from agentic_dispatch.models import DispatchRequest, Status
+from agentic_dispatch.repos import resolve_repo
 from agentic_dispatch.runtime.base import LABEL_AGENT, LABEL_ROOT, LABEL_RUN, LABEL_WORKSPACE
 from agentic_dispatch.service import Dispatcher
-from agentic_dispatch.workspace import MirrorCache, recent_log, resolve_repo
+from agentic_dispatch.workspace import recent_log
 
 from .conftest import git
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
 import time
@@ -12,10 +14,12 @@ import pytest
 
 from agentic_dispatch.config import load_settings
 from agentic_dispatch.errors import InvalidInputError, RepoError
+from agentic_dispatch.mirrors import MirrorCache
 from agentic_dispatch.models import DispatchRequest
+from agentic_dispatch.repos import resolve_repo
 from agentic_dispatch.runtime.docker import DockerRuntime
 from agentic_dispatch.service import Dispatcher
-from agentic_dispatch.workspace import resolve_repo
+from agentic_dispatch.workspace import clone_workspace
 
 from .conftest import git
 
@@ -133,3 +137,131 @@ def test_repo_references_resolve_to_org_name_and_fetch_url(given: str, org: str,
 def test_dangerous_repo_references_are_refused(given: str, threat: str) -> None:
     with pytest.raises(InvalidInputError):
         resolve_repo(given, None, TEMPLATE)
+
+
+# -- the mirror and the workspaces share no writable file ------------------------------------
+def _objects(repo_git_dir: Path) -> list[Path]:
+    return sorted(p for p in (repo_git_dir / "objects").rglob("*") if p.is_file())
+
+
+def _spoil(files: list[Path]) -> None:
+    """What a hostile agent (running as the host user) can do to object files: make them writable and
+    overwrite them in place, so the write lands in every hardlink of the same inode."""
+    for f in files:
+        f.chmod(0o644)
+        with f.open("r+b") as out:  # same inode; os.replace would make a new one and prove nothing
+            out.write(b"garbage " * 64)
+            out.truncate()
+
+
+def _fsck_clean(repo: Path) -> bool:
+    return subprocess.run(["git", "fsck", "--full", "--no-dangling"], cwd=repo, capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def packed_and_loose_repo(user_repo: Path) -> Path:
+    """The user's repository with both a pack and loose objects, so a mirror of it has both kinds of files."""
+    git(user_repo, "repack", "-adq")
+    for i in range(3):
+        (user_repo / f"later{i}.txt").write_text(f"later {i}\n", encoding="utf-8")
+        git(user_repo, "add", ".")
+        git(user_repo, "commit", "-q", "-m", f"later {i}")
+    return user_repo
+
+
+def test_an_agent_that_overwrites_every_object_file_of_its_clone_leaves_the_mirror_and_later_clones_sound(
+    tmp_path: Path, packed_and_loose_repo: Path
+) -> None:
+    ref = resolve_repo(str(packed_and_loose_repo), None, TEMPLATE)
+    mirrors = MirrorCache(tmp_path / "mirrors", 3600)
+    mirror = mirrors.ensure(ref)
+    first = tmp_path / "ws1"
+    clone_workspace(mirror, first, ref.fetch_url, None, "one")
+    objects = _objects(first / ".git")
+    assert any("pack" in f.name for f in objects) and any(len(f.parent.name) == 2 for f in objects)
+
+    _spoil(objects)
+    assert not _fsck_clean(first), "the simulated agent must really have spoiled its own clone"
+
+    assert _fsck_clean(mirror), "an agent's writes to its own clone reached the shared mirror"
+    second = tmp_path / "ws2"
+    branch, base = clone_workspace(mirrors.ensure(ref), second, ref.fetch_url, None, "two")
+    assert (branch, base) == ("agent/two", "main")
+    assert _fsck_clean(second)
+    assert git(second, "rev-parse", "HEAD") == git(packed_and_loose_repo, "rev-parse", "main")
+
+
+def test_a_workspace_clone_shares_no_object_file_with_the_mirror(tmp_path: Path, packed_and_loose_repo: Path) -> None:
+    def inodes(files: list[Path]) -> set[tuple[int, int]]:
+        return {(st.st_dev, st.st_ino) for st in (os.lstat(f) for f in files)}
+
+    ref = resolve_repo(str(packed_and_loose_repo), None, TEMPLATE)
+    mirror = MirrorCache(tmp_path / "mirrors", 3600).ensure(ref)
+    ws = tmp_path / "ws"
+    clone_workspace(mirror, ws, ref.fetch_url, None, "task")
+    mine, theirs = _objects(ws / ".git"), _objects(mirror)
+    assert mine and theirs
+    assert not inodes(mine) & inodes(theirs), "the workspace hardlinks the mirror's object files"
+
+
+def test_a_mirror_spoiled_before_this_fix_is_rebuilt_by_the_next_dispatch_which_then_succeeds(
+    isolated_home: Path, packed_and_loose_repo: Path
+) -> None:
+    settings, paths = load_settings()
+    svc = Dispatcher(settings, paths, DockerRuntime())
+    svc.dispatch(DispatchRequest(repo=str(packed_and_loose_repo), task="first", agent="shell", dry_run=True))
+    (mirror,) = paths.mirrors.glob("*.git")
+    _spoil(_objects(mirror))  # as an agent could, through hardlinks, before workspaces had their own copies
+    assert not _fsck_clean(mirror)
+
+    res = svc.dispatch(DispatchRequest(repo=str(packed_and_loose_repo), task="second", agent="shell", dry_run=True))
+    assert res.dry_run and "later 2" in (res.prompt or "")
+    assert _fsck_clean(mirror), "the damaged mirror was left in place"
+    assert not list(paths.mirrors.glob("*.partial")) and not list(paths.mirrors.glob("*.old"))
+
+
+def test_a_damaged_mirror_found_by_the_workspace_clone_is_rebuilt_from_its_remote_and_the_clone_retried(
+    tmp_path: Path, packed_and_loose_repo: Path
+) -> None:
+    ref = resolve_repo(f"file://{packed_and_loose_repo}", None, TEMPLATE)
+    mirrors = MirrorCache(tmp_path / "mirrors", 3600)  # fresh for an hour: ensure does not fetch, the clone finds it
+    mirror = mirrors.ensure(ref)
+    _spoil(_objects(mirror))
+    assert mirrors.ensure(ref) == mirror and mirrors.fetches == 1
+
+    ws = tmp_path / "ws"
+    branch, base = clone_workspace(mirror, ws, ref.fetch_url, None, "task")
+    assert (branch, base) == ("agent/task", "main")
+    assert _fsck_clean(ws) and _fsck_clean(mirror)
+    assert git(ws, "rev-parse", "HEAD") == git(packed_and_loose_repo, "rev-parse", "main")
+
+
+def test_a_fetch_that_trips_on_the_mirrors_own_objects_rebuilds_the_mirror(
+    tmp_path: Path, packed_and_loose_repo: Path
+) -> None:
+    ref = resolve_repo(str(packed_and_loose_repo), None, TEMPLATE)
+    mirrors = MirrorCache(tmp_path / "mirrors", 3600)
+    mirror = mirrors.ensure(ref)
+    _spoil(_objects(mirror))
+    (packed_and_loose_repo / "new.txt").write_text("new\n", encoding="utf-8")
+    git(packed_and_loose_repo, "add", ".")
+    git(packed_and_loose_repo, "commit", "-q", "-m", "new work")
+
+    assert mirrors.ensure(ref) == mirror  # a local repository is fetched at every ensure
+    assert mirrors.fetches == 3, "expected the clone, the failed fetch, and the rebuild"
+    assert _fsck_clean(mirror)
+    assert git(mirror, "rev-parse", "main") == git(packed_and_loose_repo, "rev-parse", "main")
+
+
+def test_a_damaged_mirror_whose_remote_is_gone_is_a_repo_error_and_stays_for_a_later_try(
+    tmp_path: Path, packed_and_loose_repo: Path
+) -> None:
+    ref = resolve_repo(f"file://{packed_and_loose_repo}", None, TEMPLATE)
+    mirror = MirrorCache(tmp_path / "mirrors", 3600).ensure(ref)
+    _spoil(_objects(mirror))
+    shutil.rmtree(packed_and_loose_repo)
+
+    with pytest.raises(RepoError, match=r"is damaged .* rebuilding it from file://.* failed"):
+        clone_workspace(mirror, tmp_path / "ws", ref.fetch_url, None, "task")
+    assert mirror.is_dir() and not (tmp_path / "ws").exists()
+    assert not list(mirror.parent.glob("*.partial"))

@@ -1,258 +1,92 @@
-"""Repository resolution, the mirror cache, and workspace preparation (GitPython).
+"""Workspace preparation (GitPython): each workspace is a local clone of its repository's mirror
+with its own copy of the object files (``--no-hardlinks``: the agent can write everything in its
+clone, so no file of it may be the mirror's), needing nothing outside the workspace at run time,
+with ``origin`` pointing at the real remote and a fresh ``agent/<slug>`` branch. A clone that
+trips on a damaged mirror gets the mirror rebuilt and is tried once more.
 
-A repository is fetched from its remote into one bare mirror per remote
-(``<root>/mirrors``); each workspace is a local clone of that mirror (git hardlinks
-the objects, so it is cheap and needs nothing outside the workspace at run time),
-with ``origin`` pointing at the real remote and a fresh ``agent/<slug>`` branch.
-Mirror operations hold a per-mirror file lock, so concurrent dispatches on one
-repository fetch one at a time and a fresh mirror is not fetched again
-(``mirror_max_age_seconds``).
+Also here: the server-managed exclude entries, and the host-side git the server runs in a clone
+after an agent has written to it (always with :data:`.gitops.HOST_GIT_OVERRIDES`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
-import os
-import re
 import shutil
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import git
 
 from . import safefs
 from .errors import InvalidInputError, RepoError
-from .naming import check_component, check_git_ref, slugify
+from .gitops import GIT_ENV, file_lock, git_error_text, host_git
+from .mirrors import MirrorDamaged, branch_exists, dir_id, list_branches, mirror_lock, repair_mirror
+from .naming import check_git_ref, slugify
 
-__all__ = [
-    "MirrorCache",
-    "RepoRef",
-    "clone_workspace",
-    "exclude_paths",
-    "file_lock",
-    "resolve_repo",
-    "safe_component",
-]
-
-# Network operations must never wait on a password prompt nobody can answer.
-GIT_ENV = {
-    "GIT_TERMINAL_PROMPT": "0",
-    "GIT_SSH_COMMAND": "ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new",
-    "GIT_ASKPASS": "true",
-}
-FETCH_TIMEOUT_SECONDS = 900
-
-_SCP_LIKE = re.compile(r"^(?P<user>[A-Za-z0-9._-]+)@(?P<host>[A-Za-z0-9.-]+):(?P<path>[^:\s][^\s]*)$")
-_URL = re.compile(r"^(?P<scheme>https|http|ssh|git|file)://(?P<rest>\S+)$")
+__all__ = ["clone_workspace", "commits_ahead", "exclude_paths", "recent_log", "task_slug"]
 
 
-@dataclass(frozen=True)
-class RepoRef:
-    """A resolved repository: where to fetch it from and how to name its workspaces."""
-
-    given: str
-    kind: Literal["local", "url"]
-    fetch_url: str
-    org: str
-    name: str
-
-    @property
-    def mirror_key(self) -> str:
-        return hashlib.sha256(self.fetch_url.encode()).hexdigest()[:16] + "-" + self.name
+# Failures of a clone from the mirror that are this machine's, not the mirror's: rebuilding the
+# mirror would not help (and would need the same disk).
+_LOCAL_TROUBLE = ("No space left on device", "Disk quota exceeded", "Read-only file system")
 
 
-def safe_component(text: str, fallback: str) -> str:
-    """Turn a name taken from a URL or path into a safe path component."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
-    cleaned = re.sub(r"\.{2,}", ".", cleaned)[:100]
-    return cleaned or fallback
+def _clone_failure(mirror: Path, e: git.GitCommandError, seen: tuple[int, int] | None) -> Exception:
+    """What a git failure while staging from ``mirror`` means: this machine's trouble, or a damaged mirror."""
+    reason = git_error_text(e)
+    if any(sign in str(e.stderr or "") for sign in _LOCAL_TROUBLE):
+        return RepoError(f"cannot clone the mirror {mirror}: {reason}. Free some disk space and dispatch again.")
+    return MirrorDamaged(reason, seen)
 
 
-def _org_and_name(path: str) -> tuple[str, str]:
-    parts = [p for p in re.split(r"[/:]", path) if p]
-    name = parts[-1] if parts else "repo"
-    name = name.removesuffix(".git")
-    org = parts[-2] if len(parts) >= 2 else "local"
-    return safe_component(org, "local"), safe_component(name, "repo")
-
-
-def resolve_repo(repo: str, org: str | None, url_template: str) -> RepoRef:
-    """Work out where ``repo`` lives. Accepts an absolute local path to a git repository,
-    an ``https://``, ``ssh://``, ``git://``, ``file://`` or ``user@host:path`` URL, or
-    ``org/repo`` (or ``repo`` with ``org``) expanded through ``url_template``.
+def _stage(mirror: Path, dest: Path, origin_url: str, start_branch: str | None, task_slug: str) -> tuple[str, str]:
+    """One attempt at ``clone_workspace`` (see there).
 
     Raises:
-        InvalidInputError: the value is empty, an option (``-x``), a relative path, or a
-            transport git refuses to use safely (``ext::``).
-        RepoError: a local path that is not a git repository.
+        MirrorDamaged: git failed on the mirror's side (``dest`` may be left half made).
+        RepoError: the repository has no commits on the branch, or this machine is out of disk.
     """
-    value = repo.strip()
-    if not value:
-        raise InvalidInputError("repo", "is empty. Pass a local path, a git URL, or org/repo.")
-    if value.startswith("-"):
-        raise InvalidInputError("repo", f"{value!r} starts with '-', which git would read as an option.")
-    if "::" in value.split("/", 1)[0]:
-        raise InvalidInputError("repo", f"{value!r} uses a git remote helper transport, which is refused for safety.")
-    if org is not None:
-        org = check_component("org", org)
-
-    if m := _URL.match(value):
-        if m["scheme"] == "file":
-            local = Path(m["rest"] if m["rest"].startswith("/") else "/" + m["rest"])
-            _require_git_repo(local, value)
-        o, n = _org_and_name(m["rest"].split("/", 1)[-1] if m["scheme"] != "file" else m["rest"])
-        return RepoRef(value, "url", value, org or o, n)
-    if m := _SCP_LIKE.match(value):
-        o, n = _org_and_name(m["path"])
-        return RepoRef(value, "url", value, org or o, n)
-    if value.startswith(("/", "~")):
-        path = Path(value).expanduser().resolve()
-        _require_git_repo(path, value)
-        _, n = _org_and_name(str(path))
-        return RepoRef(value, "local", str(path), org or "local", n)
-    if value.startswith(".") or "\\" in value:
-        raise InvalidInputError(
-            "repo",
-            f"{value!r} is a relative path. Pass an absolute path to a local repository, a git URL, or org/repo.",
-        )
-    parts = value.split("/")
-    if len(parts) == 2 or (len(parts) == 1 and org):
-        o = check_component("repo", parts[0]) if len(parts) == 2 else str(org)
-        n = check_component("repo", parts[-1].removesuffix(".git"))
+    # Shared: copies run side by side, but never while a fetch or a rebuild changes the mirror's files.
+    with file_lock(mirror_lock(mirror), shared=True):
+        seen = dir_id(mirror)
         try:
-            url = url_template.format(org=o, repo=n)
-        except (KeyError, IndexError) as e:
-            raise InvalidInputError(
-                "repo_url_template", f"must use only {{org}} and {{repo}}; got {url_template!r}"
-            ) from e
-        return RepoRef(value, "url", url, org or o, n)
-    raise InvalidInputError(
-        "repo",
-        f"{value!r} is not a repository reference. Pass an absolute path to a local git repository, "
-        "a URL (https://, ssh://, git@host:path, file://), or org/repo.",
-    )
-
-
-def _require_git_repo(path: Path, given: str) -> None:
-    try:
-        git.Repo(path)
-    except (git.InvalidGitRepositoryError, git.NoSuchPathError) as e:
-        raise RepoError(
-            f"repo {given!r}: {path} is not a git repository (or does not exist). "
-            "Pass the path of a folder that holds a git repository."
-        ) from e
-
-
-def _git_error_text(e: git.GitCommandError) -> str:
-    stderr = (e.stderr or "").strip().replace("stderr: ", "").strip("' \n")
-    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    return lines[-1] if lines else str(e)
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-class MirrorCache:
-    """One bare mirror per remote; fetched on reuse unless fetched very recently."""
-
-    def __init__(self, root: Path, max_age_seconds: float) -> None:
-        self.root = root
-        self.max_age = max_age_seconds
-        self.fetches = 0  # remote transfers made by this process (clone or fetch), for observability
-
-    def path(self, ref: RepoRef) -> Path:
-        return self.root / f"{ref.mirror_key}.git"
-
-    def ensure(self, ref: RepoRef, need_branch: str | None = None) -> Path:
-        """Return an up-to-date mirror of ``ref``, creating or fetching it.
-
-        Raises:
-            RepoError: the remote cannot be cloned or fetched (the message carries git's reason).
-        """
-        mirror = self.path(ref)
-        stamp = mirror / "agentic-fetched-at"
-        with file_lock(self.root / f"{ref.mirror_key}.lock"):
-            if not mirror.exists():
-                self._create(ref, mirror)
-            else:
-                fresh = stamp.exists() and time.time() - stamp.stat().st_mtime < self.max_age
-                lacking = need_branch is not None and not self._has_branch(mirror, need_branch)
-                if ref.kind == "local" or not fresh or lacking:
-                    self._fetch(ref, mirror)
-            stamp.touch()
-        return mirror
-
-    @staticmethod
-    def _has_branch(mirror: Path, branch: str) -> bool:
-        return (mirror / "refs" / "heads" / branch).exists() or f"refs/heads/{branch}" in _packed_refs(mirror)
-
-    def _create(self, ref: RepoRef, mirror: Path) -> None:
-        tmp = mirror.with_name(mirror.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            self.fetches += 1
-            # A mirror of a local repository gets its own copies of the objects: hardlinked files
-            # would be shared with the user's repository all the way into each agent's workspace,
-            # where the agent (running as the host user) could rewrite them.
-            git.Repo.clone_from(
-                ref.fetch_url,
-                tmp,
-                mirror=True,
-                no_hardlinks=ref.kind == "local",
-                env=GIT_ENV,
-                kill_after_timeout=FETCH_TIMEOUT_SECONDS,
-            )
+            # --no-hardlinks: the agent can rewrite every file of its clone in place (it runs as the host
+            # user); a hardlinked object file would carry that write into the mirror and every later
+            # workspace. Copying costs about one mirror of disk per workspace (bench/mirror_isolation.py).
+            repo = git.Repo.clone_from(str(mirror), dest, no_checkout=True, no_hardlinks=True, env=GIT_ENV)
         except git.GitCommandError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise RepoError(
-                f"cannot clone {ref.fetch_url}: {_git_error_text(e)}. "
-                "Check that the repository exists and that this machine can reach it "
-                "(credentials for private repositories come from your git configuration)."
-            ) from e
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        tmp.rename(mirror)
-
-    def _fetch(self, ref: RepoRef, mirror: Path) -> None:
+            raise _clone_failure(mirror, e, seen) from e
+    with repo:
         try:
-            self.fetches += 1
-            git.Repo(mirror).git.fetch("--prune", "--", "origin", env=GIT_ENV, kill_after_timeout=FETCH_TIMEOUT_SECONDS)
+            repo.remote("origin").set_url(origin_url)
+            if start_branch is None:
+                try:
+                    start_branch = repo.active_branch.name
+                except TypeError:  # detached HEAD in the source
+                    start_branch = "HEAD"
+            if start_branch != "HEAD" and not branch_exists(mirror, start_branch):
+                raise RepoError(
+                    f"the repository has no commits on {start_branch!r}; an agent needs a commit to branch from. "
+                    "Make an initial commit and dispatch again."
+                )
+            # The branch exists, so a commit that cannot be read here is a damaged object, not an empty repo.
+            rev = f"refs/remotes/origin/{start_branch}" if start_branch != "HEAD" else "HEAD"
+            start_commit = str(repo.git.rev_parse("--verify", f"{rev}^{{commit}}"))
+            branch = f"agent/{task_slug}"
+            existing = {r.remote_head for r in repo.remote("origin").refs}
+            n = 2
+            while branch in existing:
+                branch = f"agent/{task_slug}-{n}"
+                n += 1
+            # The checkout reads the start commit's whole tree: a corrupt object there fails it.
+            repo.git.checkout("-b", branch, start_commit, "--")
+            # The container has no global git config: put an identity in the clone itself (the host
+            # user's when they have one, so commits look like theirs; otherwise a clear agent identity).
+            name, email = _identity(repo)
+            with repo.config_writer() as cw:
+                cw.set_value("user", "name", name)
+                cw.set_value("user", "email", email)
         except git.GitCommandError as e:
-            raise RepoError(
-                f"cannot fetch {ref.fetch_url}: {_git_error_text(e)}. "
-                "Check that the repository still exists and that this machine can reach it."
-            ) from e
-
-
-def _packed_refs(mirror: Path) -> str:
-    try:
-        return (mirror / "packed-refs").read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return ""
-
-
-def branch_exists(mirror: Path, branch: str) -> bool:
-    return MirrorCache._has_branch(mirror, branch)
-
-
-def list_branches(mirror: Path, limit: int = 20) -> list[str]:
-    repo = git.Repo(mirror)
-    return [h.name for h in repo.heads][:limit]
+            raise _clone_failure(mirror, e, seen) from e
+    return branch, start_branch
 
 
 def clone_workspace(
@@ -262,14 +96,20 @@ def clone_workspace(
     start_branch: str | None,
     task_slug: str,
 ) -> tuple[str, str]:
-    """Clone ``mirror`` into ``dest`` and check out a new ``agent/<slug>`` branch.
+    """Clone ``mirror`` into ``dest`` (its own copy of every object file) and check out a new
+    ``agent/<slug>`` branch.
+
+    A clone or checkout that fails on the mirror's side (a corrupt or missing object) gets the
+    mirror rebuilt from its remote, under the mirror's lock, and is tried once more: a damaged
+    mirror would otherwise fail every later dispatch of the repository.
 
     Returns:
         ``(branch, base_branch)``: the agent branch and the branch it starts from.
 
     Raises:
         InvalidInputError: ``start_branch`` does not exist in the repository.
-        RepoError: the clone failed, or the repository has no commits.
+        RepoError: the clone failed (also after rebuilding the mirror), the mirror could not be
+            rebuilt, or the repository has no commits.
     """
     if start_branch is not None:
         check_git_ref("branch", start_branch)
@@ -279,37 +119,20 @@ def clone_workspace(
                 "branch", f"{start_branch!r} does not exist in the repository. Existing branches: {known}."
             )
     try:
-        repo = git.Repo.clone_from(str(mirror), dest, no_checkout=True, env=GIT_ENV)
-    except git.GitCommandError as e:
-        raise RepoError(f"cannot clone the mirror {mirror}: {_git_error_text(e)}") from e
-    with repo:
-        repo.remote("origin").set_url(origin_url)
-        if start_branch is None:
-            try:
-                start_branch = repo.active_branch.name
-            except TypeError:  # detached HEAD in the source
-                start_branch = "HEAD"
-        try:
-            start_commit = repo.commit(f"refs/remotes/origin/{start_branch}" if start_branch != "HEAD" else "HEAD")
-        except (git.BadName, ValueError) as e:
-            raise RepoError(
-                f"the repository has no commits on {start_branch!r}; an agent needs a commit to branch from. "
-                "Make an initial commit and dispatch again."
-            ) from e
-        branch = f"agent/{task_slug}"
-        existing = {r.remote_head for r in repo.remote("origin").refs}
-        n = 2
-        while branch in existing:
-            branch = f"agent/{task_slug}-{n}"
-            n += 1
-        repo.git.checkout("-b", branch, start_commit.hexsha, "--")
-        # The container has no global git config: put an identity in the clone itself (the host
-        # user's when they have one, so commits look like theirs; otherwise a clear agent identity).
-        name, email = _identity(repo)
-        with repo.config_writer() as cw:
-            cw.set_value("user", "name", name)
-            cw.set_value("user", "email", email)
-    return branch, start_branch
+        return _stage(mirror, dest, origin_url, start_branch, task_slug)
+    except MirrorDamaged as e:
+        damage = e
+    shutil.rmtree(dest, ignore_errors=True)
+    repair_mirror(mirror, damage)
+    try:
+        return _stage(mirror, dest, origin_url, start_branch, task_slug)
+    except MirrorDamaged as e:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise RepoError(
+            f"cannot clone the mirror {mirror}: {e.reason}, even after rebuilding it from its remote. "
+            "Check that the remote repository itself is sound (git fsck there) and that this machine's "
+            "disk is healthy, then dispatch again."
+        ) from e
 
 
 def _identity(repo: git.Repo) -> tuple[str, str]:
@@ -335,28 +158,10 @@ def exclude_paths(repo_dir: Path, names: list[str]) -> None:
         safefs.append_text(repo_dir, exclude, "\n# managed by agentic-dispatch\n" + "\n".join(missing) + "\n")
 
 
-_HOST_GIT_OVERRIDES = (
-    "core.fsmonitor=false",
-    "core.hooksPath=/dev/null",
-    "log.showSignature=false",
-    "gpg.program=false",
-    "core.pager=cat",
-)
-
-
-def _host_git(repo: git.Repo) -> git.Git:
-    """``repo.git`` for a command the server runs on the host in a repository an agent has written to.
-
-    The agent controls ``.git/config``; these overrides keep settings that run programs
-    (an fsmonitor hook, a signature checker) from running them on the host.
-    """
-    return repo.git(c=list(_HOST_GIT_OVERRIDES))
-
-
 def recent_log(repo_dir: Path, n: int = 10) -> str:
     with git.Repo(repo_dir) as repo:
         try:
-            return str(_host_git(repo).log(f"-n{n}", "--no-show-signature", "--format=%h %s (%an, %ar)"))
+            return str(host_git(repo).log(f"-n{n}", "--no-show-signature", "--format=%h %s (%an, %ar)"))
         except git.GitCommandError:
             return ""
 
@@ -365,7 +170,7 @@ def commits_ahead(repo_dir: Path, base: str) -> int:
     """How many commits HEAD has that ``origin/<base>`` lacks."""
     with git.Repo(repo_dir) as repo:
         try:
-            return int(_host_git(repo).rev_list("--count", f"refs/remotes/origin/{base}..HEAD"))
+            return int(host_git(repo).rev_list("--count", f"refs/remotes/origin/{base}..HEAD"))
         except git.GitCommandError:
             return 0
 

@@ -19,6 +19,8 @@ from .. import safefs
 from ..agents import AgentSpec, agent_base
 from ..config import Paths, Settings
 from ..errors import InvalidInputError, StateError
+from ..gitops import file_lock
+from ..mirrors import MirrorCache
 from ..models import (
     ACTIVE_STATUSES,
     RESUMABLE_STATUSES,
@@ -28,9 +30,10 @@ from ..models import (
     WorkspaceRecord,
 )
 from ..naming import check_component, check_git_ref, generated_id, slugify
+from ..repos import RepoRef, resolve_repo
 from ..runtime.base import LABEL_WORKSPACE
 from ..store import StatusStore, WorkspacePaths
-from ..workspace import MirrorCache, RepoRef, clone_workspace, file_lock, resolve_repo
+from ..workspace import clone_workspace
 from .catalog import AgentCatalog
 from .preflight import Preflight
 from .run_files import RunFiles

@@ -18,6 +18,7 @@ import threading
 from ..agents import AGENTS, Agent, agent_base
 from ..config import Paths, Settings, config_file_path
 from ..errors import ConfigError
+from ..mirrors import MirrorCache
 from ..models import (
     CancelResult,
     CleanupReport,
@@ -33,7 +34,6 @@ from ..prompts import PromptLibrary
 from ..runtime.base import LABEL_WORKSPACE, ExitEvent, Runtime
 from ..scheduler import Scheduler
 from ..store import StatusStore
-from ..workspace import MirrorCache
 from .catalog import AgentCatalog
 from .control import Control
 from .delivery import Delivery

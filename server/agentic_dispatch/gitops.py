@@ -1,0 +1,74 @@
+"""Git plumbing the domain shares: the environment for network git, the overrides for host-side
+git in a folder an agent has written to, git's error text, and file locks."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import git
+
+__all__ = [
+    "FETCH_TIMEOUT_SECONDS",
+    "GIT_ENV",
+    "HOST_GIT_OVERRIDES",
+    "file_lock",
+    "git_error_text",
+    "host_git",
+    "stderr_lines",
+]
+
+
+# Network operations must never wait on a password prompt nobody can answer.
+GIT_ENV = {
+    "GIT_TERMINAL_PROMPT": "0",
+    "GIT_SSH_COMMAND": "ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new",
+    "GIT_ASKPASS": "true",
+}
+
+
+FETCH_TIMEOUT_SECONDS = 900
+
+
+def stderr_lines(e: git.GitCommandError) -> list[str]:
+    stderr = (e.stderr or "").strip().replace("stderr: ", "").strip("' \n")
+    return [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+
+
+def git_error_text(e: git.GitCommandError) -> str:
+    lines = stderr_lines(e)
+    return lines[-1] if lines else str(e)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, shared: bool = False) -> Iterator[None]:
+    """Hold an ``flock`` on ``path`` (created if missing): exclusive, or ``shared`` with other shared holders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+HOST_GIT_OVERRIDES = (
+    "core.fsmonitor=false",
+    "core.hooksPath=/dev/null",
+    "log.showSignature=false",
+    "gpg.program=false",
+    "core.pager=cat",
+)
+
+
+def host_git(repo: git.Repo) -> git.Git:
+    """``repo.git`` for a command the server runs on the host in a repository an agent has written to.
+
+    The agent controls ``.git/config``; these overrides keep settings that run programs
+    (an fsmonitor hook, a signature checker) from running them on the host.
+    """
+    return repo.git(c=list(HOST_GIT_OVERRIDES))
