@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ __all__ = [
     "HostFile",
     "Limits",
     "Paths",
+    "QaSettings",
     "Resources",
     "Settings",
     "SyncSettings",
@@ -37,6 +39,8 @@ APP_NAME = "agentic-dispatch"
 HOME_ENV = "AGENTIC_DISPATCH_HOME"
 CONFIG_ENV = "AGENTIC_DISPATCH_CONFIG"
 IMAGE_ENV = "AGENTIC_DISPATCH_IMAGE"
+SYNC_MAX_ATTEMPTS_ENV = "AGENTIC_DISPATCH_SYNC_MAX_ATTEMPTS"
+SYNC_BACKOFF = (1.0, 5.0, 15.0, 60.0, 300.0)  # seconds before the 1st, 2nd, ... retry of a delivery
 
 # Variables a parent agent session sets (Claude Code refuses to start inside one, and the
 # others change behaviour). Agent containers start from an empty environment, and these
@@ -183,12 +187,32 @@ class AgentSettings(_Model):
 
 
 class SyncSettings(_Model):
-    """Where results go home."""
+    """Where results go home: the branch to its repository, the dispatch record to an endpoint.
+
+    ``max_attempts``: tries before an entry is dead-lettered (``AGENTIC_DISPATCH_SYNC_MAX_ATTEMPTS``
+    overrides it); ``backoff_seconds``: the waits before the 1st, 2nd, ... retry (the last repeats).
+    """
 
     push: bool = True
-    endpoint: str | None = None
-    token_env: str = "AGENTIC_DISPATCH_SYNC_TOKEN"
+    endpoint: str | None = Field(default=None, pattern=r"^https?://\S+$", description="POST to <it>/v1/agent/sync")
+    token_env: str = Field(default="AGENTIC_DISPATCH_SYNC_TOKEN", pattern=ENV_NAME, description="the bearer token")
     max_attempts: Annotated[int, Field(ge=1)] = 100
+    agent_id: str = Field(default_factory=lambda: f"{APP_NAME}@{socket.gethostname() or 'localhost'}", min_length=1)
+    backoff_seconds: tuple[Annotated[float, Field(ge=0)], ...] = Field(default=SYNC_BACKOFF, min_length=1)
+    flush_interval_seconds: Annotated[float, Field(gt=0)] = 30.0  # longest wait of the flush loop between passes
+    http_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    git_timeout_seconds: Annotated[float, Field(gt=0)] = 900.0
+
+
+class QaSettings(_Model):
+    """The QA gate: the repository's tests, run in a fresh container after an agent ends ``completed``."""
+
+    enabled: bool = Field(default=False, description="the default; a dispatch's `qa` argument wins")
+    command: Annotated[str, Field(min_length=1)] | None = Field(
+        default=None, description="shell command in the clone; default: detected (pytest, npm test, go test, ...)"
+    )
+    timeout_seconds: Annotated[int, Field(ge=1)] = 900
+    image: str | None = Field(default=None, description="image with the test toolchain; default: the agent image")
 
 
 class Settings(_Model):
@@ -206,6 +230,7 @@ class Settings(_Model):
     resources: Resources = Field(default_factory=Resources)
     agents: dict[str, AgentSettings] = Field(default_factory=dict)
     sync: SyncSettings = Field(default_factory=SyncSettings)
+    qa: QaSettings = Field(default_factory=QaSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("repo_url_template")
@@ -306,12 +331,28 @@ def _render_validation_error(err: ValidationError) -> list[str]:
     return problems
 
 
+def _apply_env_overrides(settings: Settings) -> Settings:
+    """Settings the environment overrides: ``AGENTIC_DISPATCH_SYNC_MAX_ATTEMPTS``.
+
+    Raises:
+        ConfigError: the variable is set and is not a whole number of at least 1.
+    """
+    raw = os.environ.get(SYNC_MAX_ATTEMPTS_ENV, "").strip()
+    if not raw:
+        return settings
+    if not raw.isdecimal() or int(raw) < 1:
+        problem = f"{SYNC_MAX_ATTEMPTS_ENV}={raw!r}: must be a whole number of at least 1 (or unset it)"
+        raise ConfigError(None, [problem])
+    return settings.model_copy(update={"sync": settings.sync.model_copy(update={"max_attempts": int(raw)})})
+
+
 def load_settings(path: Path | None = None) -> tuple[Settings, Paths]:
     """Read the config file (if any) and work out the state paths.
 
     Raises:
         ConfigError: the file is not valid TOML or does not fit :class:`Settings`;
-            the message has one line per problem, each starting with the file path.
+            the message has one line per problem, each starting with the file path. Also when
+            ``AGENTIC_DISPATCH_SYNC_MAX_ATTEMPTS`` is set to something other than a whole number >= 1.
     """
     path = path or config_file_path()
     data: dict[str, object] = {}
@@ -327,6 +368,7 @@ def load_settings(path: Path | None = None) -> tuple[Settings, Paths]:
         settings = Settings.model_validate(data)
     except ValidationError as e:
         raise ConfigError(path, _render_validation_error(e)) from e
+    settings = _apply_env_overrides(settings)
 
     home = os.environ.get(HOME_ENV)
     if home:

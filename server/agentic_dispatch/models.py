@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,11 +16,14 @@ __all__ = [
     "AgentCheck",
     "CancelResult",
     "CleanupReport",
+    "Delivery",
     "DispatchRequest",
     "DispatchResult",
     "DoctorReport",
+    "OutboxEntryRow",
     "PoolHoldRow",
     "Priority",
+    "QaResult",
     "QueueState",
     "RunSummary",
     "Status",
@@ -70,6 +73,29 @@ class RunSummary(BaseModel):
     error: str | None = None
 
 
+class Delivery(BaseModel):
+    """Where a finished run's branch was delivered (sync): which commit, to which repository, when."""
+
+    remote: str = Field(description="the repository it went to: the local path, or the origin URL (no password)")
+    branch: str
+    commit: str
+    at: str = Field(default_factory=utcnow)
+
+
+class QaResult(BaseModel):
+    """The QA gate of one run: the repository's tests, run after the agent ended ``completed``."""
+
+    state: Literal["running", "passed", "failed", "skipped"]
+    command: str | None = None
+    source: str | None = Field(default=None, description="why this command: the config, or what the repo holds")
+    exit_code: int | None = None
+    output_tail: str | None = Field(default=None, description="the end of the gate's output")
+    reason: str | None = Field(default=None, description="failed: the test summary; skipped: why")
+    started_at: str | None = None
+    finished_at: str | None = None
+    timeout_seconds: int | None = None
+
+
 class WorkspaceRecord(BaseModel):
     """The contents of a workspace's ``status.json``. One writer at a time (the service)."""
 
@@ -117,6 +143,10 @@ class WorkspaceRecord(BaseModel):
     resume_session: str | None = Field(
         default=None, description="the CLI session the queued run continues (native resume); None: a fresh session"
     )
+    delivery: Delivery | None = Field(default=None, description="the last delivery of the branch (sync)")
+    qa_enabled: bool = Field(default=False, description="run the QA gate after the agent ends completed")
+    phase: Literal["agent", "qa"] = Field(default="agent", description="what the running container does")
+    qa: QaResult | None = None
 
 
 class DispatchRequest(BaseModel):
@@ -138,6 +168,7 @@ class DispatchRequest(BaseModel):
     timeout_seconds: int | None = None
     idempotency_key: str | None = None
     dry_run: bool = False
+    qa: bool | None = None
 
 
 class DispatchResult(BaseModel):
@@ -171,6 +202,7 @@ class WorkspaceRow(BaseModel):
     exit_code: int | None = None
     summary: RunSummary | None = None
     log_tail: str | None = None
+    qa: QaResult | None = Field(default=None, description="the QA gate of the last run, when it is on")
     error: str | None = Field(default=None, description="set when the record itself could not be read")
 
 
@@ -215,6 +247,23 @@ class CleanupReport(BaseModel):
     message: str
 
 
+class OutboxEntryRow(BaseModel):
+    """One delivery of one run (its branch, or its record), as the sync report shows it."""
+
+    id: str
+    workspace: str
+    run: int
+    kind: str = Field(description="git (the branch) or record (the dispatch record posted to the endpoint)")
+    state: str = Field(description="delivered, pending, attention (a person must act) or dead-lettered")
+    attempts: int = 0
+    next_attempt_at: str | None = Field(default=None, description="pending: when it is tried next")
+    last_error: str | None = None
+    what_to_do: str | None = Field(default=None, description="attention: what a person should do")
+    delivered_at: str | None = None
+    detail: str | None = Field(default=None, description="delivered: what went where")
+    delivery: Delivery | None = None
+
+
 class SyncReport(BaseModel):
     """What agentic_sync did."""
 
@@ -223,6 +272,11 @@ class SyncReport(BaseModel):
     next_retry_at: str | None = None
     message: str
     details: dict[str, Any] = Field(default_factory=dict)
+    attention: list[str] = Field(default_factory=list, description="workspaces with a delivery a person must fix")
+    dead_lettered: list[str] = Field(
+        default_factory=list, description="workspaces with a delivery given up after its attempts ran out"
+    )
+    entries: list[OutboxEntryRow] = Field(default_factory=list, description="one row per run and kind")
 
 
 class AgentCheck(BaseModel):
