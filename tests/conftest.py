@@ -3,11 +3,15 @@ the real one. Docker fixtures fail (never skip) when the engine or the image is 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -82,6 +86,25 @@ def _remove_containers(client: docker.DockerClient, root_id: str) -> None:
         c.remove(force=True)
 
 
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait (bounded) until ``cond()`` holds; fail naming ``what`` when it does not."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.1)
+
+
+def serve_process(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`agentic-dispatch serve` on stdio, kept alive by an open stdin (as an MCP host would)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "agentic_dispatch", "serve"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+
+
 def git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
@@ -146,3 +169,71 @@ async def poll_until_final(client: Client, workspace: str, timeout: float = 60) 
             return row
         assert time.monotonic() < deadline, f"{workspace} still {row['status']} after {timeout}s: {row}"
         await anyio.sleep(0.2)
+
+
+# -- HTTP peers ----------------------------------------------------------------------------
+def read_body(handler: BaseHTTPRequestHandler) -> bytes:
+    if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        body = b""
+        while True:
+            size = int(handler.rfile.readline().strip().split(b";")[0], 16)
+            if size == 0:
+                handler.rfile.readline()
+                return body
+            body += handler.rfile.read(size)
+            handler.rfile.readline()
+    return handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+
+
+# the record endpoint: a real HTTP listener that answers from a script and counts by Idempotency-Key
+
+
+@dataclass
+class Endpoint:
+    url: str
+    script: list[tuple[int, dict[str, str]]] = field(default_factory=list)  # answers to come; then 200
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    accepted: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def keys(self) -> list[str]:
+        return [r["key"] for r in self.requests]
+
+
+def _endpoint_handler(ep: Endpoint) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = json.loads(read_body(self))
+            key = self.headers.get("Idempotency-Key", "")
+            with ep.lock:
+                status, headers = ep.script.pop(0) if ep.script else (200, {})
+                ep.requests.append(
+                    {"path": self.path, "key": key, "auth": self.headers.get("Authorization"), "body": body}
+                )
+                if 200 <= status < 300:
+                    ep.accepted[key] = ep.accepted.get(key, 0) + 1
+            text = json.dumps({"ok": status < 300, "status": status}).encode()
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(text)))
+            self.end_headers()
+            self.wfile.write(text)
+
+    return Handler
+
+
+@pytest.fixture
+def endpoint() -> Iterator[Endpoint]:
+    ep = Endpoint("")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _endpoint_handler(ep))
+    ep.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield ep
+    server.shutdown()
+    server.server_close()

@@ -222,10 +222,20 @@ def test_resume_of_a_running_workspace_and_of_an_unknown_one_are_tool_errors_wit
     assert not (isolated_home / "workspaces" / "local" / "nope").exists(), "an unknown name left a folder"
 
 
-def test_sync_says_plainly_that_nothing_is_delivered_yet(docker_env: str) -> None:
-    async def run(client: Client) -> dict[str, Any]:
-        return await call(client, "agentic_sync")
+def test_agentic_sync_brings_the_branch_into_the_local_repository_and_refuses_bad_input_with_advice(
+    docker_env: str, user_repo: Path
+) -> None:
+    async def run(client: Client) -> tuple[dict[str, Any], dict[str, Any], str, str]:
+        started = await call(client, "agentic_dispatch", repo=str(user_repo), task=COMMIT_TASK, agent="shell")
+        await poll_until_final(client, started["workspace"])
+        report = await call(client, "agentic_sync", workspace=started["workspace"])
+        unknown = await client.call_tool("agentic_sync", {"workspace": "local/nope/task-9"})
+        forced = await client.call_tool("agentic_sync", {"force": True})
+        assert unknown.is_error and forced.is_error
+        return started, report, unknown.content[0].text, forced.content[0].text  # type: ignore[union-attr]
 
-    report = with_stdio_client(run)
-    assert report["delivered"] == []
-    assert "not implemented yet" in report["message"]
+    started, report, unknown, forced = with_stdio_client(run)
+    assert report["delivered"] == [started["workspace"]], report["message"]
+    assert git(user_repo, "log", "-1", "--format=%s", started["branch"]) == "Add agent-file.txt"
+    assert "agentic_status" in unknown
+    assert "force" in forced and "workspace" in forced

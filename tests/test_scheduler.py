@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import docker
@@ -20,6 +19,8 @@ from agentic_dispatch.models import DispatchRequest, Priority, Status
 from agentic_dispatch.runtime.base import LABEL_ROOT, LABEL_RUN, LABEL_WORKSPACE
 from agentic_dispatch.runtime.docker import DockerRuntime
 from agentic_dispatch.service import Dispatcher
+
+from .conftest import serve_process, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -35,13 +36,6 @@ def new_dispatcher(client: docker.DockerClient, start: bool = True) -> Dispatche
     if start:
         svc.start()
     return svc
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.1)
 
 
 def engine_starts(client: docker.DockerClient, since: int) -> tuple[int, list[str]]:
@@ -188,17 +182,6 @@ def test_three_fast_failures_pause_the_pool_and_a_fourth_dispatch_queues_with_th
         svc.close()
 
 
-def _serve(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """`agentic-dispatch serve` on stdio, kept alive by an open stdin (as an MCP host would)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "agentic_dispatch", "serve"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-
-
 def _cli(*args: str) -> dict[str, object]:
     out = subprocess.run(
         [sys.executable, "-m", "agentic_dispatch", *args, "--json"], capture_output=True, text=True, check=True
@@ -209,7 +192,7 @@ def _cli(*args: str) -> dict[str, object]:
 def test_after_a_sigkill_restart_finalises_exited_watches_running_and_fails_vanished_containers(
     docker_env: str, docker_client: docker.DockerClient, user_repo: Path
 ) -> None:
-    server = _serve(dict(os.environ))
+    server = serve_process(dict(os.environ))
     try:
         exits = _cli("dispatch", str(user_repo), "sleep 6; exit 4", "--agent", "shell")
         keeps = _cli(
@@ -260,7 +243,7 @@ def test_two_servers_on_one_root_run_each_of_ten_queued_dispatches_exactly_once(
         for i in range(10)
     ]
     since = int(time.time()) - 1
-    servers = [_serve(dict(os.environ)) for _ in range(2)]
+    servers = [serve_process(dict(os.environ)) for _ in range(2)]
     try:
         svc = new_dispatcher(docker_client, start=False)
         assert all(svc.store.read(n).status == Status.QUEUED for n in names)
@@ -486,7 +469,7 @@ def test_a_bad_resource_limit_fails_the_run_with_the_engine_s_reason_instead_of_
 def test_a_stop_signal_ends_the_server_cleanly_and_leaves_the_running_agent_running(
     sig: signal.Signals, docker_env: str, docker_client: docker.DockerClient, user_repo: Path
 ) -> None:
-    server = _serve(dict(os.environ))
+    server = serve_process(dict(os.environ))
     try:
         res = _cli("dispatch", str(user_repo), "while [ ! -f go ]; do sleep 0.1; done", "--agent", "shell")
     finally:

@@ -38,6 +38,8 @@ from agentic_dispatch.sync import (
     view_commands,
 )
 
+from .conftest import Endpoint, read_body
+
 WS = "org/proj/task-1"
 BRANCH = "agent/task-1"
 WAIT = 20.0  # upper bound of every wait on another thread or process
@@ -139,19 +141,6 @@ class GitHttp:
     requests: list[str] = field(default_factory=list)
 
 
-def _read_body(handler: BaseHTTPRequestHandler) -> bytes:
-    if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
-        body = b""
-        while True:
-            size = int(handler.rfile.readline().strip().split(b";")[0], 16)
-            if size == 0:
-                handler.rfile.readline()
-                return body
-            body += handler.rfile.read(size)
-            handler.rfile.readline()
-    return handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
-
-
 def _git_http_handler(state: GitHttp) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:
@@ -165,7 +154,7 @@ def _git_http_handler(state: GitHttp) -> type[BaseHTTPRequestHandler]:
 
         def _cgi(self) -> None:
             state.requests.append(f"{self.command} {self.path}")
-            body = _read_body(self)
+            body = read_body(self)
             if state.fail_with:
                 self.send_error(state.fail_with.pop(0))
                 return
@@ -218,61 +207,6 @@ def git_http(tmp_path: Path) -> Iterator[tuple[str, GitHttp]]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}", state
-    server.shutdown()
-    server.server_close()
-
-
-# ---------------------------------------------------------------------------------------------
-# the record endpoint: a real HTTP listener that answers from a script and counts by Idempotency-Key
-
-
-@dataclass
-class Endpoint:
-    url: str
-    script: list[tuple[int, dict[str, str]]] = field(default_factory=list)  # answers to come; then 200
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    accepted: dict[str, int] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def keys(self) -> list[str]:
-        return [r["key"] for r in self.requests]
-
-
-def _endpoint_handler(ep: Endpoint) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def do_POST(self) -> None:
-            body = json.loads(_read_body(self))
-            key = self.headers.get("Idempotency-Key", "")
-            with ep.lock:
-                status, headers = ep.script.pop(0) if ep.script else (200, {})
-                ep.requests.append(
-                    {"path": self.path, "key": key, "auth": self.headers.get("Authorization"), "body": body}
-                )
-                if 200 <= status < 300:
-                    ep.accepted[key] = ep.accepted.get(key, 0) + 1
-            text = json.dumps({"ok": status < 300, "status": status}).encode()
-            self.send_response(status)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(text)))
-            self.end_headers()
-            self.wfile.write(text)
-
-    return Handler
-
-
-@pytest.fixture
-def endpoint() -> Iterator[Endpoint]:
-    ep = Endpoint("")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _endpoint_handler(ep))
-    ep.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield ep
     server.shutdown()
     server.server_close()
 

@@ -161,6 +161,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
         timeout_seconds=args.timeout,
         idempotency_key=args.idempotency_key,
         dry_run=args.dry_run,
+        qa=args.qa,
     )
     svc = _dispatcher(args)
     result = svc.dispatch(req)
@@ -209,8 +210,9 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    _emit(_dispatcher(args).sync(args.workspace), args.json)
-    return 0
+    report = _dispatcher(args).sync(args.workspace, args.force, args.wait)
+    _emit(report, args.json)
+    return 1 if report.attention or report.dead_lettered else 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -300,6 +302,12 @@ def _add_dispatch(sub: _Sub) -> None:
     d.add_argument("--timeout", type=int, help="seconds")
     d.add_argument("--idempotency-key")
     d.add_argument("--dry-run", action="store_true")
+    d.add_argument(
+        "--qa",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the repository's tests after the agent ends completed (default: [qa] enabled in the config)",
+    )
     d.add_argument("--wait", type=float, metavar="SECONDS", help="wait up to this long for the run to finish")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_dispatch)
@@ -341,8 +349,12 @@ def _add_queue_commands(sub: _Sub) -> None:
     cl.add_argument("--json", action="store_true")
     cl.set_defaults(func=cmd_cleanup)
 
-    sy = sub.add_parser("sync", help="deliver results home")
+    sy = sub.add_parser("sync", help="deliver results home (exit 1 when a delivery needs attention)")
     sy.add_argument("workspace", nargs="?")
+    sy.add_argument("--force", action="store_true", help="the branch may overwrite a different one of its name")
+    sy.add_argument(
+        "--wait", type=float, default=0.0, metavar="SECONDS", help="keep retrying what is pending up to this long"
+    )
     sy.add_argument("--json", action="store_true")
     sy.set_defaults(func=cmd_sync)
 

@@ -194,6 +194,7 @@ class SyncSettings(_Model):
     """
 
     push: bool = True
+    auto: bool = Field(default=False, description="enqueue delivery as each run ends (else on agentic_sync)")
     endpoint: str | None = Field(default=None, pattern=r"^https?://\S+$", description="POST to <it>/v1/agent/sync")
     token_env: str = Field(default="AGENTIC_DISPATCH_SYNC_TOKEN", pattern=ENV_NAME, description="the bearer token")
     max_attempts: Annotated[int, Field(ge=1)] = 100

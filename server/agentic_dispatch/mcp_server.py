@@ -128,6 +128,10 @@ def build_server(make_dispatcher: Callable[[], Dispatcher]) -> MCPServer[Dispatc
             str | None, Field(description="the same key again returns the existing workspace instead of a new run")
         ] = None,
         dry_run: Annotated[bool, Field(description="prepare and return the prompt without launching")] = False,
+        qa: Annotated[
+            bool | None,
+            Field(description="run the repository's tests after the agent ends completed (default: [qa] enabled)"),
+        ] = None,
     ) -> DispatchResult:
         """Hand a coding task to an agent running in its own container, on its own branch of a fresh clone.
 
@@ -151,6 +155,7 @@ def build_server(make_dispatcher: Callable[[], Dispatcher]) -> MCPServer[Dispatc
             timeout_seconds=timeout_seconds,
             idempotency_key=idempotency_key,
             dry_run=dry_run,
+            qa=qa,
         )
         return _call(lambda: _svc(ctx).dispatch(req))
 
@@ -201,19 +206,26 @@ def build_server(make_dispatcher: Callable[[], Dispatcher]) -> MCPServer[Dispatc
         annotations=ToolAnnotations(
             title="Deliver results home",
             read_only_hint=False,
-            destructive_hint=False,
+            destructive_hint=True,
             idempotent_hint=True,
             open_world_hint=True,
         ),
     )
     def agentic_sync(
         ctx: Ctx,
-        workspace: Annotated[str | None, Field(description="one workspace; default all finished ones")] = None,
+        workspace: Annotated[str | None, Field(description="one workspace; default: every finished one")] = None,
+        force: Annotated[
+            bool,
+            Field(description="with a workspace: its branch may overwrite a different branch of the same name"),
+        ] = False,
     ) -> SyncReport:
-        """Bring results home: push finished workspaces' branches to their origin and report dispatch records.
-        Not built yet in this version: it delivers nothing, says so, and lists what would be delivered; the work
-        stays safe in each workspace's repo/ folder meanwhile."""
-        return _call(lambda: _svc(ctx).sync(workspace))
+        """Bring results home: each completed run's branch `agent/...` goes into the repository it was dispatched
+        from (a local repository gets only that ref; a remote gets a push to the origin recorded at dispatch), and,
+        when an endpoint is configured, each finished run's record is posted there. Delivers what is due now and
+        returns what was delivered, what is pending (attempts, next try, last error), what needs a person's
+        attention (why, what to do) and what was given up. Naming a workspace also retries its deliveries that
+        needed attention. Safe to call again: nothing is delivered twice."""
+        return _call(lambda: _svc(ctx).sync(workspace, force))
 
     @tool(
         name="agentic_watch",

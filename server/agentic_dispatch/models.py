@@ -203,6 +203,9 @@ class WorkspaceRow(BaseModel):
     summary: RunSummary | None = None
     log_tail: str | None = None
     qa: QaResult | None = Field(default=None, description="the QA gate of the last run, when it is on")
+    delivery: Delivery | None = Field(default=None, description="where sync delivered the branch")
+    sync: str | None = Field(default=None, description="deliveries still to make, and where they stand")
+    delivery_commands: list[str] = Field(default_factory=list, description="commands to look at the delivered branch")
     error: str | None = Field(default=None, description="set when the record itself could not be read")
 
 

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from urllib.parse import urlsplit, urlunsplit
 
 from .. import safefs
+from ..agents import CONTAINER_WORKDIR
+from ..config import Settings
 from ..errors import UnsafePathError
+from ..models import WorkspaceRecord
+from ..naming import slugify
+from ..runtime.base import LABEL_AGENT, LABEL_ROOT, LABEL_RUN, LABEL_WORKSPACE, ContainerSpec, Mount
 from ..store import WorkspacePaths
 
-__all__ = ["container_url", "log_tail", "parse_time"]
+__all__ = ["LABEL_PHASE", "container_spec", "container_url", "log_tail", "parse_time", "run_deadline"]
+
+# Set on the QA gate's container (the agent's carries none): same workspace and run, another job.
+LABEL_PHASE = "agentic-dispatch.phase"
 
 _LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "0.0.0.0", "::1"}  # noqa: S104 (names, not a bind)
 
@@ -19,6 +28,17 @@ def parse_time(ts: str | None) -> float | None:
     if not ts:
         return None
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
+def run_deadline(rec: WorkspaceRecord) -> tuple[float, str] | None:
+    """When the running job of ``rec`` (the agent, or the QA gate) times out, and the reason to give."""
+    if rec.phase == "qa" and rec.qa is not None and rec.qa.started_at and rec.qa.timeout_seconds:
+        started, limit, what = parse_time(rec.qa.started_at), rec.qa.timeout_seconds, "the QA gate timed out"
+    else:
+        started, limit, what = parse_time(rec.started_at), rec.timeout_seconds, "timed out"
+    if started is None:
+        return None
+    return started + limit, f"{what} after {limit} s; the container was stopped and the log so far kept"
 
 
 def log_tail(ws: WorkspacePaths, base: str, lines: int) -> str:
@@ -39,3 +59,38 @@ def container_url(url: str) -> str:
     userinfo = parts.netloc.rpartition("@")[0]
     netloc = (f"{userinfo}@" if userinfo else "") + "host.docker.internal" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def container_spec(
+    settings: Settings,
+    root_id: str,
+    record: WorkspaceRecord,
+    image: str,
+    argv: list[str],
+    env: dict[str, str],
+    mounts: list[Mount],
+    phase: str | None = None,
+) -> ContainerSpec:
+    """The container of one job of run ``record.runs`` (the agent, or with ``phase`` the QA gate):
+    the workspace's clone is the working directory, output is appended to ``$AGENTIC_LOG`` as it
+    comes (``exec`` keeps the real exit code), it runs as the host user with the configured limits,
+    and its labels find it again after a restart."""
+    res = settings.resources
+    base = slugify(f"{record.org}-{record.repo_name}-{record.name.rsplit('/', 1)[-1]}", 80)
+    labels = {LABEL_ROOT: root_id, LABEL_WORKSPACE: record.name, LABEL_RUN: str(record.runs), LABEL_AGENT: record.agent}
+    if phase is not None:
+        labels[LABEL_PHASE] = phase
+    return ContainerSpec(
+        image=image,
+        command=["/bin/sh", "-c", 'exec "$@" >>"$AGENTIC_LOG" 2>&1', f"agentic-{phase or 'run'}", *argv],
+        name=f"agentic-{base}-r{record.runs}{'-' + phase if phase else ''}-{root_id[:6]}",
+        workdir=CONTAINER_WORKDIR,
+        user=f"{os.getuid()}:{os.getgid()}",
+        env=env,
+        mounts=mounts,
+        labels=labels,
+        memory=res.memory or None,
+        cpus=res.cpus,
+        pids=res.pids,
+        network=res.network,
+    )

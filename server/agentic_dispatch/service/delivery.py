@@ -1,40 +1,183 @@
-"""Result delivery. Not built yet: :meth:`Delivery.sync` says so and lists what would be delivered."""
+"""Delivery: bringing finished runs home through the outbox (``sync/``).
+
+A run that ends for good is enqueued when ``[sync] auto`` is on, or when someone calls
+``agentic_sync``: its branch (``completed`` runs, after the QA gate, when ``[sync] push``) and
+its record (every finished run, when ``[sync] endpoint`` is set). One background thread
+flushes what is due; ``agentic_sync`` flushes on demand. What was delivered is written into
+the workspace's record (``delivery``), and every delivery, refusal and dead letter is an event.
+"""
 
 from __future__ import annotations
 
-from ..models import ACTIVE_STATUSES, SyncReport
+import logging
+import threading
+import time
+
+from ..config import Paths, SyncSettings
+from ..errors import CorruptRecordError, InvalidInputError, WorkspaceNotFoundError
+from ..models import ACTIVE_STATUSES, Delivery, Status, SyncReport, WorkspaceRecord
 from ..store import StatusStore
+from ..sync import GitDeliverer, Outbox, OutboxEntry, Outcome, RecordPoster, delivery_target, record_payload
+from ..sync import view_commands as delivery_view_commands
 
-__all__ = ["Delivery"]
+__all__ = ["ResultDelivery"]
+
+log = logging.getLogger(__name__)
 
 
-class Delivery:
-    """Bringing results home (a stub until the outbox lands)."""
+class ResultDelivery:
+    """The outbox, its two deliverers, and the loop that flushes them."""
 
-    def __init__(self, store: StatusStore) -> None:
+    def __init__(self, settings: SyncSettings, paths: Paths, store: StatusStore) -> None:
+        self.settings = settings
         self.store = store
+        self.outbox = Outbox(paths.state, settings, on_event=self._event)
+        self.git = GitDeliverer(paths.state, settings.git_timeout_seconds)
+        self.poster = RecordPoster(settings)
+        self._flushing = threading.Lock()  # one flush at a time in this process (the outbox guards others)
+        self._wake = threading.Event()
 
-    def sync(self, workspace: str | None = None) -> SyncReport:
-        """Result delivery is not built yet: report plainly what would be delivered.
+    # -- what goes in ------------------------------------------------------------------------
+    def enqueue_run(self, rec: WorkspaceRecord, force: bool = False) -> None:
+        """Queue what is to be delivered of ``rec``'s last run (no-op for what the ledger has)."""
+        if rec.status in ACTIVE_STATUSES:
+            return
+        if self.settings.push and rec.status == Status.COMPLETED:
+            self.outbox.enqueue(rec.name, rec.runs, "git", force=force)
+        if self.settings.endpoint:
+            self.outbox.enqueue(rec.name, rec.runs, "record", payload=record_payload(rec, self.settings.agent_id))
+        self._wake.set()
+
+    def after_run(self, rec: WorkspaceRecord) -> None:
+        """A run ended for good: with ``[sync] auto``, its delivery starts now."""
+        if self.settings.auto:
+            self.enqueue_run(rec)
+
+    # -- delivering ----------------------------------------------------------------------------
+    def _deliver(self, entry: OutboxEntry) -> Outcome:
+        try:
+            rec = self.store.read(entry.workspace)
+        except WorkspaceNotFoundError:
+            return Outcome.permanent(f"the workspace {entry.workspace} is gone", "nothing is left to deliver")
+        except CorruptRecordError as e:
+            return Outcome.permanent(str(e), "repair or remove the workspace's status.json, then call agentic_sync")
+        if entry.kind == "record":
+            return self.poster.deliver(entry, rec.delivery)
+        outcome = self.git.deliver(rec, self.store.paths(rec.name).repo, force=entry.force, run=entry.run)
+        if outcome.delivery is not None:
+            self._note_delivery(rec.name, rec.runs, outcome.delivery)
+        return outcome
+
+    def _note_delivery(self, name: str, run: int, delivery: Delivery) -> None:
+        def apply(rec: WorkspaceRecord) -> bool:
+            if rec.runs != run:  # a later run owns the record now; its own delivery will say
+                return False
+            rec.delivery = delivery
+            return True
+
+        self.store.update(name, apply)
+
+    def _event(self, kind: str, entry: OutboxEntry, reason: str | None) -> None:
+        try:
+            rec = self.store.read(entry.workspace)
+        except (WorkspaceNotFoundError, CorruptRecordError):
+            return
+        self.store.event(rec, kind, delivery=entry.kind, run=entry.run, entry=entry.id, reason=reason)
+
+    def flush(self, only: str | None = None, stop: threading.Event | None = None) -> None:
+        """Deliver every due entry now (of ``only``'s workspace, when given)."""
+        with self._flushing:
+            self.outbox.flush(self._deliver, only=only, stop=stop)
+
+    def run(self, stop: threading.Event) -> None:
+        """The background loop: flush what is due, then sleep until the next entry is due (at most
+        ``[sync] flush_interval_seconds``) or something is enqueued."""
+        while not stop.is_set():
+            try:
+                self.flush(stop=stop)
+                due = self.outbox.next_due()
+            except Exception:  # the one top-level boundary of this background task
+                log.exception("sync flush failed; retrying on the next pass")
+                due = None
+            wait = self.settings.flush_interval_seconds
+            if due is not None:
+                wait = min(wait, max(0.05, due - time.time()))
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- agentic_sync ------------------------------------------------------------------------
+    def sync(self, workspace: str | None = None, force: bool = False, wait: float = 0.0) -> SyncReport:
+        """Queue every finished run not yet delivered (of ``workspace``, when given), retry that
+        workspace's entries that needed attention, deliver what is due now, and report. With
+        ``wait``, keep delivering what is pending as it comes due, up to that many seconds.
+
+        ``force`` (one workspace only) lets the branch overwrite one of the same name that is not
+        an ancestor of it, in a retry of an entry refused as non-fast-forward too.
 
         Raises:
             WorkspaceNotFoundError: ``workspace`` does not exist.
+            InvalidInputError: ``force`` without a workspace, or a negative ``wait``.
         """
+        if wait < 0:
+            raise InvalidInputError("wait", "must be 0 or more seconds.")
+        if force and workspace is None:
+            raise InvalidInputError("force", "needs a workspace: name the one whose branch may overwrite theirs.")
+        records = [self.store.read(workspace)] if workspace is not None else self._finished_records()
+        for rec in records:
+            self.enqueue_run(rec, force=force)
         if workspace is not None:
-            self.store.read(workspace)
-        pending = [
-            i.record.name
-            for i in self.store.list()
-            if i.record is not None
-            and i.record.status not in ACTIVE_STATUSES
-            and (workspace is None or i.record.name == workspace)
-        ]
-        return SyncReport(
-            delivered=[],
-            pending=pending,
-            next_retry_at=None,
-            message=(
-                "Sync is not implemented yet: nothing was pushed and no record was reported. The work is safe in "
-                "each workspace's repo/ folder; push a branch by hand with `git -C <repo_path> push origin <branch>`."
-            ),
-        )
+            for entry in self.outbox.entries(workspace):
+                if entry.state == "attention":
+                    self.outbox.retry(entry.id, force=force)
+        self.flush(only=workspace)
+        deadline = time.monotonic() + wait
+        while (due := self._next_due(workspace)) is not None and time.monotonic() < deadline:
+            time.sleep(max(0.0, min(due - time.time(), deadline - time.monotonic())))
+            self.flush(only=workspace)
+        report = self.outbox.report(workspace)
+        if workspace is not None and not report.entries:
+            rec = records[0]
+            why = "it is still running" if rec.status in ACTIVE_STATUSES else self._nothing_to_deliver(rec)
+            report.message = f"{workspace}: nothing to deliver ({why})."
+        return report
+
+    def _next_due(self, workspace: str | None) -> float | None:
+        due = [e.next_attempt_at for e in self.outbox.entries(workspace) if e.state == "pending"]
+        return min(due) if due else None
+
+    def _finished_records(self) -> list[WorkspaceRecord]:
+        return [i.record for i in self.store.list() if i.record is not None and i.record.status not in ACTIVE_STATUSES]
+
+    def _nothing_to_deliver(self, rec: WorkspaceRecord) -> str:
+        if rec.status != Status.COMPLETED and not self.settings.endpoint:
+            return f"it ended {rec.status}: only completed runs deliver their branch, and no [sync] endpoint is set"
+        return "[sync] push is off and no [sync] endpoint is set"
+
+    # -- what status shows ---------------------------------------------------------------------
+    def states(self) -> dict[str, str]:
+        """Per workspace with deliveries still to make: where they stand, in a few words."""
+        out: dict[str, str] = {}
+        for entry in self.outbox.entries():
+            what = "branch" if entry.kind == "git" else "record"
+            if entry.state == "attention":
+                text = f"{what} needs attention: {entry.last_error}"
+            else:
+                text = f"{what} pending (attempt {entry.attempts + 1})" + (
+                    f", last error: {entry.last_error}" if entry.last_error else ""
+                )
+            out.setdefault(entry.workspace, text)
+        return out
+
+    @staticmethod
+    def view_commands(rec: WorkspaceRecord) -> list[str]:
+        """Commands (and a review link) to look at ``rec``'s delivered branch where it went."""
+        if rec.delivery is None:
+            return []
+        try:
+            _, local = delivery_target(rec)
+        except InvalidInputError:
+            return []
+        return delivery_view_commands(rec, rec.delivery, local)

@@ -194,6 +194,7 @@ class Dispatching:
             runs=1,
             queued_ns=time.time_ns(),
             idempotency_key=None if req.dry_run else req.idempotency_key,
+            qa_enabled=self.settings.qa.enabled if req.qa is None else req.qa,
         )
         return record, self.run_files.prepare(ws, record, req.variables)
 
@@ -262,6 +263,8 @@ class Dispatching:
                 "container_id": None,
                 "exit_code": None,
                 "finished_at": None,
+                "phase": "agent",
+                "qa": None,
             }
         )
 

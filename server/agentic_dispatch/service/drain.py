@@ -8,7 +8,6 @@ one root never start the same run or overrun a limit.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 
 from .. import safefs
@@ -24,12 +23,11 @@ from ..config import Settings
 from ..credentials import Credentials
 from ..errors import LaunchError, RuntimeUnavailableError, UnsafePathError
 from ..models import Status, WorkspaceRecord, utcnow
-from ..naming import slugify
-from ..runtime.base import LABEL_AGENT, LABEL_ROOT, LABEL_RUN, LABEL_WORKSPACE, ContainerSpec, Mount, Runtime
+from ..runtime.base import LABEL_ROOT, LABEL_RUN, LABEL_WORKSPACE, ContainerSpec, Mount, Runtime
 from ..scheduler import Scheduler
 from ..store import StatusStore, WorkspacePaths
 from .catalog import AgentCatalog
-from .common import container_url
+from .common import container_spec, container_url
 
 __all__ = ["QueueDrainer"]
 
@@ -193,34 +191,12 @@ class QueueDrainer:
         env: dict[str, str],
         file_mounts: list[Mount],
     ) -> ContainerSpec:
-        res = self.settings.resources
-        return ContainerSpec(
-            image=record.image or self.catalog.image,
-            # output lands in the log as it comes; `exec` keeps the agent's exit code
-            command=["/bin/sh", "-c", 'exec "$@" >>"$AGENTIC_LOG" 2>&1', "agentic-run", *argv],
-            name=self._container_name(record),
-            workdir=CONTAINER_WORKDIR,
-            user=f"{os.getuid()}:{os.getgid()}",
-            env=env,
-            mounts=[
-                Mount(ws.repo, CONTAINER_WORKDIR),
-                Mount(ws.home, CONTAINER_HOME),
-                Mount(ws.logs, CONTAINER_LOGS),
-                Mount(ws.meta / "run", CONTAINER_RUN, read_only=True),
-                *file_mounts,
-            ],
-            labels={
-                **self.root_labels,
-                LABEL_WORKSPACE: record.name,
-                LABEL_RUN: str(record.runs),
-                LABEL_AGENT: record.agent,
-            },
-            memory=res.memory or None,
-            cpus=res.cpus,
-            pids=res.pids,
-            network=res.network,
-        )
-
-    def _container_name(self, record: WorkspaceRecord) -> str:
-        base = slugify(f"{record.org}-{record.repo_name}-{record.name.rsplit('/', 1)[-1]}", 80)
-        return f"agentic-{base}-r{record.runs}-{self.root_id[:6]}"
+        mounts = [
+            Mount(ws.repo, CONTAINER_WORKDIR),
+            Mount(ws.home, CONTAINER_HOME),
+            Mount(ws.logs, CONTAINER_LOGS),
+            Mount(ws.meta / "run", CONTAINER_RUN, read_only=True),
+            *file_mounts,
+        ]
+        image = record.image or self.catalog.image
+        return container_spec(self.settings, self.root_id, record, image, argv, env, mounts)

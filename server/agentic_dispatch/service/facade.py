@@ -7,7 +7,8 @@ method blocks; async callers run them on a worker thread.
 Background work (only when :meth:`Dispatcher.start` is called, i.e. in a server): one thread
 follows the runtime's exit events (→ ``finalise``, then ``drain``); one timer thread runs
 ``reconcile`` (timeouts, missed exits, adoption, drain) and wakes early for the nearest
-deadline. A one-shot CLI call reconciles once instead.
+deadline; one sync thread flushes the delivery outbox. A one-shot CLI call reconciles once
+instead.
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ from ..scheduler import Scheduler
 from ..store import StatusStore
 from .catalog import AgentCatalog
 from .control import Control
-from .delivery import Delivery
+from .delivery import ResultDelivery
 from .dispatching import Dispatching
 from .drain import QueueDrainer
 from .finalise import Finaliser
 from .preflight import Preflight
+from .qa import QaGate
 from .recovery import Recovery
 from .reports import Reports
 from .run_files import RunFiles
@@ -83,9 +85,13 @@ class Dispatcher:
         self.drainer = QueueDrainer(
             settings, self.store, self.scheduler, runtime, self.catalog, paths.root_id, self._wake.set
         )
-        self.finaliser = Finaliser(self.store, runtime, self.scheduler, self.catalog, finished)
+        self.delivery = ResultDelivery(settings.sync, paths, self.store)
+        qa = QaGate(settings, runtime, self.catalog, paths.root_id)
+        self.finaliser = Finaliser(self.store, runtime, self.scheduler, self.catalog, qa, finished, self._after_run)
         self.recovery = Recovery(self.store, runtime, self.scheduler, self.drainer, self.finaliser)
-        self.reports = Reports(self.store, self.scheduler, self.catalog, self.drainer, self.recovery, finished)
+        self.reports = Reports(
+            self.store, self.scheduler, self.catalog, self.drainer, self.recovery, self.delivery, finished
+        )
         self.dispatching = Dispatching(
             settings,
             paths,
@@ -97,7 +103,6 @@ class Dispatcher:
             self.drainer.drain,
         )
         self.control = Control(self.store, self.scheduler, self.drainer, self.finaliser)
-        self.delivery = Delivery(self.store)
         self.recovery.remove_stale_staging(paths.state / "staging")
 
     def _check_config(self) -> None:
@@ -128,7 +133,8 @@ class Dispatcher:
             daemon=True,
         )
         timer = threading.Thread(target=self._timer_loop, name="agentic-timer", daemon=True)
-        self._threads = [watcher, timer]
+        sync = threading.Thread(target=self.delivery.run, args=(self._stop,), name="agentic-sync", daemon=True)
+        self._threads = [watcher, timer, sync]
         for t in self._threads:
             t.start()
 
@@ -136,6 +142,7 @@ class Dispatcher:
         """Stop background threads. Running containers keep running; the next start reconciles them."""
         self._stop.set()
         self._wake.set()
+        self.delivery.wake()
         for t in self._threads:
             t.join(timeout)
         self._threads = []
@@ -161,6 +168,10 @@ class Dispatcher:
             self.drainer.drain()
         except Exception:
             log.exception("cannot drain the queue after %s exited", name)
+
+    def _after_run(self, rec: WorkspaceRecord) -> None:
+        """A run ended for good (after its QA gate)."""
+        self.delivery.after_run(rec)
 
     # -- what the front ends call (each documented on the part that does it) --------------
     def dispatch(self, req: DispatchRequest) -> DispatchResult:
@@ -202,5 +213,5 @@ class Dispatcher:
     def cleanup(self) -> CleanupReport:
         return self.recovery.cleanup()
 
-    def sync(self, workspace: str | None = None) -> SyncReport:
-        return self.delivery.sync(workspace)
+    def sync(self, workspace: str | None = None, force: bool = False, wait: float = 0.0) -> SyncReport:
+        return self.delivery.sync(workspace, force, wait)

@@ -2,7 +2,8 @@
 
 Non-empty ``repo/BLOCKED.md`` → ``blocked`` (its text is the question); a stop the server
 asked for → its status and reason; non-zero exit → ``failed`` with the reason; else
-``completed``. :meth:`Finaliser.finalise` is idempotent: the exit watcher, the timer and a
+``completed`` — or, with the QA gate on, the gate's run first (``service/qa.py``), whose verdict
+settles the record when its container exits. :meth:`Finaliser.finalise` is idempotent: the exit watcher, the timer and a
 second server may all call it for one run.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .. import safefs
 from ..agents import RUN_HEADER, agent_base
@@ -23,6 +24,7 @@ from ..scheduler import Scheduler
 from ..store import StatusStore, WorkspacePaths
 from .catalog import AgentCatalog
 from .common import log_tail, parse_time
+from .qa import QaGate
 
 __all__ = ["MAX_QUESTION_BYTES", "Finaliser"]
 
@@ -41,13 +43,17 @@ class Finaliser:
         runtime: Runtime,
         scheduler: Scheduler,
         catalog: AgentCatalog,
+        qa: QaGate,
         finished: threading.Condition,
+        on_final: Callable[[WorkspaceRecord], None],
     ) -> None:
         self.store = store
         self.runtime = runtime
         self.scheduler = scheduler
         self.catalog = catalog
+        self.qa = qa
         self._finished = finished  # notified after each run that ends (waiters re-read their record)
+        self._on_final = on_final  # after a run ends for good (delivery, when sync is automatic)
 
     def finalise(self, name: str, container_id: str, exit_code: int | None) -> bool:
         """Apply the final-status rule to a run whose container has exited (or was stopped).
@@ -65,30 +71,41 @@ class Finaliser:
             return True
 
         rec = self.store.update(name, apply)
-        if changed:
-            self.runtime.remove(container_id)
-            if rec.status == Status.FAILED and rec.started_at:
-                ran = time.time() - (parse_time(rec.started_at) or time.time())
-                if self.scheduler.note_failure(rec.agent, ran):
-                    log.warning("pool %s paused after repeated fast failures", agent_base(rec.agent))
-            with self._finished:
-                self._finished.notify_all()
-        return changed
+        if not changed:
+            return False
+        self.runtime.remove(container_id)
+        if rec.status == Status.RUNNING:  # the agent is done and the QA gate now runs
+            return True
+        if rec.status == Status.FAILED and rec.started_at and (rec.qa is None or rec.qa.state != "failed"):
+            ran = time.time() - (parse_time(rec.started_at) or time.time())
+            if self.scheduler.note_failure(rec.agent, ran):
+                log.warning("pool %s paused after repeated fast failures", agent_base(rec.agent))
+        self.store.event(rec, rec.status.value, exit_code=rec.exit_code)
+        with self._finished:
+            self._finished.notify_all()
+        try:
+            self._on_final(rec)
+        except Exception:  # delivery is retried from the outbox; the run's end stands
+            log.exception("after %s ended", name)
+        return True
 
     def _apply_final_state(self, rec: WorkspaceRecord, exit_code: int | None) -> None:
         ws = self.store.paths(rec.name)
+        stop_status, stop_reason = rec.stop_status, rec.stop_reason
+        rec.stop_status = rec.stop_reason = None
+        rec.finished_at = utcnow()
+        if rec.phase == "qa":
+            self.qa.conclude(ws, rec, exit_code, (stop_status, stop_reason))
+            return
         base = agent_base(rec.agent)
         secrets = self.catalog.secrets(base)  # a CLI may echo its key: never repeat it
         rec.exit_code = exit_code
-        rec.finished_at = utcnow()
         rec.summary = self._summarize(base, ws, secrets)
         try:
             question = redact(self._blocked_question(ws), secrets) or ""
             unsafe = None
         except UnsafePathError as e:
             question, unsafe = "", str(e)
-        stop_status, stop_reason = rec.stop_status, rec.stop_reason
-        rec.stop_status = rec.stop_reason = None
         if stop_status == Status.CANCELLED:
             rec.status, rec.question = Status.CANCELLED, stop_reason
         elif unsafe is not None:
@@ -101,6 +118,8 @@ class Finaliser:
             rec.status, rec.question = Status.FAILED, self._failure_reason(rec, ws, exit_code, secrets)
         else:
             rec.status, rec.question = Status.COMPLETED, None
+            if rec.qa_enabled:
+                self.qa.begin(ws, rec)  # may leave the record running, now with the gate's container
 
     @staticmethod
     def _blocked_question(ws: WorkspacePaths) -> str:

@@ -18,7 +18,7 @@ from ..models import CleanupReport, Status, WorkspaceRecord, utcnow
 from ..runtime.base import LABEL_RUN, LABEL_WORKSPACE, ContainerInfo, Runtime
 from ..scheduler import Scheduler
 from ..store import Listed, StatusStore
-from .common import parse_time
+from .common import run_deadline
 from .drain import QueueDrainer
 from .finalise import Finaliser
 
@@ -60,13 +60,8 @@ class Recovery:
                 self._fail_vanished(rec)
             elif not info.running:
                 self.finaliser.finalise(rec.name, rec.container_id, info.exit_code)
-            elif now - (parse_time(rec.started_at) or now) > rec.timeout_seconds:
-                self.finaliser.stop_run(
-                    rec.name,
-                    Status.FAILED,
-                    f"timed out after {rec.timeout_seconds} s; the container was stopped and the log so far kept",
-                    rec.container_id,
-                )
+            elif (deadline := run_deadline(rec)) is not None and now > deadline[0]:
+                self.finaliser.stop_run(rec.name, Status.FAILED, deadline[1], rec.container_id)
         self._adopt_started(listed)
         self.drainer.drain()
 
@@ -78,9 +73,9 @@ class Recovery:
             rec = item.record
             if rec is None or rec.status != Status.RUNNING:
                 continue
-            started = parse_time(rec.started_at)
-            if started is not None:
-                wait = min(wait, max(0.2, started + rec.timeout_seconds - now + 0.1))
+            deadline = run_deadline(rec)
+            if deadline is not None:
+                wait = min(wait, max(0.2, deadline[0] - now + 0.1))
         return wait
 
     @staticmethod

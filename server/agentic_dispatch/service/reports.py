@@ -16,6 +16,7 @@ from ..scheduler import Scheduler
 from ..store import Listed, StatusStore
 from .catalog import AgentCatalog
 from .common import log_tail
+from .delivery import ResultDelivery
 from .drain import QueueDrainer
 from .recovery import Recovery
 
@@ -32,6 +33,7 @@ class Reports:
         catalog: AgentCatalog,
         drainer: QueueDrainer,
         recovery: Recovery,
+        delivery: ResultDelivery,
         finished: threading.Condition,
     ) -> None:
         self.store = store
@@ -39,6 +41,7 @@ class Reports:
         self.catalog = catalog
         self.drainer = drainer
         self.recovery = recovery
+        self.delivery = delivery
         self._finished = finished
 
     def status(
@@ -59,6 +62,7 @@ class Reports:
         counts: dict[str, int] = {s.value: 0 for s in Status}
         rows: list[WorkspaceRow] = []
         listed = self.store.list()
+        syncing = self.delivery.states()
         if workspace is not None and not any(i.name == workspace for i in listed):
             self.store.read(workspace)  # raises WorkspaceNotFoundError with the recovery hint
         for item in listed:
@@ -70,7 +74,7 @@ class Reports:
                 continue
             counts[item.record.status.value] += 1
             if status is None or item.record.status.value == status:
-                rows.append(self._row(item.record, log_lines))
+                rows.append(self._row(item.record, log_lines, syncing.get(item.name)))
         rows.sort(key=lambda r: r.updated_at or "", reverse=True)
         return self._report(counts, rows[:limit])
 
@@ -80,7 +84,7 @@ class Reports:
             name=item.name, repo="?", agent="?", status="unreadable", runs=0, branch="?", error=str(item.error)
         )
 
-    def _row(self, rec: WorkspaceRecord, log_lines: int) -> WorkspaceRow:
+    def _row(self, rec: WorkspaceRecord, log_lines: int, sync: str | None) -> WorkspaceRow:
         tail = None
         if log_lines > 0:
             base = agent_base(rec.agent)
@@ -99,6 +103,10 @@ class Reports:
             exit_code=rec.exit_code,
             summary=rec.summary,
             log_tail=tail,
+            qa=rec.qa,
+            delivery=rec.delivery,
+            sync=sync,
+            delivery_commands=self.delivery.view_commands(rec),
         )
 
     def _report(self, counts: dict[str, int], rows: list[WorkspaceRow]) -> StatusReport:

@@ -135,6 +135,7 @@ def _rejected(summary: str, reason: str, branch: str, remote: str) -> Outcome:
         return Outcome.transient(reason)
     if any(k in summary for k in ("non-fast-forward", "fetch first", "stale info", "already exists")):
         key = "non-fast-forward"
+        reason = f"rejected as non-fast-forward: {branch} in {remote} has commits this run's branch lacks ({reason})"
     elif "checked out" in summary or "checked out" in reason:
         key = "checked out"
     else:
