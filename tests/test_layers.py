@@ -24,6 +24,7 @@ LAYER = {
     "agents": 2,
     "credentials": 2,
     "store": 2,
+    "index": 2,
     "sync": 2,
     "runtime": 1,
     "config": 0,

@@ -6,6 +6,10 @@ Writers hold the workspace lock: a thread lock inside this process and an ``floc
 on ``<workspace>/.lock`` across processes sharing a root.
 A record that cannot be parsed is reported as :class:`CorruptRecordError` and left as
 it is: nothing here overwrites a file it could not read.
+
+Each write also updates the status index (:mod:`.index`, ``state/index.sqlite``), which answers
+counts, filters and the newest page; :meth:`StatusStore.refresh` checks it against the record
+files, so it never says other than the records do.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
+import sqlite3
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -23,12 +29,15 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .errors import CorruptRecordError, WorkspaceNotFoundError
-from .models import WorkspaceRecord, utcnow
+from .index import IndexRow, StatusIndex
+from .models import ACTIVE_STATUSES, WorkspaceRecord, utcnow
 from .naming import contained, split_workspace_name
 
 __all__ = ["Listed", "StatusStore", "WorkspacePaths"]
 
 STATUS_FILE = "status.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,9 +91,10 @@ class Listed:
 class StatusStore:
     """Reads and writes workspace records under ``<root>/workspaces``."""
 
-    def __init__(self, workspaces_root: Path, events_dir: Path) -> None:
+    def __init__(self, workspaces_root: Path, events_dir: Path, index_file: Path | None = None) -> None:
         self.root = workspaces_root
         self.events_file = events_dir / "events.jsonl"
+        self.index = StatusIndex(index_file or workspaces_root.parent / "state" / "index.sqlite")
         self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()
         self._events_lock = threading.Lock()
@@ -169,6 +179,10 @@ class StatusStore:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        try:  # the same step: a crash before this line is caught by the next refresh (size, mtime)
+            self.index.put([IndexRow.of(record.name, record, path.stat())])
+        except (sqlite3.Error, OSError) as e:
+            log.warning("the status index missed %s (%s); the next refresh catches up", record.name, e)
 
     def update(self, name: str, change: Callable[[WorkspaceRecord], bool | None]) -> WorkspaceRecord:
         """Read, change and write a record under its lock.
@@ -188,8 +202,59 @@ class StatusStore:
             self.event(record, "status", previous=str(before))
         return record
 
+    # -- the index ---------------------------------------------------------------------------
+    def _load(self, name: str, _: os.stat_result) -> WorkspaceRecord | None:
+        try:
+            return self.read(name)
+        except (CorruptRecordError, WorkspaceNotFoundError, OSError):
+            return None
+
+    def refresh(self) -> int:
+        """Bring the index in line with the record files (stats them all, re-reads what changed).
+        Returns how many index rows changed."""
+        return self.index.refresh(self.root, STATUS_FILE, self._load)
+
+    def counts(self) -> dict[str, int]:
+        """Workspaces per status (``unreadable`` for records that cannot be read), from the index."""
+        return self.index.counts()
+
+    def query(self, statuses: list[str] | None = None, limit: int | None = None) -> list[Listed]:
+        """The records of ``statuses`` (all when ``None``; ``"unreadable"`` names the broken ones),
+        newest first, read in full. A workspace gone since the index saw it is dropped from both."""
+        out: list[Listed] = []
+        gone: list[str] = []
+        for name in self.index.names(statuses, limit):
+            try:
+                out.append(Listed(name, self.read(name)))
+            except WorkspaceNotFoundError:
+                gone.append(name)
+            except CorruptRecordError as e:
+                out.append(Listed(name, None, e))
+            except OSError as e:
+                out.append(Listed(name, None, CorruptRecordError(self.paths(name).status, e.strerror or str(e))))
+        self.index.remove(gone)
+        return out
+
+    def active(self) -> list[Listed]:
+        """The queued and running records: what the timer, the drain and recovery work on."""
+        return [i for i in self.query([s.value for s in ACTIVE_STATUSES]) if i.record is not None]
+
+    def unreadable(self) -> list[str]:
+        """The names of workspaces whose record cannot be read."""
+        return self.index.names(["unreadable"])
+
+    def with_key(self, key: str) -> WorkspaceRecord | None:
+        """The record dispatched with idempotency key ``key``, if any."""
+        for name in self.index.with_key(key):
+            with contextlib.suppress(WorkspaceNotFoundError, CorruptRecordError):
+                record = self.read(name)
+                if record.idempotency_key == key:
+                    return record
+        return None
+
     def list(self) -> list[Listed]:
-        """Every workspace under the root, readable or not."""
+        """Every workspace under the root, readable or not (parses every record: for the index, use
+        :meth:`query`)."""
         out: list[Listed] = []
         if not self.root.exists():
             return out

@@ -69,6 +69,15 @@ class DockerRuntime:
         except (docker.errors.DockerException, requests.exceptions.RequestException) as e:
             raise RuntimeUnavailableError(_UNREACHABLE.format(reason=e)) from e
 
+    def image_labels(self, image: str) -> dict[str, str]:
+        try:
+            labels = self.client.images.get(image).labels or {}
+        except docker.errors.ImageNotFound:
+            return {}
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as e:
+            raise RuntimeUnavailableError(_UNREACHABLE.format(reason=e)) from e
+        return {str(k): str(v) for k, v in labels.items()}
+
     def run_once(self, image: str, command: list[str], timeout: float = 120) -> tuple[int, str]:
         """Run ``command`` in a throw-away container of ``image``; return (exit code, output)."""
         try:

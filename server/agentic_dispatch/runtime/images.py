@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -28,7 +29,16 @@ import docker.errors
 from ..config import builtin_dir
 from ..errors import RuntimeUnavailableError
 
-__all__ = ["DEFAULT_BASES", "build_image", "default_image_tag", "ensure_base_image"]
+__all__ = [
+    "AGENT_CLIS",
+    "CLI_VERSIONS_LABEL",
+    "DEFAULT_BASES",
+    "VERSIONS_SCRIPT",
+    "build_image",
+    "default_image_tag",
+    "ensure_base_image",
+    "parse_versions",
+]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +49,41 @@ EXTRA_CA_DIR = Path("/usr/local/share/ca-certificates")
 MIRROR_ENV = "AGENTIC_DISPATCH_DEBIAN_MIRROR"
 
 Progress = Callable[[str], None]
+
+# The CLIs the recipe installs, and the label the build stamps with what each prints for
+# --version: a dispatch reads it from the image instead of starting a container to ask.
+AGENT_CLIS = ("claude", "codex", "gemini")
+CLI_VERSIONS_LABEL = "agentic-dispatch.cli-versions"
+# Prints "<cli>\t<first line of --version>", or "<cli>\t!<last line of the error>", per CLI.
+VERSIONS_SCRIPT = (
+    'for c in "$@"; do if v=$("$c" --version 2>&1); then printf "%s\\t%s\\n" "$c" "$(printf "%s" "$v" | head -n1)"; '
+    'else printf "%s\\t!%s\\n" "$c" "$(printf "%s" "$v" | tail -n1)"; fi; done'
+)
+
+
+def parse_versions(output: str, clis: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """What :data:`VERSIONS_SCRIPT` printed, per CLI; ``!reason`` where a CLI did not answer."""
+    found = dict.fromkeys(clis, "!the version check did not run")
+    for line in output.splitlines():
+        name, _, version = line.partition("\t")
+        if name in found:
+            found[name] = version.strip() or "!no output"
+    return found
+
+
+def _stamp_versions(client: docker.DockerClient, tag: str, progress: Progress) -> None:
+    """Run each CLI's --version once in the new image and keep the answers as a label on it."""
+    output = client.containers.run(
+        tag, ["/bin/sh", "-c", VERSIONS_SCRIPT, "versions", *AGENT_CLIS], remove=True, network_disabled=True
+    )
+    versions = parse_versions(bytes(output).decode("utf-8", errors="replace"), AGENT_CLIS)
+    progress(f"CLI versions: {versions}")
+    dockerfile = f"FROM {client.images.get(tag).id}\n".encode()
+    for chunk in client.api.build(
+        fileobj=io.BytesIO(dockerfile), tag=tag, rm=True, decode=True, labels={CLI_VERSIONS_LABEL: json.dumps(versions)}
+    ):
+        if "error" in chunk:
+            raise RuntimeUnavailableError(f"labelling {tag} with its CLI versions failed: {chunk['error'].strip()}")
 
 
 def _recipe_dir() -> Path:
@@ -181,5 +226,6 @@ def build_image(
             if "error" in chunk:
                 detail = "\n".join(tail[-10:])
                 raise RuntimeUnavailableError(f"building {tag} failed: {chunk['error'].strip()}\n{detail}")
+    _stamp_versions(client, tag, progress)
     client.images.get(tag).tag(IMAGE_REPO, "latest")
     return tag

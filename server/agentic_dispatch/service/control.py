@@ -66,7 +66,7 @@ class Control:
         self.scheduler.set_frozen(True)
         stopped = []
         if now:
-            for item in self.store.list():
+            for item in self.store.active():
                 running = item.record is not None and item.record.status == Status.RUNNING
                 if running and self.finaliser.stop_run(
                     item.name, Status.CANCELLED, "stopped by agentic_dispatch_shutdown(now=true)"

@@ -149,7 +149,9 @@ class ResultDelivery:
         return min(due) if due else None
 
     def _finished_records(self) -> list[WorkspaceRecord]:
-        return [i.record for i in self.store.list() if i.record is not None and i.record.status not in ACTIVE_STATUSES]
+        self.store.refresh()
+        finished = [s.value for s in Status if s not in ACTIVE_STATUSES]
+        return [i.record for i in self.store.query(finished) if i.record is not None]
 
     def _nothing_to_deliver(self, rec: WorkspaceRecord) -> str:
         if rec.status != Status.COMPLETED and not self.settings.endpoint:

@@ -99,7 +99,7 @@ class Dispatching:
         if not req.idempotency_key.strip() or len(req.idempotency_key) > 200:
             raise InvalidInputError("idempotency_key", "must be 1 to 200 characters.")
         with self._key_lock(req.idempotency_key):
-            existing = self._find_by_key(req.idempotency_key)
+            existing = self.store.with_key(req.idempotency_key)
             if existing is not None:
                 return self.result(existing)
             return self._dispatch(req, spec, template, timeout)
@@ -107,12 +107,6 @@ class Dispatching:
     def _key_lock(self, key: str) -> contextlib.AbstractContextManager[None]:
         digest = hashlib.sha256(key.encode()).hexdigest()[:24]
         return file_lock(self.paths.state / "keys" / f"{digest}.lock")
-
-    def _find_by_key(self, key: str) -> WorkspaceRecord | None:
-        for item in self.store.list():
-            if item.record is not None and item.record.idempotency_key == key:
-                return item.record
-        return None
 
     def _dispatch(self, req: DispatchRequest, spec: AgentSpec, template: str, timeout: int) -> DispatchResult:
         ref = resolve_repo(req.repo, req.org, self.settings.repo_url_template)  # a bad repo is named first

@@ -70,7 +70,7 @@ class QueueDrainer:
             # Login files may appear after the server started (a `codex login` meanwhile):
             # the serialised pools follow what is on disk now.
             self.scheduler.limits = self.catalog.effective_limits()
-            records = [i.record for i in self.store.list() if i.record is not None]
+            records = [i.record for i in self.store.active() if i.record is not None]
             stalled = None
             for rec in self.scheduler.pick(records):
                 try:

@@ -80,7 +80,6 @@ class Finaliser:
             ran = time.time() - (parse_time(rec.started_at) or time.time())
             if self.scheduler.note_failure(rec.agent, ran):
                 log.warning("pool %s paused after repeated fast failures", agent_base(rec.agent))
-        self.store.event(rec, rec.status.value, exit_code=rec.exit_code)
         with self._finished:
             self._finished.notify_all()
         try:

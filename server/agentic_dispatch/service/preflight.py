@@ -13,15 +13,10 @@ from pathlib import Path
 from ..errors import AgentNotReadyError, RuntimeUnavailableError
 from ..models import AgentCheck, DoctorReport
 from ..runtime.base import Runtime
+from ..runtime.images import CLI_VERSIONS_LABEL, VERSIONS_SCRIPT, parse_versions
 from .catalog import AgentCatalog
 
 __all__ = ["Preflight"]
-
-# What `doctor` runs in the image to read each CLI's version (one container for all).
-_VERSIONS_SCRIPT = (
-    'for c in "$@"; do if v=$("$c" --version 2>&1); then printf "%s\\t%s\\n" "$c" "$(printf "%s" "$v" | head -n1)"; '
-    'else printf "%s\\t!%s\\n" "$c" "$(printf "%s" "$v" | tail -n1)"; fi; done'
-)
 
 
 class Preflight:
@@ -56,10 +51,14 @@ class Preflight:
     def cli_versions(self, fresh: bool = False) -> dict[str, str]:
         """Each CLI's ``--version`` line in the agent image; a value starting with ``!`` is the error.
 
-        Read once per image (the result is kept in ``state/cli-versions.json`` by image id).
+        From the label `image build` stamps on the image; for an image without it (one of yours),
+        read once per image in a throw-away container and kept in ``state/cli-versions.json`` by
+        image id. ``fresh`` (doctor) always runs the CLIs.
         """
         image = self.catalog.image
         clis = sorted({a.cli for a in self.catalog.agents.values() if a.cli})
+        if not fresh and clis and (labelled := self._labelled(image, clis)):
+            return labelled
         image_id = self.runtime.image_id(image)
         if image_id is None or not clis:
             return {}
@@ -70,16 +69,22 @@ class Preflight:
                 known = {}
             entry = known.get(image_id)
             if fresh or not isinstance(entry, dict) or not set(clis) <= set(entry):
-                _, output = self.runtime.run_once(image, ["/bin/sh", "-c", _VERSIONS_SCRIPT, "versions", *clis])
-                entry = dict.fromkeys(clis, "!the version check did not run")
-                for line in output.splitlines():
-                    name, _, version = line.partition("\t")
-                    if name in entry:
-                        entry[name] = version.strip() or "!no output"
+                _, output = self.runtime.run_once(image, ["/bin/sh", "-c", VERSIONS_SCRIPT, "versions", *clis])
+                entry = parse_versions(output, clis)
                 tmp = self._cache.with_suffix(".tmp")
                 tmp.write_text(json.dumps({image_id: entry}, indent=2), encoding="utf-8")  # only this image matters
                 tmp.replace(self._cache)
             return {str(k): str(v) for k, v in entry.items()}
+
+    def _labelled(self, image: str, clis: list[str]) -> dict[str, str] | None:
+        """The versions the image's label records, when it names every CLI."""
+        try:
+            data = json.loads(self.runtime.image_labels(image).get(CLI_VERSIONS_LABEL, "{}"))
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or not set(clis) <= set(data):
+            return None
+        return {c: str(data[c]) for c in clis}
 
     def _agent_check(self, base: str, versions: dict[str, str] | None, blocker: str | None = None) -> AgentCheck:
         """``base``'s problems: ``blocker`` (no engine or no image: ``versions`` is then None and the

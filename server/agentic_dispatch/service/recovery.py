@@ -27,6 +27,9 @@ __all__ = ["Recovery"]
 log = logging.getLogger(__name__)
 
 STALE_STAGING_SECONDS = 3600
+# How often the timer checks the status index against every record file (a stat each). Writes
+# through the store update the index at once; this catches records changed behind its back.
+INDEX_REFRESH_SECONDS = 60.0
 
 
 class Recovery:
@@ -46,11 +49,19 @@ class Recovery:
         self.drainer = drainer
         self.finaliser = finaliser
         self.root_labels = drainer.root_labels
+        self._refreshed = -INDEX_REFRESH_SECONDS  # the first reconcile (at start) checks the index
 
     def reconcile(self) -> None:
-        """Match every running record with its container; enforce timeouts; adopt; drain the queue."""
+        """Match every running record with its container; enforce timeouts; adopt; drain the queue.
+
+        Works on the queued and running records only (from the status index); the index itself is
+        checked against every record file once per ``INDEX_REFRESH_SECONDS`` (and by each status).
+        """
         now = time.time()
-        listed = self.store.list()
+        if time.monotonic() - self._refreshed > INDEX_REFRESH_SECONDS:
+            self.store.refresh()
+            self._refreshed = time.monotonic()
+        listed = self.store.active()
         for item in listed:
             rec = item.record
             if rec is None or rec.status != Status.RUNNING or rec.container_id is None:
@@ -69,7 +80,7 @@ class Recovery:
         """Seconds until the next tick: ``interval``, or sooner for the earliest run deadline."""
         wait = interval
         now = time.time()
-        for item in self.store.list():
+        for item in self.store.active():
             rec = item.record
             if rec is None or rec.status != Status.RUNNING:
                 continue
@@ -127,14 +138,14 @@ class Recovery:
         (same workspace and run); one whose workspace's record cannot be read (it is reported
         as unreadable, and its container is left alone until a person has looked).
         """
-        listed = self.store.list()
+        listed = self.store.active()
         known = {
             i.record.container_id
             for i in listed
             if i.record is not None and i.record.status == Status.RUNNING and i.record.container_id
         }
         adopting = self._queued_runs(listed)
-        unreadable = {i.name for i in listed if i.record is None}
+        unreadable = set(self.store.unreadable())
         return [
             c
             for c in self.runtime.list(self.root_labels)

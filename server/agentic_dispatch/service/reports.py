@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from ..agents import agent_base
 from ..credentials import redact
-from ..errors import InvalidInputError, RuntimeUnavailableError
+from ..errors import CorruptRecordError, InvalidInputError, RuntimeUnavailableError
 from ..models import ACTIVE_STATUSES, PoolHoldRow, Status, StatusReport, WorkspaceRecord, WorkspaceRow
 from ..scheduler import Scheduler
 from ..store import Listed, StatusStore
@@ -53,30 +53,36 @@ class Reports:
             InvalidInputError: a bad workspace name, status or limit.
             WorkspaceNotFoundError: ``workspace`` does not exist.
         """
-        if workspace is not None:
-            self.store.paths(workspace)  # validates the name
         if status is not None and status not in {s.value for s in Status}:
             raise InvalidInputError("status", f"unknown status {status!r}; use one of {', '.join(Status)}.")
         if limit < 1:
             raise InvalidInputError("limit", "must be at least 1.")
-        counts: dict[str, int] = {s.value: 0 for s in Status}
-        rows: list[WorkspaceRow] = []
-        listed = self.store.list()
         syncing = self.delivery.states()
-        if workspace is not None and not any(i.name == workspace for i in listed):
-            self.store.read(workspace)  # raises WorkspaceNotFoundError with the recovery hint
+        if workspace is not None:
+            listed = [self._one(workspace)]
+            counts: dict[str, int] = {s.value: 0 for s in Status}
+            key = listed[0].record.status.value if listed[0].record else "unreadable"
+            counts[key] = 1
+        else:
+            self.store.refresh()  # the index answers only once it agrees with every record file
+            counts = {s.value: 0 for s in Status} | self.store.counts()
+            listed = self.store.query(None if status is None else [status, "unreadable"], limit)
+        rows: list[WorkspaceRow] = []
         for item in listed:
-            if workspace is not None and item.name != workspace:
-                continue
             if item.record is None:
-                counts["unreadable"] = counts.get("unreadable", 0) + 1
                 rows.append(self._unreadable_row(item))
-                continue
-            counts[item.record.status.value] += 1
-            if status is None or item.record.status.value == status:
+            elif status is None or item.record.status.value == status:
                 rows.append(self._row(item.record, log_lines, syncing.get(item.name)))
-        rows.sort(key=lambda r: r.updated_at or "", reverse=True)
         return self._report(counts, rows[:limit])
+
+    def _one(self, workspace: str) -> Listed:
+        """Raises:
+        WorkspaceNotFoundError: no such workspace (with the recovery hint).
+        """
+        try:
+            return Listed(workspace, self.store.read(workspace))
+        except CorruptRecordError as e:
+            return Listed(workspace, None, e)
 
     @staticmethod
     def _unreadable_row(item: Listed) -> WorkspaceRow:

@@ -1,0 +1,199 @@
+"""The status index: a SQLite table (WAL) beside the records, so counts, filters and the newest
+page come from one query instead of parsing every ``status.json``.
+
+``status.json`` stays the truth. Each row keeps the size and mtime of the record file it was
+made from; :meth:`StatusIndex.refresh` stats every record file (cheap next to reading them) and
+re-reads only those that differ, so a record written by another process or by hand, a deleted
+workspace, a crash between a record write and its index update, or a lost index all come out
+right. An index that cannot be opened or read is set aside and rebuilt from the records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from .models import WorkspaceRecord
+
+__all__ = ["IndexRow", "StatusIndex"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+UNREADABLE = "unreadable"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    name TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    updated_at TEXT NOT NULL DEFAULT '',
+    idempotency_key TEXT,
+    mtime_ns INTEGER NOT NULL,
+    size INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_status ON records (status, updated_at);
+CREATE INDEX IF NOT EXISTS records_updated ON records (updated_at);
+CREATE INDEX IF NOT EXISTS records_key ON records (idempotency_key) WHERE idempotency_key IS NOT NULL;
+"""
+
+
+@dataclass(frozen=True)
+class IndexRow:
+    """What the index knows of one record file."""
+
+    name: str
+    status: str  # a Status value, or "unreadable"
+    updated_at: str
+    idempotency_key: str | None
+    mtime_ns: int
+    size: int
+
+    @classmethod
+    def of(cls, name: str, record: WorkspaceRecord | None, st: os.stat_result) -> IndexRow:
+        if record is None:
+            return cls(name, UNREADABLE, "", None, st.st_mtime_ns, st.st_size)
+        return cls(name, record.status.value, record.updated_at, record.idempotency_key, st.st_mtime_ns, st.st_size)
+
+
+def scan(root: Path, file_name: str) -> dict[str, os.stat_result]:
+    """``org/repo/slug`` → the stat of its record file, for every workspace under ``root``
+    (links are not followed: a workspace folder is ours, never a link)."""
+    found: dict[str, os.stat_result] = {}
+    with contextlib.suppress(FileNotFoundError):
+        for org in os.scandir(root):
+            if not org.is_dir(follow_symlinks=False):
+                continue
+            for repo in os.scandir(org.path):
+                if not repo.is_dir(follow_symlinks=False):
+                    continue
+                for slug in os.scandir(repo.path):
+                    if not slug.is_dir(follow_symlinks=False):
+                        continue
+                    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                        # os.stat on a str: this loop runs once per workspace, no Path objects in it
+                        path = os.path.join(slug.path, file_name)  # noqa: PTH118
+                        found[f"{org.name}/{repo.name}/{slug.name}"] = os.stat(path, follow_symlinks=False)  # noqa: PTH116
+    return found
+
+
+class StatusIndex:
+    """The index database; one connection per thread, safe across processes (WAL, busy timeout)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+        self._generation = 0  # bumped when the file is replaced, so threads reopen it
+        self._guard = threading.Lock()
+
+    # -- the connection ----------------------------------------------------------------------
+    def _open(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise sqlite3.DatabaseError(f"index schema {version}, expected {SCHEMA_VERSION}")
+        conn.executescript(_SCHEMA)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None or getattr(self._local, "generation", -1) != self._generation:
+            if conn is not None:
+                conn.close()
+            conn = self._open()
+            self._local.conn, self._local.generation = conn, self._generation
+        return conn
+
+    def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """``work`` on this thread's connection. An index that turns out unreadable (not a database,
+        a foreign schema) is set aside and started afresh; the next :meth:`refresh` refills it."""
+        try:
+            return work(self._conn())
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError):  # locked, busy, disk full: not the file's fault
+                raise
+            self._reset(str(e))
+            return work(self._conn())
+
+    def _reset(self, why: str) -> None:
+        with self._guard:
+            log.warning("the status index %s is unreadable (%s): rebuilding it from the records", self.path, why)
+            conn = getattr(self._local, "conn", None)
+            if conn is not None:
+                conn.close()
+                self._local.conn = None
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    Path(f"{self.path}{suffix}").replace(f"{self.path}.broken{suffix}")
+            self._generation += 1
+
+    # -- changes -------------------------------------------------------------------------------
+    def put(self, rows: list[IndexRow]) -> None:
+        """Insert or replace ``rows`` (one transaction)."""
+        if not rows:
+            return
+        values = [(r.name, r.status, r.updated_at, r.idempotency_key, r.mtime_ns, r.size) for r in rows]
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN IMMEDIATE")  # one transaction: a rebuild of 10,000 rows is one write
+            try:
+                db.executemany(
+                    "INSERT OR REPLACE INTO records (name, status, updated_at, idempotency_key, mtime_ns, size) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    values,
+                )
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+        self._run(work)
+
+    def remove(self, names: list[str]) -> None:
+        if names:
+            self._run(lambda db: db.executemany("DELETE FROM records WHERE name = ?", [(n,) for n in names]))
+
+    def refresh(self, root: Path, file_name: str, load: Callable[[str, os.stat_result], WorkspaceRecord | None]) -> int:
+        """Bring the index in line with the record files under ``root``: rows whose file changed
+        (size or mtime) or appeared are re-read with ``load``; rows whose file is gone are dropped.
+        Returns how many rows changed."""
+        on_disk = scan(root, file_name)
+        rows = self._run(lambda db: db.execute("SELECT name, mtime_ns, size FROM records").fetchall())
+        known = {n: (m, s) for n, m, s in rows}
+        stale = [n for n, st in on_disk.items() if known.get(n) != (st.st_mtime_ns, st.st_size)]
+        self.put([IndexRow.of(n, load(n, on_disk[n]), on_disk[n]) for n in stale])
+        gone = [n for n in known if n not in on_disk]
+        self.remove(gone)
+        return len(stale) + len(gone)
+
+    # -- queries -------------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        rows = self._run(lambda db: db.execute("SELECT status, count(*) FROM records GROUP BY status").fetchall())
+        return {str(status): int(n) for status, n in rows}
+
+    def names(self, statuses: list[str] | None = None, limit: int | None = None) -> list[str]:
+        """Workspace names, newest first (by ``updated_at``), of ``statuses`` (all when ``None``)."""
+        sql, args = "SELECT name FROM records", []
+        if statuses is not None:
+            sql += f" WHERE status IN ({', '.join('?' * len(statuses))})"
+            args += statuses
+        sql += " ORDER BY updated_at DESC, name"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(str(limit))
+        return [str(n) for (n,) in self._run(lambda db: db.execute(sql, args).fetchall())]
+
+    def with_key(self, key: str) -> list[str]:
+        rows = self._run(lambda db: db.execute("SELECT name FROM records WHERE idempotency_key = ?", (key,)).fetchall())
+        return [str(n) for (n,) in rows]
