@@ -1,11 +1,13 @@
 """The status index: a SQLite table (WAL) beside the records, so counts, filters and the newest
 page come from one query instead of parsing every ``status.json``.
 
-``status.json`` stays the truth. Each row keeps the size and mtime of the record file it was
-made from; :meth:`StatusIndex.refresh` stats every record file (cheap next to reading them) and
-re-reads only those that differ, so a record written by another process or by hand, a deleted
-workspace, a crash between a record write and its index update, or a lost index all come out
-right. An index that cannot be opened or read is set aside and rebuilt from the records.
+``status.json`` stays the truth. Writers mark their row dirty before they replace the record
+file and clean it after, so a crash in between leaves a row the next look re-reads.
+:meth:`StatusIndex.catch_up` (every status) lists the workspace folders, names only, and reads
+the new ones, the dirty ones, and drops the gone ones. :meth:`StatusIndex.refresh` (the timer,
+once a minute) also stats every record file and re-reads those whose size or mtime differ from
+the row's: what an editor or an older server changed behind the index. An index that cannot be
+opened or read is set aside and rebuilt from the records.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 UNREADABLE = "unreadable"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -37,7 +39,8 @@ CREATE TABLE IF NOT EXISTS records (
     updated_at TEXT NOT NULL DEFAULT '',
     idempotency_key TEXT,
     mtime_ns INTEGER NOT NULL,
-    size INTEGER NOT NULL
+    size INTEGER NOT NULL,
+    dirty INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS records_status ON records (status, updated_at);
 CREATE INDEX IF NOT EXISTS records_updated ON records (updated_at);
@@ -63,24 +66,30 @@ class IndexRow:
         return cls(name, record.status.value, record.updated_at, record.idempotency_key, st.st_mtime_ns, st.st_size)
 
 
-def scan(root: Path, file_name: str) -> dict[str, os.stat_result]:
-    """``org/repo/slug`` → the stat of its record file, for every workspace under ``root``
-    (links are not followed: a workspace folder is ours, never a link)."""
-    found: dict[str, os.stat_result] = {}
+def folders(root: Path) -> Iterator[tuple[str, str]]:
+    """``(org/repo/slug, folder path)`` of every workspace folder under ``root`` (names only, no
+    stat per workspace; links are not followed: a workspace folder is ours, never a link)."""
     with contextlib.suppress(FileNotFoundError):
         for org in os.scandir(root):
             if not org.is_dir(follow_symlinks=False):
                 continue
-            for repo in os.scandir(org.path):
-                if not repo.is_dir(follow_symlinks=False):
-                    continue
-                for slug in os.scandir(repo.path):
-                    if not slug.is_dir(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                for repo in os.scandir(org.path):
+                    if not repo.is_dir(follow_symlinks=False):
                         continue
                     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                        # os.stat on a str: this loop runs once per workspace, no Path objects in it
-                        path = os.path.join(slug.path, file_name)  # noqa: PTH118
-                        found[f"{org.name}/{repo.name}/{slug.name}"] = os.stat(path, follow_symlinks=False)  # noqa: PTH116
+                        for slug in os.scandir(repo.path):
+                            if slug.is_dir(follow_symlinks=False) and not slug.name.startswith("."):
+                                yield f"{org.name}/{repo.name}/{slug.name}", slug.path
+
+
+def scan(root: Path, file_name: str) -> dict[str, os.stat_result]:
+    """``org/repo/slug`` → the stat of its record file, for every workspace under ``root``."""
+    found: dict[str, os.stat_result] = {}
+    for name, folder in folders(root):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            # a str path: this runs once per workspace, no Path objects in the loop
+            found[name] = os.stat(folder + "/" + file_name, follow_symlinks=False)  # noqa: PTH116
     return found
 
 
@@ -149,8 +158,8 @@ class StatusIndex:
             db.execute("BEGIN IMMEDIATE")  # one transaction: a rebuild of 10,000 rows is one write
             try:
                 db.executemany(
-                    "INSERT OR REPLACE INTO records (name, status, updated_at, idempotency_key, mtime_ns, size) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO records (name, status, updated_at, idempotency_key, mtime_ns, size, dirty) "
+                    "VALUES (?, ?, ?, ?, ?, ?, 0)",
                     values,
                 )
             except BaseException:
@@ -159,6 +168,16 @@ class StatusIndex:
             db.execute("COMMIT")
 
         self._run(work)
+
+    def mark_dirty(self, name: str) -> None:
+        """Say ``name``'s record file is about to change (a crash before :meth:`put` leaves the mark)."""
+        self._run(
+            lambda db: db.execute(
+                "INSERT INTO records (name, status, mtime_ns, size, dirty) VALUES (?, 'unknown', 0, 0, 1) "
+                "ON CONFLICT (name) DO UPDATE SET dirty = 1",
+                (name,),
+            )
+        )
 
     def remove(self, names: list[str]) -> None:
         if names:
@@ -169,13 +188,41 @@ class StatusIndex:
         (size or mtime) or appeared are re-read with ``load``; rows whose file is gone are dropped.
         Returns how many rows changed."""
         on_disk = scan(root, file_name)
-        rows = self._run(lambda db: db.execute("SELECT name, mtime_ns, size FROM records").fetchall())
-        known = {n: (m, s) for n, m, s in rows}
-        stale = [n for n, st in on_disk.items() if known.get(n) != (st.st_mtime_ns, st.st_size)]
-        self.put([IndexRow.of(n, load(n, on_disk[n]), on_disk[n]) for n in stale])
-        gone = [n for n in known if n not in on_disk]
+        rows = self._run(lambda db: db.execute("SELECT name, mtime_ns, size, dirty FROM records").fetchall())
+        known = {n: (m, s, d) for n, m, s, d in rows}
+        stale = [n for n, st in on_disk.items() if known.get(n) != (st.st_mtime_ns, st.st_size, 0)]
+        return self._reload(root, file_name, stale, [n for n in known if n not in on_disk], load)
+
+    def catch_up(
+        self, root: Path, file_name: str, load: Callable[[str, os.stat_result], WorkspaceRecord | None]
+    ) -> int:
+        """What every status does first: list the workspace folders (no stat per record) and read
+        the new ones and the dirty ones; drop the gone ones. Returns how many rows changed."""
+        on_disk = dict(folders(root))
+        rows = self._run(lambda db: db.execute("SELECT name, dirty FROM records").fetchall())
+        known = {str(n): int(d) for n, d in rows}
+        stale = [n for n in on_disk if known.get(n, 1)]
+        return self._reload(root, file_name, stale, [n for n in known if n not in on_disk], load)
+
+    def _reload(
+        self,
+        root: Path,
+        file_name: str,
+        stale: list[str],
+        gone: list[str],
+        load: Callable[[str, os.stat_result], WorkspaceRecord | None],
+    ) -> int:
+        rows: list[IndexRow] = []
+        for name in stale:
+            try:
+                st = os.stat(f"{root}/{name}/{file_name}", follow_symlinks=False)  # noqa: PTH116
+            except (FileNotFoundError, NotADirectoryError):
+                gone.append(name)  # a folder without a record (a dispatch being made, or debris)
+                continue
+            rows.append(IndexRow.of(name, load(name, st), st))
+        self.put(rows)
         self.remove(gone)
-        return len(stale) + len(gone)
+        return len(rows) + len(gone)
 
     # -- queries -------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:

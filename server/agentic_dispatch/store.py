@@ -163,6 +163,10 @@ class StatusStore:
         path = self.paths(record.name).status
         path.parent.mkdir(parents=True, exist_ok=True)
         data = record.model_dump_json(indent=2, exclude_none=False) + "\n"
+        try:  # before the file changes: a crash from here to the index update leaves this mark
+            self.index.mark_dirty(record.name)
+        except sqlite3.Error as e:
+            log.warning("the status index cannot mark %s (%s); the next refresh catches up", record.name, e)
         fd, tmp = tempfile.mkstemp(prefix=".status.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -179,7 +183,7 @@ class StatusStore:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-        try:  # the same step: a crash before this line is caught by the next refresh (size, mtime)
+        try:  # the same step; a crash before this line leaves the dirty mark, re-read on the next look
             self.index.put([IndexRow.of(record.name, record, path.stat())])
         except (sqlite3.Error, OSError) as e:
             log.warning("the status index missed %s (%s); the next refresh catches up", record.name, e)
@@ -210,9 +214,14 @@ class StatusStore:
             return None
 
     def refresh(self) -> int:
-        """Bring the index in line with the record files (stats them all, re-reads what changed).
-        Returns how many index rows changed."""
+        """Bring the index in line with the record files: stats them all and re-reads what changed
+        (also behind the store's back). Returns how many index rows changed."""
         return self.index.refresh(self.root, STATUS_FILE, self._load)
+
+    def catch_up(self) -> int:
+        """Bring the index in line with what the store and its writers did: new, dirty (a write cut
+        off) and deleted workspaces. Lists folders only: cheap enough for every status."""
+        return self.index.catch_up(self.root, STATUS_FILE, self._load)
 
     def counts(self) -> dict[str, int]:
         """Workspaces per status (``unreadable`` for records that cannot be read), from the index."""

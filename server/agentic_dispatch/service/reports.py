@@ -64,7 +64,7 @@ class Reports:
             key = listed[0].record.status.value if listed[0].record else "unreadable"
             counts[key] = 1
         else:
-            self.store.refresh()  # the index answers only once it agrees with every record file
+            self.store.catch_up()  # new, deleted, and cut-off writes; the timer catches hand edits
             counts = {s.value: 0 for s in Status} | self.store.counts()
             listed = self.store.query(None if status is None else [status, "unreadable"], limit)
         rows: list[WorkspaceRow] = []
