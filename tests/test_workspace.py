@@ -265,3 +265,24 @@ def test_a_damaged_mirror_whose_remote_is_gone_is_a_repo_error_and_stays_for_a_l
         clone_workspace(mirror, tmp_path / "ws", ref.fetch_url, None, "task")
     assert mirror.is_dir() and not (tmp_path / "ws").exists()
     assert not list(mirror.parent.glob("*.partial"))
+
+
+def _age(stamp: Path, seconds: float) -> None:
+    """Move the mirror's last-fetch time ``seconds`` further into the past (as if that much time passed)."""
+    then = stamp.stat().st_mtime - seconds
+    os.utime(stamp, (then, then))
+
+
+def test_a_mirror_in_constant_use_is_still_fetched_once_its_last_fetch_is_older_than_its_max_age(
+    tmp_path: Path, user_repo: Path
+) -> None:
+    ref = resolve_repo(f"file://{user_repo}", None, "https://git.example/{org}/{repo}.git")
+    mirrors = MirrorCache(tmp_path / "mirrors", 60)
+    stamp = mirrors.ensure(ref) / "agentic-fetched-at"  # cloned: fetched now
+    _age(stamp, 50)
+    mirrors.ensure(ref)  # fetched 50 s ago: fresh, reused as it is
+    assert mirrors.fetches == 1
+    _age(stamp, 20)  # 70 s since the last fetch; a reuse in between is not a fetch
+    mirrors.ensure(ref)
+    assert mirrors.fetches == 2
+

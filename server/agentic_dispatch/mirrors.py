@@ -133,6 +133,8 @@ class MirrorCache:
                 lacking = need_branch is not None and not self._has_branch(mirror, need_branch)
                 if ref.kind == "local" or not fresh or lacking:
                     self._fetch(ref, mirror)
+                else:
+                    return mirror  # reused: the stamp keeps the time of the last real fetch
             stamp.touch()
         return mirror
 
