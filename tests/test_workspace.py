@@ -8,6 +8,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -286,3 +287,18 @@ def test_a_mirror_in_constant_use_is_still_fetched_once_its_last_fetch_is_older_
     mirrors.ensure(ref)
     assert mirrors.fetches == 2
 
+
+def test_concurrent_dispatches_of_one_local_repository_share_the_fetch_made_while_they_waited(
+    tmp_path: Path, user_repo: Path
+) -> None:
+    """A local repository is fetched at every dispatch; dispatches that wait for the mirror's lock
+    while one fetches take that fetch (it is newer than their request) instead of each making one."""
+    ref = resolve_repo(str(user_repo), None, "https://git.example/{org}/{repo}.git")
+    mirrors = MirrorCache(tmp_path / "mirrors", 60)
+    mirrors.ensure(ref)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: mirrors.ensure(ref), range(8)))
+    shared = mirrors.fetches
+    assert 2 <= shared <= 4, shared  # the clone, then a fetch or a few for eight requests, not eight
+    mirrors.ensure(ref)
+    assert mirrors.fetches == shared + 1, "a dispatch after them fetches again: users expect their latest commit"

@@ -125,13 +125,17 @@ class MirrorCache:
         """
         mirror = self.path(ref)
         stamp = mirror / "agentic-fetched-at"
+        asked = time.time()
         with file_lock(mirror_lock(mirror)):
             if not mirror.exists():
                 self._create(ref, mirror)
             else:
-                fresh = stamp.exists() and time.time() - stamp.stat().st_mtime < self.max_age
+                fetched = stamp.stat().st_mtime if stamp.exists() else 0.0
+                # A fetch that ended after this call began (while it waited for the lock) is as new
+                # as one it would make: concurrent dispatches of one repository share it.
+                fresh = fetched >= asked or asked - fetched < self.max_age
                 lacking = need_branch is not None and not self._has_branch(mirror, need_branch)
-                if ref.kind == "local" or not fresh or lacking:
+                if (ref.kind == "local" and fetched < asked) or not fresh or lacking:
                     self._fetch(ref, mirror)
                 else:
                     return mirror  # reused: the stamp keeps the time of the last real fetch
