@@ -106,7 +106,9 @@ def serve_process(env: dict[str, str]) -> subprocess.Popen[bytes]:
 
 
 def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+    # safe.directory: under a root test run, a workspace's clone belongs to the agent's uid
+    argv = ["git", "-c", "safe.directory=*", *args]
+    return subprocess.run(argv, cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
 @pytest.fixture

@@ -217,7 +217,9 @@ def test_the_container_is_the_boundary_no_privilege_no_socket_no_server_state_in
     try:
         assert host["Init"] is True and host["Privileged"] is False
         assert "no-new-privileges" in (host.get("SecurityOpt") or [])
-        assert attrs["Config"]["User"] == f"{os.getuid()}:{os.getgid()}"
+        assert host["CapDrop"] == ["ALL"] and not host.get("CapAdd")
+        expected_user = "1000:1000" if os.getuid() == 0 else f"{os.getuid()}:{os.getgid()}"
+        assert attrs["Config"]["User"] == expected_user
         labels = attrs["Config"]["Labels"]
         assert labels[LABEL_WORKSPACE] == res.workspace and labels[LABEL_RUN] == "1"
         assert labels[LABEL_ROOT] == dispatcher.paths.root_id and labels[LABEL_AGENT] == "shell"

@@ -67,7 +67,7 @@ def test_update_records_status_changes_in_the_events_log(tmp_path: Path) -> None
 
     store.update(rec.name, run)
     events = [json.loads(ln) for ln in store.events_file.read_text().splitlines()]
-    assert events[-1]["status"] == "running" and events[-1]["previous"] == "queued"
+    assert events[-1]["kind"] == events[-1]["status"] == "running" and events[-1]["previous"] == "queued"
 
 
 def test_reading_a_missing_workspace_says_how_to_find_the_right_name(tmp_path: Path) -> None:

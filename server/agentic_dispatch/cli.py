@@ -8,8 +8,6 @@ Exit codes: 0 success, 1 failure, 2 bad input or configuration.
 from __future__ import annotations
 
 import argparse
-import ipaddress
-import json
 import logging
 import os
 import signal
@@ -18,10 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeAlias
 
-from pydantic import BaseModel
-
+from .cli_views import emit, print_status
+from .cli_watch import add_watch_commands
 from .config import load_settings
 from .errors import ConfigError, DispatchError, InvalidInputError, WorkspaceNotFoundError
+from .http_auth import plan_http
 from .models import DispatchRequest, Priority, StatusReport
 from .runtime.docker import DockerRuntime
 from .service import Dispatcher
@@ -37,77 +36,28 @@ def _dispatcher(args: argparse.Namespace) -> Dispatcher:
     return Dispatcher(settings, paths, DockerRuntime())
 
 
-def _emit(obj: BaseModel, as_json: bool) -> None:
-    if as_json:
-        print(obj.model_dump_json(indent=2))
-        return
-    data = obj.model_dump(exclude_none=True)
-    for key, value in data.items():
-        if isinstance(value, list):
-            print(f"{key}:")
-            for v in value:
-                print(f"  {v}")
-        elif isinstance(value, dict):
-            print(f"{key}: {json.dumps(value)}")
-        else:
-            print(f"{key}: {value}")
+_emit = emit
 
 
 def _print_status(report: StatusReport, as_json: bool) -> None:
-    if as_json:
-        print(report.model_dump_json(indent=2))
-        return
-    counts = "  ".join(f"{k} {v}" for k, v in report.counts.items() if v)
-    print(counts or "no workspaces")
-    for note in report.notes:
-        print(f"note: {note}")
-    for hold in report.holds:
-        print(f"pool {hold.pool}: {hold.reason}" + (f" until {hold.until}" if hold.until else ""))
-    for orphan in report.orphans:
-        print(f"orphaned container: {orphan} (remove with `agentic-dispatch cleanup`)")
-    for row in report.workspaces:
-        extra = f" exit={row.exit_code}" if row.exit_code is not None else ""
-        print(f"{row.status!s:<10} {row.name}  [{row.agent}, runs {row.runs}{extra}]  {row.branch}")
-        if row.question:
-            print(f"           question: {row.question.splitlines()[0][:200]}")
-        if row.error:
-            print(f"           error: {row.error}")
-        if row.summary:
-            sm = row.summary
-            figures = [
-                f"{sm.turns} turns" if sm.turns is not None else "",
-                f"{sm.input_tokens} in / {sm.output_tokens} out tokens" if sm.input_tokens is not None else "",
-                f"${sm.cost_usd:.4f}" if sm.cost_usd is not None else "",
-            ]
-            said = (sm.final_message or "").strip().splitlines()
-            print(f"           agent said: {said[0][:200] if said else '-'}  ({', '.join(f for f in figures if f)})")
-        if row.log_tail:
-            for line in row.log_tail.splitlines():
-                print(f"           | {line}")
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    print_status(report, as_json)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .mcp_server import build_server  # only this command needs the MCP SDK
+    from .mcp_server import build_server, run_http  # only this command needs the MCP SDK
 
-    if args.transport == "http" and not _loopback(args.host) and not args.allow_remote:
-        raise InvalidInputError(
-            "--host",
-            f"{args.host} is reachable from other machines, and the HTTP transport has no authentication: anyone "
-            "who reaches it could run agents with your credentials. Serve on 127.0.0.1 (reach it through an SSH "
-            "tunnel), or add --allow-remote if something in front of it authenticates callers.",
+    settings, paths = load_settings(Path(args.config) if args.config else None)  # fail fast on a bad config
+    http = None
+    if args.transport == "http":
+        http = plan_http(
+            args.host,
+            args.port,
+            allow_remote=args.allow_remote,
+            added_hosts=args.allowed_host or [],
+            settings=settings.http,
+            state_dir=paths.state,
+            config_file=paths.config_file,
         )
-    if not 0 < args.port < 65536:
-        raise InvalidInputError("--port", f"must be between 1 and 65535, got {args.port}.")
-    settings, _ = load_settings(Path(args.config) if args.config else None)  # fail fast on a bad config
     logging.getLogger().setLevel(settings.log_level)
     made: list[Dispatcher] = []
 
@@ -126,11 +76,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
-    server = build_server(make)
-    if args.transport == "stdio":
-        server.run("stdio")
+    if http is None:
+        build_server(make).run("stdio")
     else:
-        server.run("streamable-http", host=args.host, port=args.port)
+        run_http(build_server(make, token=http.token, issuer_url=http.url), http)
     return 0
 
 
@@ -265,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workspace_commands(sub)
     _add_queue_commands(sub)
     _add_setup_commands(sub)
+    add_watch_commands(sub, _dispatcher)
     return p
 
 
@@ -279,7 +229,13 @@ def _add_serve(sub: _Sub) -> None:
     s.add_argument(
         "--allow-remote",
         action="store_true",
-        help="serve http on a non-loopback address (there is no authentication: put one in front)",
+        help="serve http on a non-loopback address; callers must then send the bearer token (see README)",
+    )
+    s.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME[:PORT]",
+        help="a Host name clients use besides the bind address (repeatable; also [http] allowed_hosts)",
     )
     s.set_defaults(func=cmd_serve)
 

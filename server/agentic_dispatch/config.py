@@ -21,10 +21,12 @@ import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .http_auth import HttpSettings
 
 __all__ = [
     "AgentSettings",
     "HostFile",
+    "HttpSettings",
     "Limits",
     "Paths",
     "QaSettings",
@@ -114,6 +116,12 @@ class Resources(_Model):
     cpus: float | None = Field(default=None, gt=0)
     pids: int | None = Field(default=1024, ge=16)
     network: str | None = Field(default=None, description="Docker network name; default bridge")
+    workspace_max_bytes: int | None = Field(
+        default=20 * 1024**3,
+        ge=0,
+        description="a running workspace that grows past this many bytes on disk (its clone, agent home "
+        "and logs) is stopped and fails; checked on every timer tick; 0 turns the check off",
+    )
 
 
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -232,6 +240,7 @@ class Settings(_Model):
     agents: dict[str, AgentSettings] = Field(default_factory=dict)
     sync: SyncSettings = Field(default_factory=SyncSettings)
     qa: QaSettings = Field(default_factory=QaSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("repo_url_template")

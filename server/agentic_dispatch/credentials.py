@@ -98,10 +98,34 @@ def _home_relative(path: Path, home: Path) -> str:
         return str(path)
 
 
+# A piece of a value at least this long, cut by the start or the end of a text, is masked too.
+CUT_PIECE_MIN = 8
+
+
 def redact(text: str | None, secrets: Iterable[str]) -> str | None:
-    """``text`` with every secret value replaced by ``***`` (values shorter than 6 are left: too ambiguous)."""
+    """``text`` with every secret value replaced by ``***`` (values shorter than 6 are left: too ambiguous).
+
+    ``text`` is often a window of a longer one (a log tail, a range of bytes, a patch cut to size), which
+    may cut a value in two: a piece of one at its start (the value's end) or at its end (the value's
+    start), of at least ``CUT_PIECE_MIN`` characters, is masked too.
+    """
     if not text:
         return text
-    for value in sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True):
+    values = sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True)
+    for value in values:
         text = text.replace(value, "***")
+    for value in values:
+        text = _mask_cut_pieces(text, value)
+    return text
+
+
+def _mask_cut_pieces(text: str, value: str) -> str:
+    for n in range(min(len(value), len(text)) - 1, CUT_PIECE_MIN - 1, -1):  # the longest piece first
+        if text.startswith(value[-n:]):
+            text = "***" + text[n:]
+            break
+    for n in range(min(len(value), len(text)) - 1, CUT_PIECE_MIN - 1, -1):
+        if text.endswith(value[:n]):
+            text = text[:-n] + "***"
+            break
     return text

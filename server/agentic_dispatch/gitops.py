@@ -18,6 +18,7 @@ __all__ = [
     "file_lock",
     "git_error_text",
     "host_git",
+    "safe_directory",
     "stderr_lines",
 ]
 
@@ -65,10 +66,19 @@ HOST_GIT_OVERRIDES = (
 )
 
 
+def safe_directory(path: str | os.PathLike[str]) -> str:
+    """The ``-c`` value that lets git work in ``path`` though another uid owns it (a root server's
+    workspace belongs to the agent's uid). Given on the command line, it is protected configuration
+    and concerns this one command; git compares it with the physical path."""
+    return f"safe.directory={os.path.realpath(path)}"
+
+
 def host_git(repo: git.Repo) -> git.Git:
     """``repo.git`` for a command the server runs on the host in a repository an agent has written to.
 
     The agent controls ``.git/config``; these overrides keep settings that run programs
-    (an fsmonitor hook, a signature checker) from running them on the host.
+    (an fsmonitor hook, a signature checker) from running them on the host. Under a root server
+    the clone belongs to the agent's uid, which git refuses ("dubious ownership") unless told the
+    folder is safe; with the overrides above, reading it is as safe as reading the user's own.
     """
-    return repo.git(c=list(HOST_GIT_OVERRIDES))
+    return repo.git(c=[*HOST_GIT_OVERRIDES, safe_directory(repo.working_dir)])

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 UNREADABLE = "unreadable"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -38,12 +38,15 @@ CREATE TABLE IF NOT EXISTS records (
     status TEXT NOT NULL,
     updated_at TEXT NOT NULL DEFAULT '',
     idempotency_key TEXT,
+    agent TEXT,
+    finished_at TEXT,
     mtime_ns INTEGER NOT NULL,
     size INTEGER NOT NULL,
     dirty INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS records_status ON records (status, updated_at);
 CREATE INDEX IF NOT EXISTS records_updated ON records (updated_at);
+CREATE INDEX IF NOT EXISTS records_finished ON records (finished_at) WHERE finished_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS records_key ON records (idempotency_key) WHERE idempotency_key IS NOT NULL;
 """
 
@@ -56,14 +59,25 @@ class IndexRow:
     status: str  # a Status value, or "unreadable"
     updated_at: str
     idempotency_key: str | None
+    agent: str | None
+    finished_at: str | None
     mtime_ns: int
     size: int
 
     @classmethod
     def of(cls, name: str, record: WorkspaceRecord | None, st: os.stat_result) -> IndexRow:
         if record is None:
-            return cls(name, UNREADABLE, "", None, st.st_mtime_ns, st.st_size)
-        return cls(name, record.status.value, record.updated_at, record.idempotency_key, st.st_mtime_ns, st.st_size)
+            return cls(name, UNREADABLE, "", None, None, None, st.st_mtime_ns, st.st_size)
+        return cls(
+            name,
+            record.status.value,
+            record.updated_at,
+            record.idempotency_key,
+            record.agent,
+            record.finished_at,
+            st.st_mtime_ns,
+            st.st_size,
+        )
 
 
 def folders(root: Path) -> Iterator[tuple[str, str]]:
@@ -152,14 +166,17 @@ class StatusIndex:
         """Insert or replace ``rows`` (one transaction)."""
         if not rows:
             return
-        values = [(r.name, r.status, r.updated_at, r.idempotency_key, r.mtime_ns, r.size) for r in rows]
+        values = [
+            (r.name, r.status, r.updated_at, r.idempotency_key, r.agent, r.finished_at, r.mtime_ns, r.size)
+            for r in rows
+        ]
 
         def work(db: sqlite3.Connection) -> None:
             db.execute("BEGIN IMMEDIATE")  # one transaction: a rebuild of 10,000 rows is one write
             try:
                 db.executemany(
-                    "INSERT OR REPLACE INTO records (name, status, updated_at, idempotency_key, mtime_ns, size, dirty) "
-                    "VALUES (?, ?, ?, ?, ?, ?, 0)",
+                    "INSERT OR REPLACE INTO records (name, status, updated_at, idempotency_key, agent, finished_at, "
+                    "mtime_ns, size, dirty) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
                     values,
                 )
             except BaseException:
@@ -235,11 +252,20 @@ class StatusIndex:
         if statuses is not None:
             sql += f" WHERE status IN ({', '.join('?' * len(statuses))})"
             args += statuses
-        sql += " ORDER BY updated_at DESC, name"
+        sql += " ORDER BY updated_at DESC, mtime_ns DESC, name"  # updated_at has whole seconds
         if limit is not None:
             sql += " LIMIT ?"
             args.append(str(limit))
         return [str(n) for (n,) in self._run(lambda db: db.execute(sql, args).fetchall())]
+
+    def finished_since(self, since: str) -> list[str]:
+        """Names of the records that finished at or after ``since`` (an ISO time, as records write it)."""
+        rows = self._run(
+            lambda db: db.execute(
+                "SELECT name FROM records WHERE finished_at >= ? ORDER BY finished_at", (since,)
+            ).fetchall()
+        )
+        return [str(n) for (n,) in rows]
 
     def with_key(self, key: str) -> list[str]:
         rows = self._run(lambda db: db.execute("SELECT name FROM records WHERE idempotency_key = ?", (key,)).fetchall())

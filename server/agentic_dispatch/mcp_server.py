@@ -9,21 +9,25 @@ blocking Docker and git calls off the event loop.
 
 from __future__ import annotations
 
-import functools
+import hmac
 import inspect
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, TypeVar
 
 import anyio
+from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp_types import ToolAnnotations
-from pydantic import Field
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp_types import CallToolResult, InputRequiredResult, ToolAnnotations
+from pydantic import AnyHttpUrl, Field
 
 from .errors import DispatchError
+from .http_auth import HttpPlan
+from .mcp_watch import WatchFeed, register_watch
 from .models import (
     CancelResult,
     DispatchRequest,
@@ -33,11 +37,10 @@ from .models import (
     QueueState,
     StatusReport,
     SyncReport,
-    WorkspaceRow,
 )
 from .service import Dispatcher
 
-__all__ = ["build_server"]
+__all__ = ["StaticTokenVerifier", "build_server", "run_http"]
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +68,82 @@ def _call(fn: Callable[[], T]) -> T:
         raise ToolError(str(e)) from e
 
 
-def build_server(make_dispatcher: Callable[[], Dispatcher]) -> MCPServer[Dispatcher]:
-    """Build the MCP server. ``make_dispatcher`` is called once, in the server's lifespan."""
+class StaticTokenVerifier:
+    """The SDK's ``TokenVerifier`` for one fixed bearer token, compared in constant time."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        if not hmac.compare_digest(token.encode(errors="replace"), self._token):
+            return None
+        return AccessToken(token=token, client_id="agentic-dispatch-http", scopes=[])
+
+
+def run_http(server: MCPServer[Dispatcher], http: HttpPlan) -> None:
+    """Serve streamable HTTP; the SDK refuses a Host or Origin header that names none of ``http``'s hosts."""
+    log.info(
+        "serving http://%s:%s/mcp (%s); Host names served: %s (add more with --allowed-host)",
+        http.host,
+        http.port,
+        "bearer token required" if http.token else "no token: loopback only",
+        ", ".join(http.allowed_hosts),
+    )
+    security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=list(http.allowed_hosts),
+        allowed_origins=list(http.allowed_origins),
+    )
+    server.run("streamable-http", host=http.host, port=http.port, transport_security=security)
+
+
+class _StrictServer(MCPServer[Dispatcher]):
+    """Refuses arguments a tool does not take. The SDK drops them silently, so a misspelt ``dry_run``
+    (``dryrun``) would launch a real run instead of a dry one."""
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[Dispatcher, Any] | None = None
+    ) -> CallToolResult | InputRequiredResult:
+        known = next((t.input_schema.get("properties", {}) for t in await self.list_tools() if t.name == name), None)
+        unknown = sorted(set(arguments) - set(known)) if known is not None else []
+        if unknown:
+            raise ToolError(
+                f"{name} takes no argument named {', '.join(map(repr, unknown))}; its arguments are "
+                f"{', '.join(sorted(known or {})) or '(none)'}. Fix the name (or leave it out) and call again."
+            )
+        return await super().call_tool(name, arguments, context)
+
+
+def build_server(
+    make_dispatcher: Callable[[], Dispatcher], *, token: str | None = None, issuer_url: str = "http://127.0.0.1"
+) -> MCPServer[Dispatcher]:
+    """Build the MCP server. ``make_dispatcher`` is called once, in the server's lifespan.
+
+    With a ``token``, HTTP callers must send ``Authorization: Bearer <token>``: the SDK's bearer
+    middleware asks :class:`StaticTokenVerifier` and answers 401 with ``WWW-Authenticate`` otherwise.
+    The SDK wants an issuer with a verifier; the server names itself. No resource URL is set, so no
+    OAuth metadata route is served and no client is sent to look for an authorization server."""
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[Dispatcher]) -> AsyncIterator[Dispatcher]:
         dispatcher = await anyio.to_thread.run_sync(make_dispatcher)
         dispatcher.start()
         try:
-            yield dispatcher
+            async with feed.running(dispatcher):  # resource change notifications while the server runs
+                yield dispatcher
         finally:
             await anyio.to_thread.run_sync(dispatcher.close)
 
-    server: MCPServer[Dispatcher] = MCPServer(name="agentic-dispatch", instructions=INSTRUCTIONS, lifespan=lifespan)
+    auth = AuthSettings(issuer_url=AnyHttpUrl(issuer_url), resource_server_url=None) if token else None
+    feed = WatchFeed()
+    server: MCPServer[Dispatcher] = _StrictServer(
+        name="agentic-dispatch",
+        instructions=INSTRUCTIONS,
+        lifespan=lifespan,
+        token_verifier=StaticTokenVerifier(token) if token else None,
+        auth=auth,
+        subscriptions=feed.bus,
+    )
 
     def tool(name: str, annotations: ToolAnnotations) -> Callable[[F], F]:
         """``server.tool`` with the docstring, dedented, as the description (hosts show it verbatim)."""
@@ -228,33 +294,6 @@ def build_server(make_dispatcher: Callable[[], Dispatcher]) -> MCPServer[Dispatc
         return _call(lambda: _svc(ctx).sync(workspace, force))
 
     @tool(
-        name="agentic_watch",
-        annotations=ToolAnnotations(
-            title="Wait for a workspace", read_only_hint=True, idempotent_hint=True, open_world_hint=False
-        ),
-    )
-    async def agentic_watch(
-        ctx: Ctx,
-        workspace: Annotated[str, Field(description="the workspace to wait for")],
-        timeout_seconds: Annotated[
-            float, Field(description="give up waiting after this long (hosts cut calls at about 60 s)", gt=0, le=50)
-        ] = 45,
-    ) -> WorkspaceRow:
-        """Wait until a workspace stops running (or the timeout passes), sending progress while it waits.
-        Returns the workspace's row; call again if it is still running."""
-        svc = _svc(ctx)
-        deadline = time.monotonic() + timeout_seconds
-        while True:
-            step = min(deadline - time.monotonic(), 5.0)
-            rec = await anyio.to_thread.run_sync(functools.partial(_call, functools.partial(svc.wait, workspace, step)))
-            elapsed = timeout_seconds - max(0.0, deadline - time.monotonic())
-            await ctx.report_progress(elapsed, timeout_seconds, f"{workspace}: {rec.status}")
-            if rec.status not in ("queued", "running") or time.monotonic() >= deadline:
-                break
-        report = await anyio.to_thread.run_sync(lambda: _call(lambda: svc.status(workspace, log_lines=20)))
-        return report.workspaces[0]
-
-    @tool(
         name="agentic_cancel",
         annotations=ToolAnnotations(
             title="Cancel a workspace",
@@ -320,4 +359,5 @@ def build_server(make_dispatcher: Callable[[], Dispatcher]) -> MCPServer[Dispatc
         """Unfreeze the queue and start queued work that has a free slot."""
         return _call(lambda: _svc(ctx).unfreeze())
 
+    register_watch(server, feed)  # agentic_watch, _logs, _diff, _insights; the agentic:// resources
     return server

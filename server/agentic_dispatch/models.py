@@ -15,11 +15,16 @@ __all__ = [
     "RESUMABLE_STATUSES",
     "AgentCheck",
     "CancelResult",
+    "Change",
     "CleanupReport",
     "Delivery",
+    "DiffResult",
     "DispatchRequest",
     "DispatchResult",
     "DoctorReport",
+    "InsightRow",
+    "InsightsReport",
+    "LogsResult",
     "OutboxEntryRow",
     "PoolHoldRow",
     "Priority",
@@ -29,6 +34,7 @@ __all__ = [
     "Status",
     "StatusReport",
     "SyncReport",
+    "WatchResult",
     "WorkspaceRecord",
     "WorkspaceRow",
     "utcnow",
@@ -301,3 +307,72 @@ class DoctorReport(BaseModel):
     engine: str
     image: str
     agents: list[AgentCheck]
+
+
+class Change(BaseModel):
+    """One transition from the events log: a workspace moved (or its delivery did)."""
+
+    at: str
+    workspace: str
+    kind: str = Field(description="dispatched, queued, started, blocked, completed, failed, cancelled, resumed, ...")
+    status: str = Field(description="the workspace's status right after it")
+    runs: int = 0
+    question: str | None = Field(default=None, description="blocked: the question; failed: the reason (now)")
+
+
+class WatchResult(BaseModel):
+    """What agentic_watch saw: the changes since the cursor, and where each watched workspace stands."""
+
+    changes: list[Change]
+    cursor: str = Field(description="pass it to the next agentic_watch: no change in between is missed")
+    workspaces: list[WorkspaceRow] = Field(description="the watched workspaces as they are now")
+    timed_out: bool
+    message: str
+
+
+class LogsResult(BaseModel):
+    """A bounded piece of an agent's log (key values masked)."""
+
+    workspace: str
+    text: str
+    start: int = Field(description="byte offset of the text in the log")
+    end: int = Field(description="byte offset after it: pass it as since_bytes to read on")
+    size: int = Field(description="the log's size now")
+    truncated: bool
+    note: str | None = None
+
+
+class DiffResult(BaseModel):
+    """The agent's branch against its base: the stat, then the patch (bounded)."""
+
+    workspace: str
+    base: str
+    branch: str
+    stat: str
+    patch: str | None = None
+    truncated: bool = False
+    note: str | None = None
+
+
+class InsightRow(BaseModel):
+    """Finished runs of one agent spec (``base:model``) over the window."""
+
+    agent: str
+    runs: int
+    completed: int
+    failed: int
+    blocked: int
+    cancelled: int
+    success_rate: float = Field(description="completed / runs")
+    p50_seconds: float | None = None
+    p90_seconds: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cost_usd: float | None = None
+    top_failures: list[str] = Field(default_factory=list, description="the most common failure reasons, counted")
+
+
+class InsightsReport(BaseModel):
+    window_days: float
+    since: str
+    agents: list[InsightRow]

@@ -22,6 +22,9 @@ __all__ = [
 
 # One path component: starts with a letter or digit (so never '-', '.', '..'), then a
 # conservative set. Guards against traversal and option injection through names.
+# A ref is a file under .git/refs: longer names fail with ENAMETOOLONG (file names stop at 255 bytes).
+MAX_REF_BYTES = 200
+
 _COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -44,8 +47,14 @@ def check_git_ref(field: str, value: str) -> str:
     """Return ``value`` if it is a branch name git accepts and that cannot be read as an option.
 
     Raises:
-        InvalidInputError: leading ``-`` (option injection), or not a valid git ref name.
+        InvalidInputError: leading ``-`` (option injection), not a valid git ref name, or longer
+            than a file name may be (a ref is a file in the repository).
     """
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_REF_BYTES:
+        raise InvalidInputError(
+            field,
+            f"is {len(value)} characters long; a branch name is at most {MAX_REF_BYTES} bytes. Pass a shorter one.",
+        )
     bad = (
         not value
         or value.startswith(("-", "/", "."))

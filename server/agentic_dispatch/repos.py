@@ -53,19 +53,23 @@ def _org_and_name(path: str) -> tuple[str, str]:
     return safe_component(org, "local"), safe_component(name, "repo")
 
 
-def resolve_repo(repo: str, org: str | None, url_template: str) -> RepoRef:
+def resolve_repo(repo: str, org: str | None, url_template: str, state_root: Path | None = None) -> RepoRef:
     """Work out where ``repo`` lives. Accepts an absolute local path to a git repository,
     an ``https://``, ``ssh://``, ``git://``, ``file://`` or ``user@host:path`` URL, or
     ``org/repo`` (or ``repo`` with ``org``) expanded through ``url_template``.
 
     Raises:
-        InvalidInputError: the value is empty, an option (``-x``), a relative path, or a
-            transport git refuses to use safely (``ext::``).
+        InvalidInputError: the value is empty, an option (``-x``), a relative path, a path that
+            cannot be read as one (NUL, ``~unknown-user``), a local repository inside
+            ``state_root`` (a workspace clone an agent controls, a mirror), or a transport git
+            refuses to use safely (``ext::``).
         RepoError: a local path that is not a git repository.
     """
     value = repo.strip()
     if not value:
         raise InvalidInputError("repo", "is empty. Pass a local path, a git URL, or org/repo.")
+    if any(ord(c) < 32 or ord(c) == 0x7F for c in value):
+        raise InvalidInputError("repo", f"{value!r} holds control characters; pass a path, a git URL or org/repo.")
     if value.startswith("-"):
         raise InvalidInputError("repo", f"{value!r} starts with '-', which git would read as an option.")
     if "::" in value.split("/", 1)[0]:
@@ -75,16 +79,14 @@ def resolve_repo(repo: str, org: str | None, url_template: str) -> RepoRef:
 
     if m := _URL.match(value):
         if m["scheme"] == "file":
-            local = Path(m["rest"] if m["rest"].startswith("/") else "/" + m["rest"])
-            _require_git_repo(local, value)
+            _local_repo(m["rest"] if m["rest"].startswith("/") else "/" + m["rest"], value, state_root)
         o, n = _org_and_name(m["rest"].split("/", 1)[-1] if m["scheme"] != "file" else m["rest"])
         return RepoRef(value, "url", value, org or o, n)
     if m := _SCP_LIKE.match(value):
         o, n = _org_and_name(m["path"])
         return RepoRef(value, "url", value, org or o, n)
     if value.startswith(("/", "~")):
-        path = Path(value).expanduser().resolve()
-        _require_git_repo(path, value)
+        path = _local_repo(value, value, state_root)
         _, n = _org_and_name(str(path))
         return RepoRef(value, "local", str(path), org or "local", n)
     if value.startswith(".") or "\\" in value:
@@ -110,7 +112,25 @@ def resolve_repo(repo: str, org: str | None, url_template: str) -> RepoRef:
     )
 
 
-def _require_git_repo(path: Path, given: str) -> None:
+def _local_repo(text: str, given: str, state_root: Path | None) -> Path:
+    """``text`` resolved: an absolute path to a git repository outside ``state_root``.
+
+    Raises:
+        InvalidInputError: not a path (``~unknown-user``, a loop of links), or inside ``state_root``.
+        RepoError: not a git repository.
+    """
+    try:
+        path = Path(text).expanduser().resolve()
+    except (RuntimeError, OSError) as e:
+        raise InvalidInputError(
+            "repo", f"{given!r} cannot be read as a path ({e}). Pass the absolute path of a local git repository."
+        ) from e
+    if state_root is not None and path.is_relative_to(state_root.resolve()):
+        raise InvalidInputError(
+            "repo",
+            f"{given!r} is inside the agentic-dispatch state root {state_root}: a workspace clone (its git config "
+            "is the agent's) or a mirror is not a repository to dispatch from. Pass the path of your own repository.",
+        )
     try:
         git.Repo(path)
     except (git.InvalidGitRepositoryError, git.NoSuchPathError) as e:
@@ -118,3 +138,4 @@ def _require_git_repo(path: Path, given: str) -> None:
             f"repo {given!r}: {path} is not a git repository (or does not exist). "
             "Pass the path of a folder that holds a git repository."
         ) from e
+    return path

@@ -1,7 +1,8 @@
 """Reading and writing files inside folders an agent can write to.
 
 The workspace's ``repo/``, the agent home and the logs folder are mounted read-write into
-the agent's container, and the agent runs as the host user. Whatever the agent leaves there
+the agent's container, and the agent runs as the host user (under a root server, as an
+unprivileged uid the folders are handed to: :func:`chown_tree`). Whatever the agent leaves there
 may be a symbolic link to anywhere on the host, a FIFO, or a gigabyte of text. The server
 touches those folders only through these functions, which:
 
@@ -22,7 +23,17 @@ from pathlib import Path
 
 from .errors import UnsafePathError
 
-__all__ = ["append_text", "check_file", "copy_file", "ensure_file", "read_text", "tail_text", "write_text"]
+__all__ = [
+    "append_text",
+    "check_file",
+    "chown_tree",
+    "copy_file",
+    "ensure_file",
+    "read_range",
+    "read_text",
+    "tail_text",
+    "write_text",
+]
 
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _LINK = "is a symbolic link; agentic-dispatch does not follow links an agent made"
@@ -120,6 +131,23 @@ def read_text(base: Path, path: Path, limit: int, from_end: bool = False) -> str
         return f.read(limit).decode("utf-8", errors="replace")
 
 
+def read_range(base: Path, path: Path, offset: int | None, limit: int) -> tuple[bytes, int, int] | None:
+    """Up to ``limit`` bytes of ``path`` from ``offset`` (``None``: the last ``limit`` bytes), with the
+    offset they start at and the file's size then; ``None`` when it does not exist.
+
+    Raises:
+        UnsafePathError: see :func:`_open_regular`.
+    """
+    fd = _open_regular(base, path)
+    if fd is None:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        start = max(0, size - limit) if offset is None else min(offset, size)
+        f.seek(start)
+        return f.read(limit), start, size
+
+
 def tail_text(base: Path, path: Path, limit: int) -> str | None:
     """The last ``limit`` bytes of ``path`` as text (see :func:`read_text`)."""
     return read_text(base, path, limit, from_end=True)
@@ -198,3 +226,34 @@ def ensure_file(base: Path, path: Path, mode: int = 0o600) -> None:
     with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode))
     _check_file(path)
+
+
+def chown_tree(base: Path, uid: int, gid: int) -> int:
+    """Give ``base`` and everything below it to ``uid:gid``, never following a link (a link itself
+    is given, not what it points to; a linked folder is not entered). Entries already owned so are
+    left as they are (their ctime, which git's index compares, does not change). Returns how many
+    entries changed owner. Call it only while no agent runs in ``base``.
+
+    Raises:
+        UnsafePathError: ``base`` itself is a link.
+        OSError: an entry cannot be changed (not permitted: the server does not run as root).
+    """
+    changed = 0
+    st = os.lstat(base)
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafePathError(base, _LINK)
+    if (st.st_uid, st.st_gid) != (uid, gid):
+        os.chown(base, uid, gid, follow_symlinks=False)
+        changed += 1
+    # fwalk holds each folder open and checks it is the one it listed: a folder swapped for a
+    # link is not entered.
+    for _, dirs, files, dir_fd in os.fwalk(base, follow_symlinks=False):
+        for name in dirs + files:  # a link to a folder is listed among dirs (and not entered)
+            try:
+                est = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if (est.st_uid, est.st_gid) != (uid, gid):
+                    os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+                    changed += 1
+            except FileNotFoundError:
+                continue
+    return changed

@@ -203,7 +203,7 @@ class StatusStore:
                 return record
             self.write(record)
         if record.status != before:
-            self.event(record, "status", previous=str(before))
+            self.event(record, record.status.value, previous=str(before))  # one line per transition
         return record
 
     # -- the index ---------------------------------------------------------------------------

@@ -10,18 +10,20 @@ after an agent has written to it (always with :data:`.gitops.HOST_GIT_OVERRIDES`
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import git
 
 from . import safefs
 from .errors import InvalidInputError, RepoError
-from .gitops import GIT_ENV, file_lock, git_error_text, host_git
+from .gitops import GIT_ENV, HOST_GIT_OVERRIDES, file_lock, git_error_text, host_git, safe_directory
 from .mirrors import MirrorDamaged, branch_exists, dir_id, list_branches, mirror_lock, repair_mirror
 from .naming import check_git_ref, slugify
 
-__all__ = ["clone_workspace", "commits_ahead", "exclude_paths", "recent_log", "task_slug"]
+__all__ = ["bounded_git", "clone_workspace", "commits_ahead", "exclude_paths", "recent_log", "task_slug"]
 
 
 # Failures of a clone from the mirror that are this machine's, not the mirror's: rebuilding the
@@ -177,3 +179,34 @@ def commits_ahead(repo_dir: Path, base: str) -> int:
 
 def task_slug(task: str) -> str:
     return slugify(task)
+
+
+def bounded_git(repo_dir: Path, args: list[str], limit: int, timeout: float = 60) -> tuple[str, bool]:
+    """What host-side git prints in an agent's clone, at most ``limit`` bytes: ``(text, truncated)``.
+
+    Carries the host-git overrides (the agent's config runs no program here), refuses external diff
+    drivers and textconv (a ``.gitattributes`` plus ``diff.<x>.command`` would otherwise run one),
+    and stops reading (and kills git) at the limit, so a huge diff costs no more than the limit.
+    """
+    argv = ["git"]
+    for item in (*HOST_GIT_OVERRIDES, safe_directory(repo_dir), "diff.external=", "core.attributesFile=/dev/null"):
+        argv += ["-c", item]
+    argv += ["-C", str(repo_dir), *args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")} | {
+        "LC_ALL": "C",
+        "GIT_NO_REPLACE_OBJECTS": "1",
+    }
+    with subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
+    ) as proc:
+        assert proc.stdout is not None
+        data = proc.stdout.read(limit + 1)
+        truncated = len(data) > limit
+        if truncated:
+            proc.kill()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            truncated = True
+    return data[:limit].decode("utf-8", errors="replace"), truncated

@@ -44,6 +44,10 @@ class ContainerSpec:
     cpus: float | None = None
     pids: int | None = None
     network: str | None = None
+    # Linux capabilities: none by default. The agent CLIs, git and the test runners need none
+    # (tests/test_container_boundary.py shows a run with an empty effective set).
+    cap_drop: tuple[str, ...] = ("ALL",)
+    cap_add: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

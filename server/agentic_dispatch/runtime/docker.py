@@ -81,7 +81,14 @@ class DockerRuntime:
     def run_once(self, image: str, command: list[str], timeout: float = 120) -> tuple[int, str]:
         """Run ``command`` in a throw-away container of ``image``; return (exit code, output)."""
         try:
-            container = self.client.containers.create(image, command, network_disabled=True, init=True)
+            container = self.client.containers.create(
+                image,
+                command,
+                network_disabled=True,
+                init=True,
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges"],
+            )
             try:
                 container.start()
                 result = container.wait(timeout=timeout)
@@ -108,6 +115,7 @@ class DockerRuntime:
             "stdin_open": False,  # stdin is /dev/null: CLIs that read a non-TTY stdin must not hang
             "tty": False,
             "privileged": False,
+            "cap_drop": list(spec.cap_drop),
             "security_opt": ["no-new-privileges"],
             "extra_hosts": {"host.docker.internal": "host-gateway"},
         }
@@ -119,6 +127,8 @@ class DockerRuntime:
             kwargs["pids_limit"] = spec.pids
         if spec.network:
             kwargs["network"] = spec.network
+        if spec.cap_add:
+            kwargs["cap_add"] = list(spec.cap_add)
         try:
             container = self.client.containers.run(spec.image, **kwargs)
         except docker.errors.ImageNotFound as e:

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,8 @@ from pathlib import Path
 from .. import safefs
 from ..agents import AgentSpec, agent_base
 from ..config import Paths, Settings
-from ..errors import InvalidInputError, StateError
+from ..credentials import redact
+from ..errors import InvalidInputError, StateError, UnsafePathError
 from ..gitops import file_lock
 from ..mirrors import MirrorCache
 from ..models import (
@@ -35,6 +37,7 @@ from ..runtime.base import LABEL_WORKSPACE
 from ..store import StatusStore, WorkspacePaths
 from ..workspace import clone_workspace
 from .catalog import AgentCatalog
+from .common import git_in
 from .preflight import Preflight
 from .run_files import RunFiles
 
@@ -42,6 +45,7 @@ __all__ = ["Dispatching"]
 
 MAX_TASK_CHARS = 100_000
 MAX_ANSWER_CHARS = 50_000
+MAX_QUESTION_BYTES = 64 * 1024  # what finalise reads of BLOCKED.md
 
 
 class Dispatching:
@@ -109,7 +113,7 @@ class Dispatching:
         return file_lock(self.paths.state / "keys" / f"{digest}.lock")
 
     def _dispatch(self, req: DispatchRequest, spec: AgentSpec, template: str, timeout: int) -> DispatchResult:
-        ref = resolve_repo(req.repo, req.org, self.settings.repo_url_template)  # a bad repo is named first
+        ref = resolve_repo(req.repo, req.org, self.settings.repo_url_template, self.paths.root)  # named first
         if not req.dry_run:
             self.preflight.check(spec.base)
         name = f"{ref.org}/{ref.name}/{self._slug(req)}"
@@ -138,8 +142,7 @@ class Dispatching:
         with self.store.locked(name):
             self.store.write(record)
         self.store.event(record, "dispatched")
-        self._drain()
-        return self.result(self.store.read(name))
+        return self._drained(name)
 
     @staticmethod
     def _slug(req: DispatchRequest) -> str:
@@ -199,6 +202,7 @@ class Dispatching:
             WorkspaceNotFoundError: no such workspace.
             StateError: the workspace is queued, running or cancelled.
             InvalidInputError: a bad agent or an over-long answer.
+            UnsafePathError: the agent left a link or a folder where ANSWER.md goes.
         """
         if answer is not None and len(answer) > MAX_ANSWER_CHARS:
             raise InvalidInputError("answer", f"is {len(answer)} characters; the limit is {MAX_ANSWER_CHARS}.")
@@ -220,15 +224,22 @@ class Dispatching:
             nxt = self._next_run(ws, rec, str(spec) if spec is not None else rec.agent, answer)
             variables = self.run_files.saved_variables(ws)
             prompt = self.run_files.render(ws, nxt, variables, nxt.resume_session is not None)  # may refuse
-            self._hand_over_answer(ws, rec.runs, nxt.answer)
+            self._hand_over_answer(ws, rec.runs, nxt.answer, self.catalog.secrets(agent_base(rec.agent)))
             # The prompt of the new run carries the question and the answer; the record does not
             # (a queued or running workspace has no open question).
             self.run_files.prepare(ws, nxt, variables, prompt)
             nxt.question = None
             self.store.write(nxt)
         self.store.event(nxt, "resumed")
+        return self._drained(workspace)
+
+    def _drained(self, name: str) -> DispatchResult:
+        """Start what may start; a run that found no slot says so in the events log."""
         self._drain()
-        return self.result(self.store.read(workspace))
+        rec = self.store.read(name)
+        if rec.status == Status.QUEUED:
+            self.store.event(rec, "queued")
+        return self.result(rec)
 
     def _next_run(
         self, ws: WorkspacePaths, rec: WorkspaceRecord, new_agent: str, answer: str | None
@@ -263,16 +274,22 @@ class Dispatching:
         )
 
     @staticmethod
-    def _hand_over_answer(ws: WorkspacePaths, last_run: int, answer: str | None) -> None:
-        """Set the last question aside and leave the answer where the agent reads it."""
-        blocked = ws.repo / "BLOCKED.md"
-        if os.path.lexists(blocked):  # moved as it is: a rename never follows a link
-            blocked.rename(ws.meta / f"BLOCKED-run{last_run}.md")
+    def _hand_over_answer(ws: WorkspacePaths, last_run: int, answer: str | None, secrets: list[str]) -> None:
+        """Set the last question aside (its key values redacted, as the record showed it) and leave the
+        answer where the agent reads it."""
         answer_file = ws.repo / "ANSWER.md"
         if answer is not None:
             safefs.write_text(ws.repo, answer_file, answer + "\n")
-        else:
-            answer_file.unlink(missing_ok=True)
+        elif os.path.lexists(answer_file):
+            if stat.S_ISDIR(os.lstat(answer_file).st_mode):  # the agent made it: not ours to delete
+                raise UnsafePathError(answer_file, "is a folder")
+            answer_file.unlink()  # never follows a link
+        blocked, kept = ws.repo / "BLOCKED.md", ws.meta / f"BLOCKED-run{last_run}.md"
+        if os.path.lexists(blocked):  # moved as it is: a rename never follows a link
+            blocked.rename(kept)
+            if secrets and stat.S_ISREG(os.lstat(kept).st_mode):
+                text = safefs.read_text(ws.meta, kept, MAX_QUESTION_BYTES) or ""
+                safefs.write_text(ws.meta, kept, redact(text, secrets) or "")
 
     def result(self, rec: WorkspaceRecord) -> DispatchResult:
         """What dispatch and resume return: where the work is and commands to look at it."""
@@ -289,9 +306,9 @@ class Dispatching:
             commands=[
                 f"agentic-dispatch status {rec.name}",
                 f"tail -f {log_path}",
-                f"git -C {ws.repo} log --oneline {rec.base_branch or 'HEAD'}..{rec.branch}"
+                f"{git_in(ws.repo)} log --oneline {rec.base_branch or 'HEAD'}..{rec.branch}"
                 if rec.base_branch and rec.base_branch != "HEAD"
-                else f"git -C {ws.repo} log --oneline -n 10",
+                else f"{git_in(ws.repo)} log --oneline -n 10",
                 f"docker ps --filter label={LABEL_WORKSPACE}={rec.name}",
             ],
         )

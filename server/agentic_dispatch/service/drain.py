@@ -27,7 +27,7 @@ from ..runtime.base import LABEL_ROOT, LABEL_RUN, LABEL_WORKSPACE, ContainerSpec
 from ..scheduler import Scheduler
 from ..store import StatusStore, WorkspacePaths
 from .catalog import AgentCatalog
-from .common import container_spec, container_url
+from .common import container_spec, container_url, hand_over
 
 __all__ = ["QueueDrainer"]
 
@@ -160,6 +160,7 @@ class QueueDrainer:
         safefs.append_text(
             ws.logs, log_file, f"{RUN_HEADER}{record.runs} of {record.name} ({record.agent}) at {utcnow()} ===\n"
         )
+        hand_over(ws.repo, ws.home, ws.logs)  # staging, resume and the lines above wrote as the server
         env = {
             "HOME": CONTAINER_HOME,
             "AGENTIC_WORKSPACE": record.name,
@@ -180,6 +181,7 @@ class QueueDrainer:
         for source, rel in creds.mounts:
             # the mount point, made by us so it is owned by the host user
             safefs.ensure_file(ws.home, ws.home / rel, mode=0o600)
+            hand_over(source.resolve())  # under a root server, the agent's uid must read and refresh it
             mounts.append(Mount(source, f"{CONTAINER_HOME}/{rel}"))
         return mounts
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from ..agents import AGENTS, Agent, agent_base
 from ..config import Paths, Settings, config_file_path
@@ -22,13 +23,18 @@ from ..errors import ConfigError
 from ..mirrors import MirrorCache
 from ..models import (
     CancelResult,
+    Change,
     CleanupReport,
+    DiffResult,
     DispatchRequest,
     DispatchResult,
     DoctorReport,
+    InsightsReport,
+    LogsResult,
     QueueState,
     StatusReport,
     SyncReport,
+    WatchResult,
     WorkspaceRecord,
 )
 from ..prompts import PromptLibrary
@@ -41,11 +47,14 @@ from .delivery import ResultDelivery
 from .dispatching import Dispatching
 from .drain import QueueDrainer
 from .finalise import Finaliser
+from .insights import Insights
+from .inspect import Inspector
 from .preflight import Preflight
 from .qa import QaGate
 from .recovery import Recovery
 from .reports import Reports
 from .run_files import RunFiles
+from .watching import Watching
 
 __all__ = ["Dispatcher"]
 
@@ -103,6 +112,9 @@ class Dispatcher:
             self.drainer.drain,
         )
         self.control = Control(self.store, self.scheduler, self.drainer, self.finaliser)
+        self.watching = Watching(self.store, finished, self.reports.rows)
+        self.inspector = Inspector(self.store, self.catalog)
+        self.stats = Insights(self.store)
         self.recovery.remove_stale_staging(paths.state / "staging")
 
     def _check_config(self) -> None:
@@ -188,6 +200,26 @@ class Dispatcher:
     def wait(self, workspace: str, timeout: float) -> WorkspaceRecord:
         # Without an exit watcher in this process (a CLI call), look at the container ourselves.
         return self.reports.wait(workspace, timeout, poll=None if self._threads else self.recovery.reconcile)
+
+    def watch(
+        self,
+        workspaces: list[str] | None,
+        timeout: float,
+        cursor: str | None = None,
+        on_change: Callable[[Change], None] = lambda _: None,
+    ) -> WatchResult:
+        return self.watching.watch(
+            workspaces, timeout, cursor, on_change, poll=None if self._threads else self.recovery.reconcile
+        )
+
+    def logs(self, workspace: str, tail: int = 200, since_bytes: int | None = None) -> LogsResult:
+        return self.inspector.logs(workspace, tail, since_bytes)
+
+    def diff(self, workspace: str, stat_only: bool = False, path: str | None = None) -> DiffResult:
+        return self.inspector.diff(workspace, stat_only, path)
+
+    def insights(self, window_days: float = 7.0) -> InsightsReport:
+        return self.stats.report(window_days)
 
     def doctor(self, agents: list[str] | None = None) -> DoctorReport:
         return self.preflight.doctor(agents)

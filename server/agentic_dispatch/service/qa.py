@@ -14,15 +14,16 @@ import logging
 import re
 
 from .. import safefs
-from ..agents import CONTAINER_LOGS, CONTAINER_WORKDIR
+from ..agents import CONTAINER_LOGS, CONTAINER_WORKDIR, agent_base
 from ..config import Settings
+from ..credentials import redact
 from ..errors import LaunchError, RuntimeUnavailableError, UnsafePathError
 from ..models import QaResult, Status, WorkspaceRecord, utcnow
 from ..qa import QaCommand, detect_test_command
 from ..runtime.base import Mount, Runtime
 from ..store import WorkspacePaths
 from .catalog import AgentCatalog
-from .common import container_spec
+from .common import container_spec, hand_over
 
 __all__ = ["QaGate"]
 
@@ -65,6 +66,7 @@ class QaGate:
         )
         try:
             safefs.write_text(ws.logs, ws.logs / log_name, f"=== QA gate of run {rec.runs}: {found.command} ===\n")
+            hand_over(ws.logs)  # the gate runs as the agent's uid and appends to that file
             container_id = self.runtime.start(spec)
         except (LaunchError, RuntimeUnavailableError, UnsafePathError, OSError) as e:
             rec.qa = QaResult(state="failed", command=found.command, reason=f"the gate could not start: {e}")
@@ -89,7 +91,8 @@ class QaGate:
         stop_status, stop_reason = stop
         rec.phase = "agent"
         qa.exit_code, qa.finished_at = exit_code, utcnow()
-        qa.output_tail = self._tail(ws, rec.runs)
+        # The tests may print what the agent left in the clone or its log: never repeat its key.
+        qa.output_tail = redact(self._tail(ws, rec.runs), self.catalog.secrets(agent_base(rec.agent))) or ""
         if stop_status is not None:
             qa.state, qa.reason = "failed", stop_reason
             rec.status, rec.question = stop_status, stop_reason

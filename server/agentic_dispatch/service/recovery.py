@@ -18,6 +18,7 @@ from ..models import CleanupReport, Status, WorkspaceRecord, utcnow
 from ..runtime.base import LABEL_RUN, LABEL_WORKSPACE, ContainerInfo, Runtime
 from ..scheduler import Scheduler
 from ..store import Listed, StatusStore
+from . import disk
 from .common import run_deadline
 from .drain import QueueDrainer
 from .finalise import Finaliser
@@ -73,6 +74,8 @@ class Recovery:
                 self.finaliser.finalise(rec.name, rec.container_id, info.exit_code)
             elif (deadline := run_deadline(rec)) is not None and now > deadline[0]:
                 self.finaliser.stop_run(rec.name, Status.FAILED, deadline[1], rec.container_id)
+            else:  # still running: the workspace's size cap (service/disk.py)
+                disk.enforce_cap(self.drainer.settings, self.store, rec, self.finaliser.stop_run)
         self._adopt_started(listed)
         self.drainer.drain()
 

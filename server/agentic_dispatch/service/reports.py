@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from ..agents import agent_base
 from ..credentials import redact
-from ..errors import CorruptRecordError, InvalidInputError, RuntimeUnavailableError
+from ..errors import CorruptRecordError, InvalidInputError, RuntimeUnavailableError, WorkspaceNotFoundError
 from ..models import ACTIVE_STATUSES, PoolHoldRow, Status, StatusReport, WorkspaceRecord, WorkspaceRow
 from ..scheduler import Scheduler
 from ..store import Listed, StatusStore
@@ -74,6 +74,18 @@ class Reports:
             elif status is None or item.record.status.value == status:
                 rows.append(self._row(item.record, log_lines, syncing.get(item.name)))
         return self._report(counts, rows[:limit])
+
+    def rows(self, names: list[str]) -> list[WorkspaceRow]:
+        """The status rows of ``names`` (a workspace gone since is left out), without the table's extras."""
+        syncing = self.delivery.states()
+        out = []
+        for name in names:
+            try:
+                item = self._one(name)
+            except WorkspaceNotFoundError:
+                continue
+            out.append(self._row(item.record, 0, syncing.get(name)) if item.record else self._unreadable_row(item))
+        return out
 
     def _one(self, workspace: str) -> Listed:
         """Raises:
