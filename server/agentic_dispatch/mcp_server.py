@@ -60,6 +60,12 @@ def _svc(ctx: Ctx) -> Dispatcher:
     return ctx.request_context.lifespan_context
 
 
+# Dispatch and resume prepare a workspace on a worker thread (fetch, clone, files, start). The SDK runs
+# plain tools on anyio's default pool (40 threads): a burst of dispatches would hold every thread and
+# leave status and watch waiting for seconds. They get their own few threads instead.
+PREPARING_AT_ONCE = 8
+
+
 def _call(fn: Callable[[], T]) -> T:
     """Run a service call; errors the caller can fix become tool errors carrying the service's advice."""
     try:
@@ -134,6 +140,13 @@ def build_server(
         finally:
             await anyio.to_thread.run_sync(dispatcher.close)
 
+    limiter: list[anyio.CapacityLimiter] = []  # made on first use, in the server's event loop
+
+    async def _preparing(fn: Callable[[], T]) -> T:
+        if not limiter:
+            limiter.append(anyio.CapacityLimiter(PREPARING_AT_ONCE))
+        return await anyio.to_thread.run_sync(fn, limiter=limiter[0])
+
     auth = AuthSettings(issuer_url=AnyHttpUrl(issuer_url), resource_server_url=None) if token else None
     feed = WatchFeed()
     server: MCPServer[Dispatcher] = _StrictServer(
@@ -164,7 +177,7 @@ def build_server(
             open_world_hint=True,
         ),
     )
-    def agentic_dispatch(
+    async def agentic_dispatch(
         ctx: Ctx,
         repo: Annotated[str, Field(description="absolute path to a local git repo, a git URL, or org/repo")],
         task: Annotated[str, Field(description="what the agent should do (for agent `shell`: a bash script)")],
@@ -223,7 +236,7 @@ def build_server(
             dry_run=dry_run,
             qa=qa,
         )
-        return _call(lambda: _svc(ctx).dispatch(req))
+        return await _preparing(lambda: _call(lambda: _svc(ctx).dispatch(req)))
 
     @tool(
         name="agentic_status",
@@ -255,7 +268,7 @@ def build_server(
             open_world_hint=True,
         ),
     )
-    def agentic_resume(
+    async def agentic_resume(
         ctx: Ctx,
         workspace: Annotated[str, Field(description="the workspace name agentic_dispatch returned")],
         answer: Annotated[
@@ -265,7 +278,7 @@ def build_server(
     ) -> DispatchResult:
         """Run the agent again in the same workspace and branch: answer a `blocked` agent, or retry a `failed`
         or `completed` one. Returns at once; `runs` goes up by one."""
-        return _call(lambda: _svc(ctx).resume(workspace, answer, agent))
+        return await _preparing(lambda: _call(lambda: _svc(ctx).resume(workspace, answer, agent)))
 
     @tool(
         name="agentic_sync",
