@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from agentic_dispatch.agents import parse_agent_spec
 from agentic_dispatch.errors import InvalidInputError
 from agentic_dispatch.naming import check_component, check_git_ref, contained, slugify
 from agentic_dispatch.store import StatusStore
@@ -60,3 +61,19 @@ def test_slugs_are_short_safe_and_never_empty() -> None:
     assert slugify("Fix the LOGIN bug!!") == "fix-the-login-bug"
     assert slugify("$$$") == "task"
     assert len(slugify("word " * 50)) <= 40
+
+
+@pytest.mark.parametrize(
+    "spec", ["shell:", "shell:\x00", "claude:op us", "claude:-rf", "codex:\x1b[31mred", "gemini:" + "m" * 201]
+)
+def test_a_model_that_is_not_a_plain_printable_name_is_refused_before_it_reaches_labels_or_a_command_line(
+    spec: str,
+) -> None:
+    with pytest.raises(InvalidInputError, match="the model after ':'"):
+        parse_agent_spec(spec)
+
+
+def test_plain_model_names_are_kept() -> None:
+    assert parse_agent_spec("claude:opus").model == "opus"
+    assert parse_agent_spec("codex:gpt-5-codex").model == "gpt-5-codex"
+    assert parse_agent_spec("gemini:" + "m" * 200).model == "m" * 200

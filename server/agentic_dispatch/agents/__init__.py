@@ -44,6 +44,9 @@ __all__ = [
 AGENTS: dict[str, Agent] = {a.base: a for a in (ShellAgent(), CodexAgent(), ClaudeAgent(), GeminiAgent())}
 
 
+MAX_MODEL_CHARS = 200
+
+
 def parse_agent_spec(spec: str, known: dict[str, Agent] | None = None) -> AgentSpec:
     """Parse ``base[:model]`` and check the base is known.
 
@@ -58,6 +61,16 @@ def parse_agent_spec(spec: str, known: dict[str, Agent] | None = None) -> AgentS
         raise InvalidInputError(
             "agent", f"unknown agent {base!r}. Known agents: {names} (optionally with ':model', e.g. 'codex:o3')."
         )
-    if ":" in value and (not model or model.startswith("-") or any(c.isspace() for c in model)):
-        raise InvalidInputError("agent", f"{value!r}: the model after ':' must be a non-empty name without spaces.")
+    # The model reaches status.json, container labels and the CLI's command line: a plain name only.
+    if ":" in value and (
+        not model
+        or model.startswith("-")
+        or len(model) > MAX_MODEL_CHARS
+        or not all(c.isprintable() and not c.isspace() for c in model)
+    ):
+        raise InvalidInputError(
+            "agent",
+            f"{value[:80]!r}: the model after ':' must be a name of 1 to {MAX_MODEL_CHARS} printable characters, "
+            "without spaces, not starting with '-' (e.g. 'claude:opus').",
+        )
     return AgentSpec(base, model or None)
