@@ -1,0 +1,73 @@
+"""Regression tests for what the tool fuzz (tests/test_fuzz_tools.py) found at the tools' boundary;
+each failed before its fix with an unexpected exception or by accepting the argument."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+from mcp.server.mcpserver.exceptions import ToolError
+
+from agentic_dispatch.errors import InvalidInputError
+from agentic_dispatch.mcp_server import build_server
+from agentic_dispatch.naming import MAX_REF_BYTES, check_git_ref
+from agentic_dispatch.repos import resolve_repo
+from agentic_dispatch.service import Dispatcher
+
+from .conftest import git
+
+TEMPLATE = "https://example.invalid/{org}/{repo}.git"
+
+
+def test_an_unknown_argument_is_a_tool_error_naming_the_arguments_the_tool_takes() -> None:
+    """The SDK dropped unknown arguments: a misspelt dry_run (`dryrun`) launched a real run.
+    (The fuzz sees the tool error through a session; here the server is asked directly.)"""
+
+    def no_service() -> Dispatcher:
+        raise AssertionError("the call must be refused before the tool runs")
+
+    server = build_server(no_service)
+    with pytest.raises(ToolError) as refused:
+        anyio.run(server.call_tool, "agentic_dispatch", {"repo": "/x", "task": "t", "dryrun": True})
+    assert "'dryrun'" in str(refused.value) and "dry_run" in str(refused.value) and "Fix the name" in str(refused.value)
+
+
+@pytest.fixture
+def state_root(tmp_path: Path, user_repo: Path) -> Path:
+    root = tmp_path / "home"
+    clone = root / "workspaces" / "local" / "user-repo" / "w-1" / "repo"
+    git(tmp_path, "clone", "-q", str(user_repo), str(clone))
+    (tmp_path / "link-into-root").symlink_to(clone)
+    return root
+
+
+def test_a_repository_inside_the_state_root_is_refused_however_it_is_named(state_root: Path, tmp_path: Path) -> None:
+    """A workspace clone's git config and objects are the agent's: no dispatch may read from it."""
+    clone = state_root / "workspaces" / "local" / "user-repo" / "w-1" / "repo"
+    for given in (str(clone), f"file://{clone}", str(tmp_path / "link-into-root"), f"{state_root}/../home/workspaces"):
+        with pytest.raises(InvalidInputError, match="inside the agentic-dispatch state root"):
+            resolve_repo(given, None, TEMPLATE, state_root)
+    assert resolve_repo(str(tmp_path / "user-repo"), None, TEMPLATE, state_root).kind == "local"
+
+
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        ("~no-such-user-agentic/repo", "cannot be read as a path"),  # was RuntimeError
+        ("/tmp/repo\x00", "control characters"),  # was ValueError (embedded null byte)
+        ("/tmp/a\nb", "control characters"),
+    ],
+)
+def test_a_repo_that_is_no_path_is_an_input_error(given: str, says: str) -> None:
+    with pytest.raises(InvalidInputError, match=says):
+        resolve_repo(given, None, TEMPLATE)
+
+
+def test_a_branch_longer_than_a_ref_file_name_may_be_is_an_input_error() -> None:
+    """Was OSError (File name too long) from the mirror's refs folder."""
+    check_git_ref("branch", "b" * MAX_REF_BYTES)
+    with pytest.raises(InvalidInputError, match="at most"):
+        check_git_ref("branch", "b" * (MAX_REF_BYTES + 1))
+    with pytest.raises(InvalidInputError, match="at most"):
+        check_git_ref("branch", "é" * (MAX_REF_BYTES // 2 + 1))
