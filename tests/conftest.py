@@ -114,7 +114,12 @@ def git(cwd: Path, *args: str) -> str:
 @pytest.fixture
 def user_repo(tmp_path: Path) -> Path:
     """A user's own repository with one commit on main and a feature branch."""
-    repo = tmp_path / "user-repo"
+    return make_user_repo(tmp_path)
+
+
+def make_user_repo(parent: Path) -> Path:
+    """``parent/user-repo``: one commit on main and a feature branch."""
+    repo = parent / "user-repo"
     repo.mkdir()
     git(repo, "init", "-q", "-b", "main")
     git(repo, "config", "user.email", "user@example.com")

@@ -31,7 +31,7 @@ from agentic_dispatch.runtime.docker import DockerRuntime
 from agentic_dispatch.service import Dispatcher
 from agentic_dispatch.store import StatusStore
 
-from .conftest import Endpoint, _endpoint_handler, git
+from .conftest import Endpoint, _endpoint_handler, git, make_user_repo
 from .fuzz_strategies import Pools
 
 SEEDS = {  # tag (and the status it ends with): task
@@ -313,7 +313,7 @@ def open_harness(
     monkeypatch.delenv("AGENTIC_DISPATCH_CONFIG", raising=False)
     monkeypatch.setenv("AGENTIC_DISPATCH_IMAGE", image)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    user_repo = _user_repo(tmp)
+    user_repo = make_user_repo(tmp)
     errors = _Errors()
     loggers = [logging.getLogger(n) for n in ("mcp", "agentic_dispatch")]
     with _endpoint() as url:
@@ -338,21 +338,6 @@ def open_harness(
                 lg.removeHandler(errors)
             for c in client.containers.list(all=True, filters={"label": f"{LABEL_ROOT}={paths.root_id}"}):
                 c.remove(force=True)
-
-
-def _user_repo(tmp: Path) -> Path:
-    """The user's own repository: one commit on main and a feature branch (as conftest's ``user_repo``)."""
-    repo = tmp / "user-repo"
-    repo.mkdir()
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "config", "user.email", "user@example.com")
-    git(repo, "config", "user.name", "User")
-    (repo / "README.md").write_text("hello\n", encoding="utf-8")
-    (repo / "pyproject.toml").write_text("[project]\nname='x'\n", encoding="utf-8")
-    git(repo, "add", ".")
-    git(repo, "commit", "-q", "-m", "initial")
-    git(repo, "branch", "feature")
-    return repo
 
 
 @contextlib.contextmanager

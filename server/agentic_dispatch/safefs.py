@@ -122,13 +122,8 @@ def read_text(base: Path, path: Path, limit: int, from_end: bool = False) -> str
     Raises:
         UnsafePathError: see :func:`_open_regular`.
     """
-    fd = _open_regular(base, path)
-    if fd is None:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        if from_end:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
-        return f.read(limit).decode("utf-8", errors="replace")
+    got = read_range(base, path, None if from_end else 0, limit)
+    return None if got is None else got[0].decode("utf-8", errors="replace")
 
 
 def read_range(base: Path, path: Path, offset: int | None, limit: int) -> tuple[bytes, int, int] | None:

@@ -33,7 +33,7 @@ from .index import IndexRow, StatusIndex
 from .models import ACTIVE_STATUSES, WorkspaceRecord, utcnow
 from .naming import contained, split_workspace_name
 
-__all__ = ["Listed", "StatusStore", "WorkspacePaths"]
+__all__ = ["Listed", "StatusStore", "WorkspacePaths", "fsync_dir", "write_atomic"]
 
 STATUS_FILE = "status.json"
 
@@ -86,6 +86,37 @@ class Listed:
     name: str
     record: WorkspaceRecord | None
     error: CorruptRecordError | None = None
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or removal in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically and durably (temp file in the same folder, fsync,
+    ``os.replace``, fsync of the folder): a reader sees the old file or the new one, never half.
+
+    Raises:
+        OSError: the folder cannot be written.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            Path(tmp).unlink()
+        raise
+    fsync_dir(path.parent)
 
 
 class StatusStore:
@@ -167,22 +198,7 @@ class StatusStore:
             self.index.mark_dirty(record.name)
         except sqlite3.Error as e:
             log.warning("the status index cannot mark %s (%s); the next refresh catches up", record.name, e)
-        fd, tmp = tempfile.mkstemp(prefix=".status.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                Path(tmp).unlink()
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(path, data)
         try:  # the same step; a crash before this line leaves the dirty mark, re-read on the next look
             self.index.put([IndexRow.of(record.name, record, path.stat())])
         except (sqlite3.Error, OSError) as e:

@@ -6,20 +6,13 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..store import fsync_dir, write_atomic
+
 __all__ = ["append_line", "entry_lock", "read_json", "remove", "write_json"]
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -29,19 +22,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     Raises:
         OSError: the folder cannot be written.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            Path(tmp).unlink()
-        raise
-    _fsync_dir(path.parent)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -69,7 +50,7 @@ def remove(path: Path) -> None:
     """
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def append_line(path: Path, data: dict[str, Any]) -> None:
