@@ -34,6 +34,7 @@ LAYER = {
     "http_auth": 0,
     "models": 0,
     "errors": 0,
+    "fileio": 0,
     "naming": 0,
     "safefs": 0,
 }

@@ -4,12 +4,13 @@ git in a folder an agent has written to, git's error text, and file locks."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import git
+
+from .fileio import exclusive_lock, shared_lock
 
 __all__ = [
     "FETCH_TIMEOUT_SECONDS",
@@ -46,15 +47,19 @@ def git_error_text(e: git.GitCommandError) -> str:
 
 @contextlib.contextmanager
 def file_lock(path: Path, *, shared: bool = False) -> Iterator[None]:
-    """Hold an ``flock`` on ``path`` (created if missing): exclusive, or ``shared`` with other shared holders."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    """Hold an ``flock`` on ``path`` (created if missing): exclusive, or ``shared`` with other shared holders.
+
+    The lock is :mod:`.fileio`'s; this name stays for the git-side callers (mirrors, workspaces, delivery).
+
+    Raises:
+        OSError: the lock file cannot be created.
+    """
+    if shared:
+        with shared_lock(path):
+            yield
+    else:
+        with exclusive_lock(path):
+            yield
 
 
 HOST_GIT_OVERRIDES = (

@@ -9,8 +9,9 @@ touches those folders only through these functions, which:
 * never follow a symbolic link, neither the file itself nor any folder between the trusted
   ``base`` (a folder the server made, or a mount root the agent cannot replace) and the file;
 * read only regular files, and at most ``limit`` bytes;
-* replace files atomically (a temporary file in the same folder, then ``os.replace``, which
-  replaces a link rather than writing through it).
+* replace files atomically (:func:`.fileio.write_atomic`: a temporary file in the same folder,
+  then ``os.replace``, which replaces a link rather than writing through it), inside the folder
+  held open since it was reached link-free, so a folder swapped for a link meanwhile is not followed.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 from .errors import UnsafePathError
+from .fileio import write_atomic
 
 __all__ = [
     "append_text",
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _LINK = "is a symbolic link; agentic-dispatch does not follow links an agent made"
 
 
@@ -148,30 +150,67 @@ def tail_text(base: Path, path: Path, limit: int) -> str | None:
     return read_text(base, path, limit, from_end=True)
 
 
+def _open_folder(base: Path, path: Path) -> int:
+    """An fd of ``path``'s folder, reached from ``base`` one folder at a time, each opened relative
+    to the one before without following a link; missing folders are created.
+
+    Holding the folder open is what keeps a write there: a write by path after a check by path
+    would follow a link the agent swapped in between.
+
+    Raises:
+        UnsafePathError: ``path`` is not under ``base``, or a folder on the way is a link or not a folder.
+    """
+    _check_folders(base, path, create=False)  # containment first, with the same messages as the readers
+    current = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # trusted: the server made it
+    where = base
+    try:
+        for part in path.relative_to(base).parts[:-1]:
+            where = where / part
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, dir_fd=current)
+            try:
+                child = os.open(part, _FOLDER_FLAGS, dir_fd=current)
+            except OSError as e:
+                raise UnsafePathError(where, _folder_problem(current, part, e)) from e
+            os.close(current)
+            current = child
+    except BaseException:
+        os.close(current)
+        raise
+    return current
+
+
+def _folder_problem(parent: int, name: str, error: OSError) -> str:
+    try:
+        mode = os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode
+    except OSError:
+        mode = 0
+    if stat.S_ISLNK(mode):
+        return _LINK
+    if mode and not stat.S_ISDIR(mode):
+        return "is not a folder"
+    return f"cannot be opened safely ({error.strerror})"
+
+
 def write_text(base: Path, path: Path, text: str | bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``text`` atomically, creating folders below ``base`` as needed.
+    """Replace ``path`` with ``text`` atomically and durably, creating folders below ``base`` as needed.
 
     A link or file the agent left at ``path`` is replaced, never written through; the new
-    file has ``mode`` from the start.
+    file has ``mode`` from the start. The write goes through the folder opened link-free
+    (:func:`_open_folder`) and :func:`.fileio.write_atomic` given that folder's fd.
 
     Raises:
         UnsafePathError: a folder on the way is a link or not a folder, or ``path`` is a folder.
+        OSError: the folder cannot be written.
     """
-    _check_folders(base, path, create=True)
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISDIR(os.lstat(path).st_mode):
-            raise UnsafePathError(path, "is a folder")
-    data = text.encode() if isinstance(text, str) else text
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    folder = _open_folder(base, path)
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            Path(tmp).unlink()
-        raise
+            if stat.S_ISDIR(os.stat(path.name, dir_fd=folder, follow_symlinks=False).st_mode):
+                raise UnsafePathError(path, "is a folder")
+        write_atomic(Path(path.name), text, mode=mode, dir_fd=folder)
+    finally:
+        os.close(folder)
 
 
 def append_text(base: Path, path: Path, text: str) -> None:

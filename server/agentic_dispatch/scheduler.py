@@ -15,11 +15,9 @@ as it is until an operator unfreezes (which sets it aside and writes a fresh one
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -31,6 +29,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from .agents import agent_base as _base
 from .config import Limits
+from .fileio import ReentrantFileLock, write_atomic
 from .models import Priority, Status, WorkspaceRecord, utcnow
 
 __all__ = ["ALL_POOLS", "PoolHold", "Scheduler", "SchedulerState"]
@@ -72,8 +71,7 @@ class Scheduler:
         self.limits = limits
         self.state_dir = state_dir
         self.events_file = events_file  # daily limits count its "started" lines
-        self._thread_lock = threading.RLock()
-        self._depth = 0  # admission() nesting of the thread that holds _thread_lock
+        self._admission = ReentrantFileLock(state_dir / "admission.lock")
         self._state_file = state_dir / "scheduler.json"
         self._reported_problem: str | None = None
 
@@ -83,27 +81,12 @@ class Scheduler:
 
         Re-entrant within a thread: only the outermost entry takes the ``flock`` (a second
         ``open`` of the lock file would be a new lock that waits for our own).
+
+        Raises:
+            OSError: the lock file cannot be created.
         """
-        with self._thread_lock:
-            if self._depth:
-                self._depth += 1
-                try:
-                    yield
-                finally:
-                    self._depth -= 1
-                return
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.state_dir / "admission.lock", os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                self._depth = 1
-                try:
-                    yield
-                finally:
-                    self._depth = 0
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
+        with self._admission:
+            yield
 
     # -- persisted state -------------------------------------------------------------------
     def state(self) -> SchedulerState:
@@ -150,9 +133,7 @@ class Scheduler:
         return problem
 
     def _save(self, state: SchedulerState) -> None:
-        tmp = self._state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state.__dict__, indent=2), encoding="utf-8")
-        os.replace(tmp, self._state_file)
+        write_atomic(self._state_file, json.dumps(state.__dict__, indent=2), mode=0o644)
 
     def set_frozen(self, frozen: bool) -> SchedulerState:
         """Freeze or unfreeze the queue.

@@ -1,18 +1,17 @@
-"""File primitives of the outbox: atomic JSON files, a durable append, per-entry locks."""
+"""File primitives of the outbox: atomic JSON files, a durable append. Its per-entry locks are
+:mod:`..fileio`'s (``exclusive_lock``, ``try_exclusive_lock``)."""
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..store import fsync_dir, write_atomic
+from ..fileio import fsync_dir, write_atomic
 
-__all__ = ["append_line", "entry_lock", "read_json", "remove", "write_json"]
+__all__ = ["append_line", "read_json", "remove", "write_json"]
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -66,56 +65,3 @@ def append_line(path: Path, data: dict[str, Any]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _lock(path: Path, blocking: bool) -> int | None:
-    """An fd holding ``flock`` on ``path``, or ``None`` when someone else holds it (non-blocking).
-
-    The lock file is removed by its holder when the entry is finished; a lock taken on a file
-    removed (or replaced) meanwhile is not a lock on the entry, so it is dropped and retried.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        try:
-            current = path.stat().st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            current = False
-        if current:
-            return fd
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def entry_lock(path: Path, blocking: bool = True) -> Iterator[EntryLock | None]:
-    """Hold the ``flock`` on ``path`` (threads and processes alike); ``None`` when it is taken and
-    ``blocking`` is false. Set ``finished`` on the lock to remove the lock file on release.
-
-    Raises:
-        OSError: the lock file cannot be created.
-    """
-    fd = _lock(path, blocking)
-    if fd is None:
-        yield None
-        return
-    held = EntryLock()
-    try:
-        yield held
-    finally:
-        if held.finished:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-class EntryLock:
-    """A held entry lock; ``finished = True`` removes its file when it is released."""
-
-    def __init__(self) -> None:
-        self.finished = False

@@ -26,6 +26,7 @@ from typing import Any
 
 from ..config import SyncSettings
 from ..errors import CorruptRecordError, DispatchError
+from ..fileio import exclusive_lock, try_exclusive_lock
 from ..models import OutboxEntryRow, SyncReport, utcnow
 from . import files
 from .entry import EnqueueResult, EventSink, FlushResult, Kind, OutboxEntry, entry_id
@@ -148,7 +149,7 @@ class Outbox:
                 return "already-queued" if existing.state == "pending" else "attention"
             if self._dead_path(eid).exists():
                 return "dead-lettered"
-        with files.entry_lock(self._lock_path(eid)):
+        with exclusive_lock(self._lock_path(eid)):
             return self._enqueue_locked(eid, workspace, run, kind, payload, force, self._now(now))
 
     def _enqueue_locked(
@@ -193,7 +194,7 @@ class Outbox:
             OSError: the outbox folder cannot be written.
             CorruptRecordError: the entry (or dead-letter) file is not a valid entry; it is left untouched.
         """
-        with files.entry_lock(self._lock_path(eid)):
+        with exclusive_lock(self._lock_path(eid)):
             entry = self._read_checked(eid)
             if entry is None:
                 if self._ledger_path(eid).exists():
@@ -255,7 +256,7 @@ class Outbox:
         self, eid: str, deliver: Callable[[OutboxEntry], Outcome], now: float | None, result: FlushResult
     ) -> str:
         """Deliver entry ``eid`` once under its lock; returns its state afterwards."""
-        with files.entry_lock(self._lock_path(eid), blocking=False) as lock:
+        with try_exclusive_lock(self._lock_path(eid)) as lock:
             if lock is None:
                 result.busy.append(eid)
                 return "pending"
@@ -266,7 +267,7 @@ class Outbox:
                 return "pending"
             if entry is None or self._ledger_path(eid).exists():
                 files.remove(self._entry_path(eid))
-                lock.finished = True
+                lock.remove_on_release = True
                 return "delivered"
             if entry.state != "pending" or entry.next_attempt_at > self._now(now):
                 return entry.state
@@ -275,7 +276,7 @@ class Outbox:
             except (DispatchError, OSError) as e:
                 outcome = Outcome.transient(f"{type(e).__name__}: {e}")
             state = self._apply(entry, outcome, self._now(now), result)
-            lock.finished = state in ("delivered", "dead-lettered")
+            lock.remove_on_release = state in ("delivered", "dead-lettered")
             return state
 
     def _apply(self, entry: OutboxEntry, outcome: Outcome, now: float, result: FlushResult) -> str:
