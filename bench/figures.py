@@ -82,7 +82,7 @@ def timed_dispatch(svc: Dispatcher, repo: Path, task: str = "true") -> float:
     t0 = time.perf_counter()
     res = svc.dispatch(DispatchRequest(repo=str(repo), task=task, agent="shell"))
     rec = svc.wait(res.workspace, 120)
-    assert rec.status == "completed", rec.question
+    assert rec.status == "completed", rec.reason
     return time.perf_counter() - t0
 
 
@@ -131,7 +131,7 @@ def completion_latency(client: docker.DockerClient, runs: int = 50) -> list[Row]
                 res = svc.dispatch(DispatchRequest(repo=str(repo), task="true", agent="shell"))
                 container = svc.store.read(res.workspace).container_id or ""
                 rec = svc.wait(res.workspace, 60)
-                assert rec.status == "completed", rec.question
+                assert rec.status == "completed", rec.reason
                 final_ns = Path(res.path, "status.json").stat().st_mtime_ns
                 deadline = time.monotonic() + 5
                 while container not in died and time.monotonic() < deadline:

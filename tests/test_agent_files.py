@@ -177,7 +177,7 @@ def test_links_an_agent_plants_are_not_followed_when_its_run_ends(
     res = dispatcher.dispatch(DispatchRequest(repo=str(user_repo), task=task, agent="shell"))
     rec = dispatcher.wait(res.workspace, 60)
     assert rec.status == Status.FAILED, rec
-    assert rec.question and "BLOCKED.md" in rec.question and "symbolic link" in rec.question
+    assert rec.reason and "BLOCKED.md" in rec.reason and "symbolic link" in rec.reason
     report = dispatcher.status(res.workspace, log_lines=20)
     assert "HOST-ONLY-CONTENT" not in report.model_dump_json()
     assert report.workspaces[0].log_tail and "symbolic link" in report.workspaces[0].log_tail

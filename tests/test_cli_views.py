@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from agentic_dispatch.config import load_settings
-from agentic_dispatch.models import RunSummary, Status, WorkspaceRecord, utcnow
+from agentic_dispatch.models import Event, EventKind, RunSummary, Status, WorkspaceRecord, utcnow
 from agentic_dispatch.store import StatusStore
 
 KNOWN = {
@@ -40,12 +40,14 @@ def known(docker_env: str) -> StatusStore:
             name=name, status=status, agent="claude:sonnet" if "api" in name else "codex", repo=f"{org}/{repo}",
             org=org, repo_name=repo, origin_url=f"https://example.invalid/{org}/{repo}.git", task="t",
             branch=f"agent/{slug}", template="coding", timeout_seconds=60, runs=2 if status == Status.FAILED else 1,
-            question=question, started_at=utcnow(), finished_at=utcnow(),
+            question=question if status == Status.BLOCKED else None,
+            reason=None if status == Status.BLOCKED else question, started_at=utcnow(), finished_at=utcnow(),
             summary=RunSummary(final_message=said, input_tokens=100, output_tokens=20) if said else None,
         )  # fmt: skip
-        with store.locked(name):
-            store.write(rec)
-        store.event(rec, status.value)
+        store.create(rec)
+        store.events.append(
+            Event(kind=EventKind(status.value), workspace=name, agent=rec.agent, status=status.value, runs=rec.runs)
+        )
     return store
 
 

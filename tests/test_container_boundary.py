@@ -72,7 +72,7 @@ def test_the_agent_runs_with_no_capabilities_and_not_as_root_even_when_the_serve
     )
     res = configured.dispatch(shell(user_repo, task))
     rec = configured.wait(res.workspace, 60)
-    assert rec.status == Status.COMPLETED, rec.question
+    assert rec.status == Status.COMPLETED, rec.reason
     uid_gid, _, caps = (Path(res.repo_path) / "identity.txt").read_text(encoding="utf-8").partition(" ")
     uid = int(uid_gid.split(":")[0])
     assert caps.split() == ["CapEff:", NO_CAPABILITIES]
@@ -108,7 +108,7 @@ def test_a_resumed_run_can_change_the_files_the_server_wrote_for_it(configured: 
     assert configured.wait(res.workspace, 60).status == Status.BLOCKED
     configured.resume(res.workspace, answer="the first")
     rec = configured.wait(res.workspace, 60)
-    assert rec.status == Status.COMPLETED, rec.question
+    assert rec.status == Status.COMPLETED, rec.reason
     repo = Path(res.repo_path)
     assert (repo / "ANSWER.md").read_text(encoding="utf-8") == "the first\nmore\n"
     assert (repo / "resumed.txt").is_file()
@@ -141,7 +141,7 @@ def test_a_workspace_that_grows_past_its_cap_is_stopped_and_fails_saying_so(
     res = configured.dispatch(shell(user_repo, task))
     rec = configured.wait(res.workspace, 60)
     assert rec.status == Status.FAILED, rec
-    assert "the workspace grew past 50000000 bytes" in (rec.question or "")
+    assert "the workspace grew past 50000000 bytes" in (rec.reason or "")
     assert time.monotonic() - t0 < 30
     written = sum(p.stat().st_size for p in Path(res.repo_path).glob("big-*.bin"))
     assert 30_000_000 < written < 200_000_000, "stopped soon after the cap, before it wrote all it meant to"

@@ -177,7 +177,7 @@ def test_env_passthrough_copied_and_mounted_files_reach_the_container(
     )
     res = dispatcher.dispatch(DispatchRequest(repo=str(user_repo), task=task, agent="shell"))
     rec = dispatcher.wait(res.workspace, 60)  # no background threads: wait reconciles itself
-    assert rec.status == "completed", rec.question
+    assert rec.status == "completed", rec.reason
     assert git(Path(res.repo_path), "show", f"{res.branch}:seen.txt") == "token-value-123|absent|copied-content"
     assert mounted.read_text(encoding="utf-8").strip() == "after"  # the mount is the host file itself
     assert copied.read_text(encoding="utf-8") == "copied-content"  # the copy is the workspace's own

@@ -45,8 +45,7 @@ def svc(docker_env: str, docker_client: docker.DockerClient) -> Iterator[Dispatc
     settings, paths = load_settings()
     service = Dispatcher(settings, paths, DockerRuntime(docker_client))
     for i in range(40):
-        with service.store.locked(_record(i).name):
-            service.store.write(_record(i, STATUSES[i % len(STATUSES)]))
+        service.store.create(_record(i, STATUSES[i % len(STATUSES)]))
     yield service
     service.close()
 

@@ -66,7 +66,7 @@ def test_a_repository_whose_tests_fail_ends_failed_with_the_test_summary_as_the_
     assert rec.exit_code == 0, "the agent itself succeeded: the gate failed the run"
     assert rec.qa is not None and rec.qa.state == "failed" and rec.qa.command == "python3 -m pytest -q"
     assert "1 failed, 1 passed" in (rec.qa.reason or ""), rec.qa
-    assert "QA gate failed" in (rec.question or "") and "1 failed" in (rec.question or "")
+    assert "QA gate failed" in (rec.reason or "") and "1 failed" in (rec.reason or "")
     row = svc.status(res.workspace).workspaces[0]
     assert row.qa is not None and row.qa.state == "failed"
     assert "FAILED test_math.py::test_sum" in (row.qa.output_tail or "")
@@ -76,7 +76,7 @@ def test_a_repository_whose_tests_pass_ends_completed_with_qa_passed(svc: Dispat
     repo = _python_repo(tmp_path, expected=2)
     res = svc.dispatch(DispatchRequest(repo=str(repo), task=FIX_WHEN_ANSWERED, agent="shell"))
     rec = svc.wait(res.workspace, 90)
-    assert rec.status == Status.COMPLETED, rec.question
+    assert rec.status == Status.COMPLETED, rec.reason
     assert rec.qa is not None and rec.qa.state == "passed" and rec.qa.exit_code == 0
     assert "2 passed" in (rec.qa.output_tail or "")
 
@@ -87,7 +87,7 @@ def test_resume_after_a_failed_gate_runs_the_agent_and_the_gate_again(svc: Dispa
     assert svc.wait(res.workspace, 90).status == Status.FAILED
     svc.resume(res.workspace, answer="The test expects the wrong sum: fix it.")
     rec = svc.wait(res.workspace, 90)
-    assert rec.status == Status.COMPLETED, rec.question
+    assert rec.status == Status.COMPLETED, rec.reason
     assert rec.runs == 2 and rec.qa is not None and rec.qa.state == "passed"
     assert git(Path(res.repo_path), "log", "-1", "--format=%s") == "Fix the sum"
     logs = sorted(p.name for p in (Path(res.path) / ".meta" / "logs").iterdir())
@@ -122,7 +122,7 @@ def test_a_gate_past_its_own_timeout_is_stopped_and_fails_the_run_with_that_reas
         rec = service.wait(res.workspace, 30)
     finally:
         service.close()
-    assert rec.status == Status.FAILED and "the QA gate timed out after 2 s" in (rec.question or "")
+    assert rec.status == Status.FAILED and "the QA gate timed out after 2 s" in (rec.reason or "")
     assert rec.qa is not None and rec.qa.state == "failed" and "testing" in (rec.qa.output_tail or "")
     assert (
         docker_client.containers.list(all=True, filters={"label": f"agentic-dispatch.workspace={res.workspace}"}) == []

@@ -104,7 +104,7 @@ def test_a_five_second_timeout_fails_a_sleeping_task_with_the_reason_in_under_te
         elapsed = time.monotonic() - t0
     finally:
         svc.close()
-    assert rec.status == Status.FAILED and "timed out after 5 s" in (rec.question or "")
+    assert rec.status == Status.FAILED and "timed out after 5 s" in (rec.reason or "")
     assert elapsed < 10, elapsed
     assert "started" in Path(res.log_path).read_text(encoding="utf-8"), "the log so far is kept"
 
@@ -119,9 +119,9 @@ def test_a_timeout_decided_for_an_older_run_does_not_stop_the_run_that_replaced_
         res = svc.dispatch(shell(user_repo, "sleep 60"))
         current = svc.store.read(res.workspace).container_id
         assert current is not None
-        stopped = svc.finaliser.stop_run(res.workspace, Status.FAILED, "timed out", container_id="an-older-run")
+        stopped = svc.runs.stop(res.workspace, Status.FAILED, "timed out", container_id="an-older-run")
         rec = svc.store.read(res.workspace)
-        assert not stopped
+        assert stopped == "idle"
         assert rec.status == Status.RUNNING and rec.container_id == current and rec.stop_status is None
         assert docker_client.containers.get(current).status == "running"
     finally:
@@ -143,7 +143,7 @@ def test_cancel_of_running_queued_and_finished_workspaces_and_twice(
         assert q1.changed and q1.status == "cancelled"
         r1 = svc.cancel(running.workspace)
         assert r1.changed and r1.status == "cancelled"
-        assert svc.store.read(running.workspace).question == "cancelled while running"
+        assert svc.store.read(running.workspace).reason == "cancelled while running"
         again = svc.cancel(running.workspace)
         assert not again.changed and "nothing to cancel" in again.message
 
@@ -218,7 +218,7 @@ def test_after_a_sigkill_restart_finalises_exited_watches_running_and_fails_vani
         first = svc.store.read(str(exits["workspace"]))
         assert first.status == Status.FAILED and first.exit_code == 4
         third = svc.store.read(str(removed["workspace"]))
-        assert third.status == Status.FAILED and "vanished" in (third.question or "")
+        assert third.status == Status.FAILED and "vanished" in (third.reason or "")
         assert svc.store.read(str(keeps["workspace"])).status == Status.RUNNING
         (Path(str(keeps["repo_path"])) / "go").touch()
         second = svc.wait(str(keeps["workspace"]), 30)
@@ -290,7 +290,7 @@ def test_a_frozen_queue_holds_new_dispatches_across_a_restart_until_unfrozen(
         assert held.status == "queued"
     finally:
         svc.close()
-    restarted = new_dispatcher(docker_client)
+    restarted = new_dispatcher(docker_client, start=False)  # no timer: only the unfreeze may start it
     try:
         restarted.reconcile()
         assert restarted.store.read(held.workspace).status == Status.QUEUED
@@ -393,7 +393,7 @@ def test_a_queued_run_that_cannot_start_fails_with_the_reason_and_the_queue_goes
         assert svc.wait(fine.workspace, 60).status == Status.COMPLETED
         rec = svc.store.read(broken.workspace)
         assert rec.status == Status.FAILED
-        assert rec.question and "could not start" in rec.question and "agentic_resume" in rec.question
+        assert rec.reason and "could not start" in rec.reason and "agentic_resume" in rec.reason
         svc.resume(broken.workspace)  # the prompt is made again: the run is not lost
         assert svc.wait(broken.workspace, 60).status == Status.COMPLETED
     finally:
@@ -460,7 +460,7 @@ def test_a_bad_resource_limit_fails_the_run_with_the_engine_s_reason_instead_of_
     try:
         rec = svc.wait(svc.dispatch(shell(user_repo, "echo hi")).workspace, 30)
         assert rec.status == Status.FAILED, rec
-        assert rec.question and "refused" in rec.question and "CPU" in rec.question.upper()
+        assert rec.reason and "refused" in rec.reason and "CPU" in rec.reason.upper()
     finally:
         svc.close()
 
@@ -497,7 +497,7 @@ def test_shutdown_now_stops_running_agents_queues_new_work_and_start_runs_it(
         state = svc.freeze(now=True)
         assert state.frozen and state.stopped == [running.workspace]
         rec = svc.store.read(running.workspace)
-        assert rec.status == Status.CANCELLED and "shutdown" in (rec.question or "")
+        assert rec.status == Status.CANCELLED and "shutdown" in (rec.reason or "")
         assert docker_client.containers.list(filters={"label": f"{LABEL_WORKSPACE}={running.workspace}"}) == []
         later = svc.dispatch(shell(user_repo, "echo later"))
         assert later.status == "queued"

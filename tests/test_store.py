@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,19 +33,17 @@ def _record(name: str = "acme/app/task-1") -> WorkspaceRecord:
 def test_write_then_read_round_trips_and_leaves_no_temp_files(tmp_path: Path) -> None:
     store = StatusStore(tmp_path / "ws", tmp_path / "ev")
     rec = _record()
-    with store.locked(rec.name):
-        store.write(rec)
+    store.create(rec)
     assert store.read(rec.name).status == Status.QUEUED
     folder = store.paths(rec.name).dir
-    assert sorted(p.name for p in folder.iterdir()) == [".lock", "status.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["status.json"]
 
 
 def test_a_broken_record_is_reported_by_read_and_list_and_left_untouched(tmp_path: Path) -> None:
     store = StatusStore(tmp_path / "ws", tmp_path / "ev")
     good, bad = _record("acme/app/task-1"), _record("acme/app/task-2")
     for r in (good, bad):
-        with store.locked(r.name):
-            store.write(r)
+        store.create(r)
     path = store.paths(bad.name).status
     path.write_text('{"status": "running", "na', encoding="utf-8")
     with pytest.raises(CorruptRecordError, match="left untouched"):
@@ -56,18 +56,45 @@ def test_a_broken_record_is_reported_by_read_and_list_and_left_untouched(tmp_pat
     assert path.read_text(encoding="utf-8") == '{"status": "running", "na'
 
 
-def test_update_records_status_changes_in_the_events_log(tmp_path: Path) -> None:
+def test_an_update_that_changes_a_runs_status_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    """A run's status changes through the run lifecycle only (service/lifecycle.py)."""
     store = StatusStore(tmp_path / "ws", tmp_path / "ev")
     rec = _record()
-    with store.locked(rec.name):
-        store.write(rec)
+    store.create(rec)
+    before = store.paths(rec.name).status.read_bytes()
 
     def run(r: WorkspaceRecord) -> None:
         r.status = Status.RUNNING
 
-    store.update(rec.name, run)
-    events = [json.loads(ln) for ln in store.events_file.read_text().splitlines()]
-    assert events[-1]["kind"] == events[-1]["status"] == "running" and events[-1]["previous"] == "queued"
+    with pytest.raises(AssertionError, match="lifecycle"):
+        store.update(rec.name, run)
+    assert store.paths(rec.name).status.read_bytes() == before
+
+
+def test_a_workspace_folder_deleted_under_the_server_is_not_recreated_by_its_lock(tmp_path: Path) -> None:
+    store = StatusStore(tmp_path / "ws", tmp_path / "ev")
+    rec = _record()
+    store.create(rec)
+    shutil.rmtree(store.paths(rec.name).dir)
+    with pytest.raises(WorkspaceNotFoundError):
+        store.update(rec.name, lambda r: None)
+    assert not store.paths(rec.name).dir.exists()
+
+
+def test_the_workspace_lock_is_reentrant_in_a_thread_and_exclusive_across_processes(tmp_path: Path) -> None:
+    store = StatusStore(tmp_path / "ws", tmp_path / "ev")
+    rec = _record()
+    store.create(rec)
+    folder = store.paths(rec.name).dir
+    probe = (
+        "import fcntl, os, sys\n"
+        f"fd = os.open({str(folder)!r}, os.O_RDONLY | os.O_DIRECTORY)\n"
+        "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n    sys.exit(3)\n"
+    )
+    with store.locked(rec.name), store.locked(rec.name):  # the same thread goes on
+        held = subprocess.run([sys.executable, "-c", probe], check=False)
+    free = subprocess.run([sys.executable, "-c", probe], check=False)
+    assert held.returncode == 3 and free.returncode == 0
 
 
 def test_reading_a_missing_workspace_says_how_to_find_the_right_name(tmp_path: Path) -> None:
@@ -79,8 +106,7 @@ def test_reading_a_missing_workspace_says_how_to_find_the_right_name(tmp_path: P
 def test_a_record_that_is_not_utf8_is_reported_as_corrupt_not_raised(tmp_path: Path) -> None:
     store = StatusStore(tmp_path / "ws", tmp_path / "ev")
     rec = _record()
-    with store.locked(rec.name):
-        store.write(rec)
+    store.create(rec)
     path = store.paths(rec.name).status
     path.write_bytes(b'{"status": "\xff\xfe"}')
     with pytest.raises(CorruptRecordError, match="not UTF-8"):

@@ -39,7 +39,7 @@ def _config(home: Path, text: str) -> None:
 def _finished(svc: Dispatcher, repo: str, task: str) -> tuple[str, Path]:
     res = svc.dispatch(DispatchRequest(repo=repo, task=task, agent="shell"))
     rec = svc.wait(res.workspace, 60)
-    assert rec.status == Status.COMPLETED, rec.question
+    assert rec.status == Status.COMPLETED, rec.reason
     return res.workspace, Path(res.repo_path)
 
 

@@ -42,7 +42,7 @@ def test_watch_returns_at_the_first_change_of_many_and_a_chained_cursor_misses_n
     assert dispatcher.wait(b.workspace, 30).status == Status.FAILED
     second = dispatcher.watch(None, 5.0, first.cursor)
     assert [(c.workspace, c.kind) for c in second.changes] == [(b.workspace, "failed")]
-    assert "exit" in (second.changes[0].question or "") and b.workspace in second.message
+    assert "exit" in (second.changes[0].reason or "") and b.workspace in second.message
 
 
 def test_the_events_log_holds_one_line_per_transition_from_dispatch_to_blocked_to_resume_to_completed(

@@ -65,8 +65,9 @@ def _what(row: WorkspaceRow) -> str:
     """The line's last column: the question, the failure reason, the delivery, or what the agent said."""
     if row.error:
         return f"unreadable: {row.error}"
-    if row.question:
-        return row.question.strip().splitlines()[0] if row.question.strip() else ""
+    why = row.question or row.reason
+    if why:
+        return why.strip().splitlines()[0] if why.strip() else ""
     if row.sync:
         return f"sync: {row.sync}"
     if row.summary and row.summary.final_message:
@@ -143,8 +144,9 @@ def print_change(change: Change, console: Console | None = None) -> None:
     out = console or Console(highlight=False)
     text = Text(f"{change.at}  {change.workspace}: ")
     text.append(change.kind, style=_STYLE.get(change.kind, "bold"))
-    if change.question:
-        text.append(f" — {change.question.strip().splitlines()[0] if change.question.strip() else ''}")
+    why = change.question or change.reason
+    if why and why.strip():
+        text.append(f" — {why.strip().splitlines()[0]}")
     out.print(text, no_wrap=True, overflow="ellipsis")
 
 

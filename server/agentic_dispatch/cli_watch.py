@@ -50,7 +50,7 @@ def cmd_logs(args: argparse.Namespace, make: Make) -> int:
     out.write(result.text)
     while args.follow:
         out.flush()
-        active = svc.store.read(args.workspace).status in ACTIVE_STATUSES
+        active = svc.record(args.workspace).status in ACTIVE_STATUSES
         result = svc.logs(args.workspace, since_bytes=result.end)
         out.write(result.text)
         if not result.text:
@@ -65,11 +65,9 @@ def cmd_events(args: argparse.Namespace, make: Make) -> int:
     """The transitions in the events log (one workspace's, with ``--workspace``); ``--follow`` waits for more."""
     svc = make(args)
     names = {args.workspace} if args.workspace else None
-    if args.workspace:
-        svc.store.read(args.workspace)
-    changes, cursor = svc.watching.changes(0, names)
+    changes, cursor = svc.changes(0, names)  # an unknown workspace is named before anything prints
     for change in changes[-args.last :] if args.last else changes:
-        print_change(svc.watching.explain(change))
+        print_change(change)
     while args.follow:
         sys.stdout.flush()
         result = svc.watch(sorted(names) if names else None, 30, str(cursor), on_change=print_change)

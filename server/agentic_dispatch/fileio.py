@@ -12,7 +12,9 @@ Locks are ``flock``\\s on a lock file (created if missing, with its folder), in 
 * :func:`exclusive_lock`: one holder at a time, waits for its turn;
 * :func:`shared_lock`: any number of shared holders, none while an exclusive one holds it;
 * :func:`try_exclusive_lock`: exclusive, but yields ``None`` at once when someone holds it;
-* :class:`ReentrantFileLock`: exclusive across processes, and re-entrant for the thread that holds it.
+* :class:`ReentrantFileLock`: exclusive across processes, and re-entrant for the thread that holds it;
+* :func:`folder_lock`: exclusive, on an existing folder itself: it never creates anything, so a
+  folder removed meanwhile stays removed (a workspace's lock).
 
 An ``flock`` belongs to one open file description, not to a process: two ``open``\\s of the lock
 file in one process are two lockers, so a thread that locks again through a second ``open`` waits
@@ -40,6 +42,7 @@ __all__ = [
     "HeldLock",
     "ReentrantFileLock",
     "exclusive_lock",
+    "folder_lock",
     "fsync_dir",
     "shared_lock",
     "try_exclusive_lock",
@@ -169,6 +172,22 @@ def exclusive_lock(path: Path, *, mode: int = LOCK_FILE_MODE) -> Iterator[HeldLo
         yield held
     finally:
         _release(fd, held)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder`` itself (not a link to one), waiting for it.
+
+    Raises:
+        FileNotFoundError, NotADirectoryError: there is no such folder.
+        OSError: it cannot be opened (a link: ``ELOOP``).
+    """
+    fd = os.open(folder, _FOLDER_FLAGS | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 @contextlib.contextmanager

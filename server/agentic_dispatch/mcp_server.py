@@ -254,8 +254,9 @@ def build_server(
         limit: Annotated[int, Field(description="at most this many rows, newest first", ge=1, le=1000)] = 50,
         log_lines: Annotated[int, Field(description="include this many lines of each agent's log", ge=0, le=500)] = 0,
     ) -> StatusReport:
-        """Counts per status and one row per workspace: agent, status, runs, the question of a blocked one or
-        the reason of a failed one, branch, times, exit code, the agent's run summary, and optionally its log tail."""
+        """Counts per status and one row per workspace: agent, status, runs, `question` (a blocked agent's
+        question) or `reason` (why it failed or was cancelled), branch, times, exit code, the agent's run summary,
+        and optionally its log tail."""
         return _call(lambda: _svc(ctx).status(workspace, status, limit, log_lines))
 
     @tool(

@@ -123,7 +123,7 @@ class WatchFeed:
         while True:
             pause = FOLLOW_SECONDS
             try:
-                changes, offset = await anyio.to_thread.run_sync(dispatcher.watching.follow, offset)
+                changes, offset = await anyio.to_thread.run_sync(dispatcher.follow, offset)
                 if changes:
                     await self.publish(changes)
             except Exception:  # the feed's boundary: a bad look is logged and a later one tries again
@@ -207,7 +207,7 @@ async def _watch_many(
 
 async def _wait_one(ctx: Ctx, svc: Dispatcher, workspace: str, timeout: float, cursor: str | None) -> WorkspaceWatch:
     """The one-workspace form: wait (progress every 5 s at most) until it leaves queued/running."""
-    start = await _run(lambda: svc.watching.parse_cursor(cursor))
+    start = await _run(lambda: svc.watch_cursor(cursor))
     progress = _Progress(ctx, timeout)
     deadline = time.monotonic() + timeout
     while True:
@@ -217,7 +217,7 @@ async def _wait_one(ctx: Ctx, svc: Dispatcher, workspace: str, timeout: float, c
         if rec.status not in ACTIVE_STATUSES or time.monotonic() >= deadline:
             break
     row = (await _run(lambda: svc.status(workspace, log_lines=20))).workspaces[0]
-    result = await _run(lambda: svc.watching.single(workspace, start, row))
+    result = await _run(lambda: svc.watch_one_result(workspace, start, row))
     return WorkspaceWatch(**row.model_dump(), **result.model_dump())
 
 
@@ -271,7 +271,7 @@ def register_watch(server: MCPServer[Dispatcher], feed: WatchFeed) -> None:
     ) -> WatchResult:
         """Wait until one of many workspaces changes state (started, blocked, completed, failed, cancelled, …)
         or `timeout_seconds` pass, with a progress notification per change and every 5 s while waiting.
-        Returns `changes` (each with the question or failure reason), `workspaces` (the watched ones as they
+        Returns `changes` (each with the blocked `question` or the failure's `reason`), `workspaces` (the watched ones as they
         are now), `timed_out` and a `cursor`. To follow runs without missing anything, call again with
         `cursor` set to the one returned: changes that happened between two calls are reported by the next.
 

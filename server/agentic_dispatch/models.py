@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -22,6 +22,8 @@ __all__ = [
     "DispatchRequest",
     "DispatchResult",
     "DoctorReport",
+    "Event",
+    "EventKind",
     "InsightRow",
     "InsightsReport",
     "LogsResult",
@@ -138,7 +140,10 @@ class WorkspaceRecord(BaseModel):
     updated_at: str = Field(default_factory=utcnow)
     finished_at: str | None = None
     exit_code: int | None = None
-    question: str | None = None
+    question: str | None = Field(default=None, description="blocked: the agent's question (BLOCKED.md); else none")
+    reason: str | None = Field(
+        default=None, description="failed or cancelled: why (the exit code, the timeout, the cancel, the launch error)"
+    )
     answer: str | None = None
     runs: int = 0
     pr_url: str | None = None
@@ -153,6 +158,14 @@ class WorkspaceRecord(BaseModel):
     qa_enabled: bool = Field(default=False, description="run the QA gate after the agent ends completed")
     phase: Literal["agent", "qa"] = Field(default="agent", description="what the running container does")
     qa: QaResult | None = None
+
+    @model_validator(mode="after")
+    def _question_is_only_a_question(self) -> WorkspaceRecord:
+        """Records written before ``reason`` existed kept a failure's or a cancel's reason in
+        ``question``: read them as they are meant (the file itself is left as it is)."""
+        if self.status != Status.BLOCKED and self.question and self.reason is None:
+            self.reason, self.question = self.question, None
+        return self
 
 
 class DispatchRequest(BaseModel):
@@ -201,7 +214,8 @@ class WorkspaceRow(BaseModel):
     status: Status | str
     runs: int
     branch: str
-    question: str | None = None
+    question: str | None = Field(default=None, description="blocked: the agent's question")
+    reason: str | None = Field(default=None, description="failed or cancelled: why")
     started_at: str | None = None
     updated_at: str | None = None
     finished_at: str | None = None
@@ -309,6 +323,44 @@ class DoctorReport(BaseModel):
     agents: list[AgentCheck]
 
 
+class EventKind(StrEnum):
+    """Every kind of line in the events log (a closed set: readers skip what they do not know)."""
+
+    DISPATCHED = "dispatched"
+    QUEUED = "queued"  # dispatched or resumed, and no slot yet
+    STARTED = "started"
+    RESUMED = "resumed"
+    # a run's status changed to one of these (the line carries ``previous``)
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    BLOCKED = "blocked"
+    CANCELLED = "cancelled"
+    # deliveries (sync)
+    DELIVERED = "delivered"
+    NEEDS_ATTENTION = "needs-attention"
+    DEAD_LETTERED = "dead-lettered"
+
+
+class Event(BaseModel):
+    """One line of ``events/events.jsonl``: written and read through this model only."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    at: str = Field(default_factory=utcnow)
+    kind: EventKind
+    workspace: str
+    agent: str = ""
+    status: str = Field(description="the workspace's status right after it")
+    runs: int = 0
+    previous: str | None = None
+    container_id: str | None = None
+    reason: str | None = None
+    delivery: str | None = Field(default=None, description="deliveries: git or record")
+    run: int | None = Field(default=None, description="deliveries: the run delivered")
+    entry: str | None = Field(default=None, description="deliveries: the outbox entry")
+
+
 class Change(BaseModel):
     """One transition from the events log: a workspace moved (or its delivery did)."""
 
@@ -317,7 +369,8 @@ class Change(BaseModel):
     kind: str = Field(description="dispatched, queued, started, blocked, completed, failed, cancelled, resumed, ...")
     status: str = Field(description="the workspace's status right after it")
     runs: int = 0
-    question: str | None = Field(default=None, description="blocked: the question; failed: the reason (now)")
+    question: str | None = Field(default=None, description="blocked: the question (while that run is the last)")
+    reason: str | None = Field(default=None, description="failed or cancelled: why (while that run is the last)")
 
 
 class WatchResult(BaseModel):

@@ -3,7 +3,7 @@
 A write goes to a temp file in the same folder, is fsynced, then ``os.replace``d over
 the old file, so a reader sees the old record or the new one and never half of one.
 Writers hold the workspace lock: a thread lock inside this process and an ``flock``
-on ``<workspace>/.lock`` across processes sharing a root.
+on the workspace folder across processes sharing a root.
 A record that cannot be parsed is reported as :class:`CorruptRecordError` and left as
 it is: nothing here overwrites a file it could not read.
 
@@ -15,12 +15,9 @@ files, so it never says other than the records do.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import logging
 import os
 import sqlite3
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,11 +26,13 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .errors import CorruptRecordError, WorkspaceNotFoundError
+from .events import EventLog
+from .fileio import folder_lock, write_atomic
 from .index import IndexRow, StatusIndex
 from .models import ACTIVE_STATUSES, WorkspaceRecord, utcnow
 from .naming import contained, split_workspace_name
 
-__all__ = ["Listed", "StatusStore", "WorkspacePaths", "fsync_dir", "write_atomic"]
+__all__ = ["Listed", "StatusStore", "WorkspacePaths"]
 
 STATUS_FILE = "status.json"
 
@@ -68,10 +67,6 @@ class WorkspacePaths:
         """The per-workspace agent home (CLI sessions, settings), mounted as ``$HOME``."""
         return self.meta / "home"
 
-    @property
-    def lock(self) -> Path:
-        return self.dir / ".lock"
-
     def log(self, agent_base: str) -> Path:
         return self.logs / f"agent-{agent_base}.log"
 
@@ -88,47 +83,17 @@ class Listed:
     error: CorruptRecordError | None = None
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or removal in ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically and durably (temp file in the same folder, fsync,
-    ``os.replace``, fsync of the folder): a reader sees the old file or the new one, never half.
-
-    Raises:
-        OSError: the folder cannot be written.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            Path(tmp).unlink()
-        raise
-    fsync_dir(path.parent)
-
-
 class StatusStore:
     """Reads and writes workspace records under ``<root>/workspaces``."""
 
     def __init__(self, workspaces_root: Path, events_dir: Path, index_file: Path | None = None) -> None:
         self.root = workspaces_root
-        self.events_file = events_dir / "events.jsonl"
+        self.events = EventLog(events_dir / "events.jsonl")
+        self.events_file = self.events.path
         self.index = StatusIndex(index_file or workspaces_root.parent / "state" / "index.sqlite")
-        self._locks: dict[str, threading.RLock] = {}
+        self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self._events_lock = threading.Lock()
+        self._held = threading.local()  # the workspaces this thread holds (the lock is reentrant)
 
     # -- paths -----------------------------------------------------------------------------
     def paths(self, name: str) -> WorkspacePaths:
@@ -143,19 +108,31 @@ class StatusStore:
     # -- locking ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def locked(self, name: str) -> Iterator[WorkspacePaths]:
-        """Hold the workspace's lock (threads of this process and other processes)."""
-        with self._locks_guard:
-            tlock = self._locks.setdefault(name, threading.RLock())
+        """Hold the workspace's lock (threads of this process and other processes); a thread that
+        holds it already just goes on. The lock is an ``flock`` on the workspace folder itself, so
+        taking it never creates anything: a folder deleted meanwhile stays deleted.
+
+        Raises:
+            InvalidInputError: a malformed name.
+            WorkspaceNotFoundError: there is no such workspace folder.
+        """
         paths = self.paths(name)
-        with tlock:
-            paths.dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        held: set[str] = self._held.__dict__.setdefault("names", set())
+        if name in held:
+            yield paths
+            return
+        with self._locks_guard:
+            tlock = self._locks.setdefault(name, threading.Lock())
+        with tlock, contextlib.ExitStack() as stack:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                stack.enter_context(folder_lock(paths.dir))
+            except (FileNotFoundError, NotADirectoryError) as e:
+                raise WorkspaceNotFoundError(name) from e
+            held.add(name)
+            try:
                 yield paths
             finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
+                held.discard(name)
 
     # -- records ---------------------------------------------------------------------------
     def exists(self, name: str) -> bool:
@@ -204,8 +181,20 @@ class StatusStore:
         except (sqlite3.Error, OSError) as e:
             log.warning("the status index missed %s (%s); the next refresh catches up", record.name, e)
 
+    def create(self, record: WorkspaceRecord) -> None:
+        """Write the record of a workspace whose folder may not exist yet (tests, imports; a dispatch
+        moves a staged folder into place and writes its record under :meth:`locked`)."""
+        self.paths(record.name).dir.mkdir(parents=True, exist_ok=True)
+        with self.locked(record.name):
+            self.write(record)
+
+    def forget(self, name: str) -> None:
+        """Drop ``name`` from the index (its folder was removed)."""
+        self.index.remove([name])
+
     def update(self, name: str, change: Callable[[WorkspaceRecord], bool | None]) -> WorkspaceRecord:
-        """Read, change and write a record under its lock.
+        """Read, change and write a record under its lock (never its status: that is the run
+        lifecycle's, ``service/lifecycle.py``).
 
         ``change`` mutates the record in place; returning ``False`` skips the write.
 
@@ -217,9 +206,9 @@ class StatusStore:
             before = record.status
             if change(record) is False:
                 return record
+            if record.status != before:
+                raise AssertionError("a run's status changes only through the run lifecycle")
             self.write(record)
-        if record.status != before:
-            self.event(record, record.status.value, previous=str(before))  # one line per transition
         return record
 
     # -- the index ---------------------------------------------------------------------------
@@ -293,19 +282,3 @@ class StatusStore:
             except OSError as e:
                 out.append(Listed(name, None, CorruptRecordError(status_file, e.strerror or str(e))))
         return out
-
-    # -- events ----------------------------------------------------------------------------
-    def event(self, record: WorkspaceRecord, kind: str, **extra: object) -> None:
-        """Append one line to the events log (status changes, starts; used for rates and audit)."""
-        line = {
-            "at": utcnow(),
-            "kind": kind,
-            "workspace": record.name,
-            "agent": record.agent,
-            "status": str(record.status),
-            "runs": record.runs,
-            **extra,
-        }
-        self.events_file.parent.mkdir(parents=True, exist_ok=True)
-        with self._events_lock, self.events_file.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(line) + "\n")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from ..models import CancelResult, QueueState, Status, WorkspaceRecord, utcnow
+from ..models import CancelResult, QueueState, Status
 from ..scheduler import Scheduler
 from ..store import StatusStore
 from .drain import QueueDrainer
-from .finalise import Finaliser
+from .lifecycle import Cancelled
+from .runs import RunLifecycle
 
 __all__ = ["Control"]
 
@@ -14,11 +15,11 @@ __all__ = ["Control"]
 class Control:
     """Stopping work a person asked to stop."""
 
-    def __init__(self, store: StatusStore, scheduler: Scheduler, drainer: QueueDrainer, finaliser: Finaliser) -> None:
+    def __init__(self, store: StatusStore, scheduler: Scheduler, drainer: QueueDrainer, runs: RunLifecycle) -> None:
         self.store = store
         self.scheduler = scheduler
         self.drainer = drainer
-        self.finaliser = finaliser
+        self.runs = runs
 
     def cancel(self, workspace: str) -> CancelResult:
         """Cancel a workspace: a queued one never starts, a running one is stopped; others are left as they are.
@@ -26,34 +27,27 @@ class Control:
         Raises:
             WorkspaceNotFoundError: no such workspace.
         """
-        self.store.paths(workspace)
-
-        def dequeue(rec: WorkspaceRecord) -> bool:
-            if rec.status != Status.QUEUED:
-                return False
-            rec.status = Status.CANCELLED
-            rec.question = "cancelled before it started"
-            rec.finished_at = utcnow()
-            return True
-
         with self.scheduler.admission():  # so a drain cannot start it while we look
-            rec = self.store.read(workspace)
-            if rec.status == Status.QUEUED:
-                rec = self.store.update(workspace, dequeue)
-                return CancelResult(
-                    workspace=workspace, status=rec.status, changed=True, message="removed from the queue"
-                )
-        if rec.status == Status.RUNNING and self.finaliser.stop_run(
-            workspace, Status.CANCELLED, "cancelled while running"
-        ):
-            rec = self.store.read(workspace)
+            done = self.runs.apply(workspace, Cancelled("cancelled before it started"))
+        if done is not None:
+            return CancelResult(workspace=workspace, status=done.status, changed=True, message="removed from the queue")
+        stopped = self.runs.stop(workspace, Status.CANCELLED, "cancelled while running")
+        rec = self.store.read(workspace)
+        if stopped == "stopped":
             return CancelResult(
                 workspace=workspace,
                 status=rec.status,
                 changed=True,
                 message="the container was stopped; the work so far stays in the workspace",
             )
-        rec = self.store.read(workspace)
+        if stopped == "pending":
+            return CancelResult(
+                workspace=workspace,
+                status=rec.status,
+                changed=True,
+                message="the cancel is recorded, but the container engine cannot be reached now: the container is "
+                "stopped and the run ends cancelled as soon as the engine answers (nothing more to do)",
+            )
         return CancelResult(
             workspace=workspace,
             status=rec.status,
@@ -68,9 +62,9 @@ class Control:
         if now:
             for item in self.store.active():
                 running = item.record is not None and item.record.status == Status.RUNNING
-                if running and self.finaliser.stop_run(
+                if running and self.runs.stop(
                     item.name, Status.CANCELLED, "stopped by agentic_dispatch_shutdown(now=true)"
-                ):
+                ) != "idle":
                     stopped.append(item.name)
         return QueueState(
             frozen=True,
@@ -80,7 +74,12 @@ class Control:
         )
 
     def unfreeze(self) -> QueueState:
-        """Start work again: clear the frozen flag and start what has a slot."""
+        """Start work again: clear the frozen flag, lift the pools' fast-failure pauses (a person has
+        looked), and start what has a slot."""
         self.scheduler.set_frozen(False)
+        paused = sorted(self.scheduler.state().paused_until)
+        for pool in paused:
+            self.scheduler.resume_pool(pool)
         started = self.drainer.drain()
-        return QueueState(frozen=False, message=f"unfrozen; started {len(started)} queued workspace(s)")
+        lifted = f"; lifted the pause of pool(s) {', '.join(paused)}" if paused else ""
+        return QueueState(frozen=False, message=f"unfrozen{lifted}; started {len(started)} queued workspace(s)")

@@ -15,7 +15,7 @@ import time
 
 from ..config import Paths, SyncSettings
 from ..errors import CorruptRecordError, InvalidInputError, WorkspaceNotFoundError
-from ..models import ACTIVE_STATUSES, Delivery, Status, SyncReport, WorkspaceRecord
+from ..models import ACTIVE_STATUSES, Delivery, Event, EventKind, Status, SyncReport, WorkspaceRecord
 from ..store import StatusStore
 from ..sync import GitDeliverer, Outbox, OutboxEntry, Outcome, RecordPoster, delivery_target, record_payload
 from ..sync import view_commands as delivery_view_commands
@@ -82,7 +82,21 @@ class ResultDelivery:
             rec = self.store.read(entry.workspace)
         except (WorkspaceNotFoundError, CorruptRecordError):
             return
-        self.store.event(rec, kind, delivery=entry.kind, run=entry.run, entry=entry.id, reason=reason)
+        event = Event(
+            kind=EventKind(kind),
+            workspace=rec.name,
+            agent=rec.agent,
+            status=rec.status.value,
+            runs=rec.runs,
+            delivery=entry.kind,
+            run=entry.run,
+            entry=entry.id,
+            reason=reason,
+        )
+        try:
+            self.store.events.append(event)
+        except OSError as e:  # the outbox holds the truth; watchers miss this one line
+            log.error("cannot write the %s event of %s: %s", kind, rec.name, e)
 
     def flush(self, only: str | None = None, stop: threading.Event | None = None) -> None:
         """Deliver every due entry now (of ``only``'s workspace, when given)."""

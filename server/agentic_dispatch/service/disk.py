@@ -15,14 +15,13 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from ..config import Settings
 from ..models import Status, WorkspaceRecord
 from ..store import StatusStore
 
-__all__ = ["MIN_ENTRY_BYTES", "enforce_cap", "measure"]
+__all__ = ["MIN_ENTRY_BYTES", "measure", "over_cap"]
 
 log = logging.getLogger(__name__)
 
@@ -98,22 +97,16 @@ def _due(key: str, interval: float) -> bool:
     return True
 
 
-def enforce_cap(
-    settings: Settings,
-    store: StatusStore,
-    rec: WorkspaceRecord,
-    stop: Callable[[str, Status, str, str | None], bool],
-) -> bool:
-    """Measure the running workspace of ``rec`` and, past the cap, stop its container through
-    ``stop`` (``Finaliser.stop_run``): the run fails with a reason naming the cap. Returns
-    whether it was stopped. A workspace is measured at most once per half timer interval (the
+def over_cap(settings: Settings, store: StatusStore, rec: WorkspaceRecord) -> str | None:
+    """Measure the running workspace of ``rec``; past the cap, the reason its run fails (the caller
+    stops it), else ``None``. A workspace is measured at most once per half timer interval (the
     CLI's ``wait`` reconciles every second)."""
     cap = settings.resources.workspace_max_bytes
     if not cap or rec.status != Status.RUNNING or rec.container_id is None:
-        return False
+        return None
     ws = store.paths(rec.name)
     if not _due(f"{ws.dir}\0{rec.container_id}", settings.drain_interval_seconds / 2):
-        return False
+        return None
     try:
         size = measure(ws.dir, cap)
     except PermissionError as e:
@@ -123,12 +116,12 @@ def enforce_cap(
         )
     except OSError:  # one odd entry must not stop the tick (timeouts, the drain) for every run
         log.exception("cannot measure the workspace %s; trying again on a later tick", ws.dir)
-        return False
+        return None
     else:
         if size <= cap:
-            return False
+            return None
         reason = (
             f"the workspace grew past {cap} bytes (resources.workspace_max_bytes); the container was stopped "
             "and what it wrote kept. Free space in the workspace (or raise the cap), then resume."
         )
-    return stop(rec.name, Status.FAILED, reason, rec.container_id)
+    return reason

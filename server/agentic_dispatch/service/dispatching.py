@@ -13,7 +13,6 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from .. import safefs
@@ -28,7 +27,6 @@ from ..models import (
     RESUMABLE_STATUSES,
     DispatchRequest,
     DispatchResult,
-    Status,
     WorkspaceRecord,
 )
 from ..naming import check_component, check_git_ref, generated_id, slugify
@@ -38,8 +36,10 @@ from ..store import StatusStore, WorkspacePaths
 from ..workspace import clone_workspace
 from .catalog import AgentCatalog
 from .common import git_in
+from .lifecycle import Resumed, new_record
 from .preflight import Preflight
 from .run_files import RunFiles
+from .runs import RunLifecycle
 
 __all__ = ["Dispatching"]
 
@@ -49,7 +49,7 @@ MAX_QUESTION_BYTES = 64 * 1024  # what finalise reads of BLOCKED.md
 
 
 class Dispatching:
-    """New work and resumed work, up to a queued record; ``drain`` then starts what may start."""
+    """New work and resumed work, up to a queued record; the drain then starts what may start."""
 
     def __init__(
         self,
@@ -60,7 +60,7 @@ class Dispatching:
         mirrors: MirrorCache,
         preflight: Preflight,
         run_files: RunFiles,
-        drain: Callable[[], object],
+        runs: RunLifecycle,
     ) -> None:
         self.settings = settings
         self.paths = paths
@@ -69,16 +69,17 @@ class Dispatching:
         self.mirrors = mirrors
         self.preflight = preflight
         self.run_files = run_files
-        self._drain = drain
+        self.runs = runs
 
     def dispatch(self, req: DispatchRequest) -> DispatchResult:
-        """Prepare a workspace and start (or queue) an agent on it; returns at once.
+        """Prepare a workspace and queue its first run; returns at once.
 
         Raises:
             InvalidInputError: a bad argument (nothing is written).
             RepoError: the repository cannot be found or fetched (nothing is written).
             RuntimeUnavailableError: no container engine or no agent image.
             AgentNotReadyError: the agent cannot run here (its CLI or credentials).
+            StateError: the workspace could not be recorded (nothing is kept).
         """
         task = req.task.strip()
         if not task:
@@ -105,8 +106,33 @@ class Dispatching:
         with self._key_lock(req.idempotency_key):
             existing = self.store.with_key(req.idempotency_key)
             if existing is not None:
+                self._same_request(existing, req, str(spec))
                 return self.result(existing)
             return self._dispatch(req, spec, template, timeout)
+
+    @staticmethod
+    def _same_request(existing: WorkspaceRecord, req: DispatchRequest, agent: str) -> None:
+        """A key names one request: the same key with another repository, task or agent is a mistake
+        the caller must hear about, not a silent answer about other work.
+
+        Raises:
+            InvalidInputError: the request differs from the one the key was first used with.
+        """
+        differs = [
+            what
+            for what, theirs, ours in (
+                ("repo", existing.repo, req.repo),
+                ("task", existing.task, req.task.strip()),
+                ("agent", existing.agent, agent),
+            )
+            if theirs != ours
+        ]
+        if differs:
+            raise InvalidInputError(
+                "idempotency_key",
+                f"was first used for {existing.name} with another {', '.join(differs)}. "
+                "Use a new key for new work (the same key returns the first dispatch).",
+            )
 
     def _key_lock(self, key: str) -> contextlib.AbstractContextManager[None]:
         digest = hashlib.sha256(key.encode()).hexdigest()[:24]
@@ -129,9 +155,7 @@ class Dispatching:
         try:
             record, prompt = self._stage(WorkspacePaths(staging), mirror, ref, req, name, spec, template, timeout)
             if req.dry_run:
-                return self.result(record).model_copy(
-                    update={"status": "dry_run", "commands": [], "prompt": prompt, "dry_run": True}
-                )
+                return self.result(record, dry_run_prompt=prompt)
             target.dir.parent.mkdir(parents=True, exist_ok=True)
             try:
                 staging.rename(target.dir)
@@ -139,10 +163,8 @@ class Dispatching:
                 raise InvalidInputError("workspace", f"{name} was created by another dispatch just now.") from e
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        with self.store.locked(name):
-            self.store.write(record)
-        self.store.event(record, "dispatched")
-        return self._drained(name)
+        self.runs.commit_new(record)  # the record and its event, or the folder removed and an error
+        return self.result(record)
 
     @staticmethod
     def _slug(req: DispatchRequest) -> str:
@@ -168,9 +190,8 @@ class Dispatching:
         """Clone and write the first run's files into the staging folder ``ws``; the record to commit."""
         task = req.task.strip()
         branch, base_branch = clone_workspace(mirror, ws.repo, ref.fetch_url, req.branch, slugify(task))
-        record = WorkspaceRecord(
+        record = new_record(
             name=name,
-            status=Status.QUEUED,
             agent=str(spec),
             repo=req.repo,
             org=ref.org,
@@ -221,32 +242,27 @@ class Dispatching:
                     f"{workspace} is {rec.status}; only blocked, failed or completed workspaces can be resumed. "
                     + advice
                 )
-            nxt = self._next_run(ws, rec, str(spec) if spec is not None else rec.agent, answer)
-            variables = self.run_files.saved_variables(ws)
-            prompt = self.run_files.render(ws, nxt, variables, nxt.resume_session is not None)  # may refuse
-            self._hand_over_answer(ws, rec.runs, nxt.answer, self.catalog.secrets(agent_base(rec.agent)))
-            # The prompt of the new run carries the question and the answer; the record does not
-            # (a queued or running workspace has no open question).
-            self.run_files.prepare(ws, nxt, variables, prompt)
-            nxt.question = None
-            self.store.write(nxt)
-        self.store.event(nxt, "resumed")
-        return self._drained(workspace)
 
-    def _drained(self, name: str) -> DispatchResult:
-        """Start what may start; a run that found no slot says so in the events log."""
-        self._drain()
-        rec = self.store.read(name)
-        if rec.status == Status.QUEUED:
-            self.store.event(rec, "queued")
-        return self.result(rec)
+            def prepare(nxt: WorkspaceRecord) -> None:
+                """The new run's files, before its record says it is queued (each step may refuse)."""
+                variables = self.run_files.saved_variables(ws)
+                # The new run's prompt carries the last question (or failure) and the answer; the
+                # record does not (a queued run has no open question).
+                asked = nxt.model_copy(update={"question": rec.question or rec.reason})
+                prompt = self.run_files.render(ws, asked, variables, nxt.resume_session is not None)
+                self._hand_over_answer(ws, rec.runs, nxt.answer, self.catalog.secrets(agent_base(rec.agent)))
+                self.run_files.prepare(ws, asked, variables, prompt)
 
-    def _next_run(
-        self, ws: WorkspacePaths, rec: WorkspaceRecord, new_agent: str, answer: str | None
-    ) -> WorkspaceRecord:
-        """The queued record of the run after ``rec``. Native resume continues the CLI's own session
-        when the agent home still has it; otherwise a fresh session gets the whole task with the
-        question and the answer."""
+            nxt = self.runs.apply(
+                workspace, self._next_run(ws, rec, str(spec) if spec is not None else rec.agent, answer), prepare
+            )
+        if nxt is None:  # pragma: no cover (checked above, under the same lock)
+            raise StateError(f"{workspace} cannot be resumed now; look at it with agentic_status.")
+        return self.result(nxt)
+
+    def _next_run(self, ws: WorkspacePaths, rec: WorkspaceRecord, new_agent: str, answer: str | None) -> Resumed:
+        """The run after ``rec``. Native resume continues the CLI's own session when the agent home
+        still has it; otherwise a fresh session gets the whole task with the question and the answer."""
         base = agent_base(new_agent)
         # The last session the CLI reported; a run cut off before its CLI said anything
         # (killed, timed out) leaves the session it was resuming as the last one known.
@@ -257,21 +273,7 @@ class Dispatching:
             and self.catalog.agents[base].has_session(ws.home, session)
         )
         answer = answer.strip() if answer is not None and answer.strip() else None
-        return rec.model_copy(
-            update={
-                "agent": new_agent,
-                "answer": answer,
-                "resume_session": session if native else None,
-                "runs": rec.runs + 1,
-                "status": Status.QUEUED,
-                "queued_ns": time.time_ns(),
-                "container_id": None,
-                "exit_code": None,
-                "finished_at": None,
-                "phase": "agent",
-                "qa": None,
-            }
-        )
+        return Resumed(new_agent, answer, session if native else None, time.time_ns())
 
     @staticmethod
     def _hand_over_answer(ws: WorkspacePaths, last_run: int, answer: str | None, secrets: list[str]) -> None:
@@ -291,10 +293,24 @@ class Dispatching:
                 text = safefs.read_text(ws.meta, kept, MAX_QUESTION_BYTES) or ""
                 safefs.write_text(ws.meta, kept, redact(text, secrets) or "")
 
-    def result(self, rec: WorkspaceRecord) -> DispatchResult:
-        """What dispatch and resume return: where the work is and commands to look at it."""
+    def result(self, rec: WorkspaceRecord, dry_run_prompt: str | None = None) -> DispatchResult:
+        """What dispatch and resume return: where the work is and commands to look at it (a dry
+        run: the prompt, and nothing to look at)."""
         ws = self.store.paths(rec.name)
         log_path = ws.log(agent_base(rec.agent))
+        if dry_run_prompt is not None:
+            return DispatchResult(
+                workspace=rec.name,
+                status="dry_run",
+                agent=rec.agent,
+                branch=rec.branch,
+                path=str(ws.dir),
+                repo_path=str(ws.repo),
+                log_path=str(log_path),
+                commands=[],
+                prompt=dry_run_prompt,
+                dry_run=True,
+            )
         return DispatchResult(
             workspace=rec.name,
             status=rec.status.value,

@@ -8,7 +8,7 @@ one root never start the same run or overrun a limit.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import threading
 
 from .. import safefs
 from ..agents import (
@@ -21,13 +21,15 @@ from ..agents import (
 )
 from ..config import Settings
 from ..credentials import Credentials
-from ..errors import LaunchError, RuntimeUnavailableError, UnsafePathError
+from ..errors import CorruptRecordError, LaunchError, RuntimeUnavailableError, UnsafePathError, WorkspaceNotFoundError
 from ..models import Status, WorkspaceRecord, utcnow
 from ..runtime.base import LABEL_ROOT, LABEL_RUN, LABEL_WORKSPACE, ContainerSpec, Mount, Runtime
 from ..scheduler import Scheduler
 from ..store import StatusStore, WorkspacePaths
 from .catalog import AgentCatalog
 from .common import container_spec, container_url, hand_over
+from .lifecycle import LaunchFailed, Started
+from .runs import RunLifecycle
 
 __all__ = ["QueueDrainer"]
 
@@ -44,17 +46,19 @@ class QueueDrainer:
         scheduler: Scheduler,
         runtime: Runtime,
         catalog: AgentCatalog,
+        runs: RunLifecycle,
         root_id: str,
-        on_start: Callable[[], None],
+        started: threading.Event,
     ) -> None:
         self.settings = settings
         self.store = store
         self.scheduler = scheduler
         self.runtime = runtime
         self.catalog = catalog
+        self.runs = runs
         self.root_id = root_id
         self.root_labels = {LABEL_ROOT: root_id}
-        self._on_start = on_start  # the timer recomputes the nearest deadline
+        self._started = started  # set after each start: the timer recomputes the nearest deadline
         self.stalled: str | None = None  # why queued work cannot start, from the last drain
 
     def drain(self) -> list[str]:
@@ -74,11 +78,14 @@ class QueueDrainer:
             stalled = None
             for rec in self.scheduler.pick(records):
                 try:
-                    self.launch(rec.name)
-                    started.append(rec.name)
+                    if self.launch(rec.name):
+                        started.append(rec.name)
+                except (WorkspaceNotFoundError, CorruptRecordError) as e:
+                    log.warning("not starting %s: %s", rec.name, e)  # gone, or status shows it unreadable
                 except RuntimeUnavailableError as e:
-                    log.warning("cannot start %s: %s", rec.name, e)
                     stalled = f"queued work cannot start: {e}"
+                    if stalled != self.stalled:  # one line per change, not one per drain
+                        log.warning("%s", stalled)
                     break
                 except (LaunchError, UnsafePathError, OSError) as e:
                     self._fail_queued(rec.name, f"the run could not start: {e}")
@@ -89,42 +96,32 @@ class QueueDrainer:
         return started
 
     def _fail_queued(self, name: str, reason: str) -> None:
-        def apply(rec: WorkspaceRecord) -> bool:
-            if rec.status != Status.QUEUED:
-                return False
-            rec.status = Status.FAILED
-            rec.finished_at = utcnow()
-            rec.question = f"{reason}. Fix that, then call agentic_resume to run it again."
-            return True
-
         try:
-            self.store.update(name, apply)
+            self.runs.apply(name, LaunchFailed(f"{reason}. Fix that, then call agentic_resume to run it again."))
         except Exception:  # the record itself is unreadable: status reports it as such
             log.exception("cannot mark %s failed", name)
 
-    def launch(self, name: str) -> None:
+    def launch(self, name: str) -> bool:
         """Start the container of a queued workspace and record it ``running`` (call under the
         admission lock). A container already labelled with this workspace and run is adopted.
+        Returns whether it started (``False``: it was not queued any more).
 
         Raises:
             RuntimeUnavailableError: no engine or no image.
             LaunchError: the engine refused the container.
             UnsafePathError: the agent left a link where the server writes.
+            WorkspaceNotFoundError, CorruptRecordError: the record is gone or unreadable.
         """
         with self.store.locked(name) as ws:
             record = self.store.read(name)
             if record.status != Status.QUEUED:
-                return
-            container_id = self._adoptable(name, record.runs) or self._start(ws, record)
+                return False
+            adopted = self._adoptable(name, record.runs)
+            container_id = adopted or self._start(ws, record)
             self.scheduler.note_start(record.agent)
-            record.status = Status.RUNNING
-            record.container_id = container_id
-            record.started_at = utcnow()
-            record.finished_at = None
-            record.exit_code = None
-            self.store.write(record)
-        self.store.event(record, "started", container_id=container_id)
-        self._on_start()
+            self.runs.apply(name, Started(container_id, adopted=adopted is not None))
+        self._started.set()
+        return True
 
     def _adoptable(self, name: str, run: int) -> str | None:
         """A crash between starting a container and recording it leaves a labelled container:

@@ -36,6 +36,7 @@ from ..models import (
     SyncReport,
     WatchResult,
     WorkspaceRecord,
+    WorkspaceRow,
 )
 from ..prompts import PromptLibrary
 from ..runtime.base import LABEL_WORKSPACE, ExitEvent, Runtime
@@ -46,14 +47,15 @@ from .control import Control
 from .delivery import ResultDelivery
 from .dispatching import Dispatching
 from .drain import QueueDrainer
-from .finalise import Finaliser
 from .insights import Insights
 from .inspect import Inspector
+from .lifecycle import Waiting
 from .preflight import Preflight
-from .qa import QaGate
+from .qa_gate import QaGate
 from .recovery import Recovery
 from .reports import Reports
 from .run_files import RunFiles
+from .runs import RunLifecycle
 from .watching import Watching
 
 __all__ = ["Dispatcher"]
@@ -91,13 +93,13 @@ class Dispatcher:
         finished = threading.Condition()
 
         self.preflight = Preflight(runtime, self.catalog, paths.state)
-        self.drainer = QueueDrainer(
-            settings, self.store, self.scheduler, runtime, self.catalog, paths.root_id, self._wake.set
-        )
         self.delivery = ResultDelivery(settings.sync, paths, self.store)
         qa = QaGate(settings, runtime, self.catalog, paths.root_id)
-        self.finaliser = Finaliser(self.store, runtime, self.scheduler, self.catalog, qa, finished, self._after_run)
-        self.recovery = Recovery(self.store, runtime, self.scheduler, self.drainer, self.finaliser)
+        self.runs = RunLifecycle(self.store, runtime, self.scheduler, self.catalog, qa, self.delivery, finished)
+        self.drainer = QueueDrainer(
+            settings, self.store, self.scheduler, runtime, self.catalog, self.runs, paths.root_id, self._wake
+        )
+        self.recovery = Recovery(self.store, runtime, self.scheduler, self.drainer, self.runs)
         self.reports = Reports(
             self.store, self.scheduler, self.catalog, self.drainer, self.recovery, self.delivery, finished
         )
@@ -109,10 +111,10 @@ class Dispatcher:
             self.mirrors,
             self.preflight,
             RunFiles(self.prompts),
-            self.drainer.drain,
+            self.runs,
         )
-        self.control = Control(self.store, self.scheduler, self.drainer, self.finaliser)
-        self.watching = Watching(self.store, finished, self.reports.rows)
+        self.control = Control(self.store, self.scheduler, self.drainer, self.runs)
+        self.watching = Watching(self.store, finished, self.reports)
         self.inspector = Inspector(self.store, self.catalog)
         self.stats = Insights(self.store)
         self.recovery.remove_stale_staging(paths.state / "staging")
@@ -173,24 +175,33 @@ class Dispatcher:
         if not name:
             return
         try:
-            self.finaliser.finalise(name, event.container_id, event.exit_code)
+            self.runs.finish(name, event.container_id, event.exit_code)
         except Exception:  # the background boundary: never let one bad record stop the watcher
-            log.exception("cannot finalise %s", name)
+            log.exception("cannot settle %s", name)
         try:
             self.drainer.drain()
         except Exception:
             log.exception("cannot drain the queue after %s exited", name)
 
-    def _after_run(self, rec: WorkspaceRecord) -> None:
-        """A run ended for good (after its QA gate)."""
-        self.delivery.after_run(rec)
+    def _start_queued(self, result: DispatchResult) -> DispatchResult:
+        """After a dispatch or resume: start what may start. The run is queued already, so a drain
+        that fails here is not the caller's error: the timer drains again."""
+        try:
+            self.drainer.drain()
+        except Exception:
+            log.exception("cannot drain the queue after %s; the timer tries again", result.workspace)
+        rec = self.runs.apply(result.workspace, Waiting())  # still queued: say so in the events log
+        return self.dispatching.result(rec) if rec is not None else self.dispatching.result(
+            self.store.read(result.workspace)
+        )
 
     # -- what the front ends call (each documented on the part that does it) --------------
     def dispatch(self, req: DispatchRequest) -> DispatchResult:
-        return self.dispatching.dispatch(req)
+        result = self.dispatching.dispatch(req)
+        return result if result.dry_run else self._start_queued(result)
 
     def resume(self, workspace: str, answer: str | None = None, agent: str | None = None) -> DispatchResult:
-        return self.dispatching.resume(workspace, answer, agent)
+        return self._start_queued(self.dispatching.resume(workspace, answer, agent))
 
     def status(
         self, workspace: str | None = None, status: str | None = None, limit: int = 50, log_lines: int = 0
@@ -211,6 +222,45 @@ class Dispatcher:
         return self.watching.watch(
             workspaces, timeout, cursor, on_change, poll=None if self._threads else self.recovery.reconcile
         )
+
+    def watch_cursor(self, cursor: str | None) -> int:
+        """The byte offset a watch cursor names (``None``: the events log's end, i.e. from now on).
+
+        Raises:
+            InvalidInputError: not a cursor agentic_watch returned.
+        """
+        return self.watching.parse_cursor(cursor)
+
+    def watch_one_result(self, workspace: str, since: int, row: WorkspaceRow) -> WatchResult:
+        """What a wait for one workspace saw: its changes since byte ``since``, with its ``row`` now."""
+        return self.watching.single(workspace, since, row)
+
+    def changes(self, since: int, workspaces: set[str] | None = None) -> tuple[list[Change], int]:
+        """The transitions after byte ``since`` of the events log (of ``workspaces``, when given), each
+        with its question or reason, and the offset to read on from.
+
+        Raises:
+            InvalidInputError: a malformed workspace name.
+            WorkspaceNotFoundError: a named workspace does not exist.
+        """
+        for name in sorted(workspaces or ()):
+            self.store.read(name)
+        found, end = self.watching.changes(since, workspaces)
+        return [self.watching.explain(c) for c in found], end
+
+    def follow(self, since: int | None) -> tuple[list[Change], int]:
+        """The changes after byte ``since`` (``None``: from now on) and the offset to pass next time."""
+        return self.watching.follow(since)
+
+    def record(self, workspace: str) -> WorkspaceRecord:
+        """The workspace's record as it is now.
+
+        Raises:
+            InvalidInputError: a malformed name.
+            WorkspaceNotFoundError: no such workspace.
+            CorruptRecordError: its status.json cannot be read.
+        """
+        return self.store.read(workspace)
 
     def logs(self, workspace: str, tail: int = 200, since_bytes: int | None = None) -> LogsResult:
         return self.inspector.logs(workspace, tail, since_bytes)

@@ -63,7 +63,7 @@ class Insights:
             return sum(known) if known else None
 
         failures = Counter(
-            _VARIABLE.sub("…", (r.question or "no reason recorded").splitlines()[0])[:160]
+            _VARIABLE.sub("…", (r.reason or "no reason recorded").splitlines()[0])[:160]
             for r in recs
             if r.status == Status.FAILED
         )

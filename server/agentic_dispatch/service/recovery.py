@@ -12,18 +12,21 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..models import CleanupReport, Status, WorkspaceRecord, utcnow
+from ..errors import CorruptRecordError, InvalidInputError, RuntimeUnavailableError, WorkspaceNotFoundError
+from ..models import ACTIVE_STATUSES, CleanupReport, Status, WorkspaceRecord, utcnow
 from ..runtime.base import LABEL_RUN, LABEL_WORKSPACE, ContainerInfo, Runtime
 from ..scheduler import Scheduler
 from ..store import Listed, StatusStore
 from . import disk
 from .common import run_deadline
 from .drain import QueueDrainer
-from .finalise import Finaliser
+from .lifecycle import Vanished
+from .runs import RunLifecycle
 
-__all__ = ["Recovery"]
+__all__ = ["EngineView", "Recovery"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,16 @@ STALE_STAGING_SECONDS = 3600
 # How often the timer checks the status index against every record file (a stat each). Writes
 # through the store update the index at once; this catches records changed behind its back.
 INDEX_REFRESH_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class EngineView:
+    """What the timer last saw of the engine, for status (which never asks the engine itself)."""
+
+    problem: str | None = None  # why it cannot be reached, while it cannot
+    since: str | None = None
+    orphans: list[str] = field(default_factory=list)
+    orphans_seen_at: str | None = None
 
 
 class Recovery:
@@ -42,42 +55,65 @@ class Recovery:
         runtime: Runtime,
         scheduler: Scheduler,
         drainer: QueueDrainer,
-        finaliser: Finaliser,
+        runs: RunLifecycle,
     ) -> None:
         self.store = store
         self.runtime = runtime
         self.scheduler = scheduler
         self.drainer = drainer
-        self.finaliser = finaliser
+        self.runs = runs
         self.root_labels = drainer.root_labels
         self._refreshed = -INDEX_REFRESH_SECONDS  # the first reconcile (at start) checks the index
+        self.engine = EngineView()
 
     def reconcile(self) -> None:
-        """Match every running record with its container; enforce timeouts; adopt; drain the queue.
+        """Match every running record with its container; enforce timeouts; adopt; sweep what the
+        engine holds (leftovers removed, orphans noted); drain the queue.
 
         Works on the queued and running records only (from the status index); the index itself is
         checked against every record file once per ``INDEX_REFRESH_SECONDS`` (and by each status).
+        While the engine cannot be reached nothing is decided about any run: :attr:`engine`
+        says so (status shows it), and the next tick looks again.
         """
-        now = time.time()
         if time.monotonic() - self._refreshed > INDEX_REFRESH_SECONDS:
             self.store.refresh()
             self._refreshed = time.monotonic()
         listed = self.store.active()
-        for item in listed:
-            rec = item.record
-            if rec is None or rec.status != Status.RUNNING or rec.container_id is None:
-                continue
-            info = self.runtime.inspect(rec.container_id)
-            if info is None:
-                self._fail_vanished(rec)
-            elif not info.running:
-                self.finaliser.finalise(rec.name, rec.container_id, info.exit_code)
-            elif (deadline := run_deadline(rec)) is not None and now > deadline[0]:
-                self.finaliser.stop_run(rec.name, Status.FAILED, deadline[1], rec.container_id)
-            else:  # still running: the workspace's size cap (service/disk.py)
-                disk.enforce_cap(self.drainer.settings, self.store, rec, self.finaliser.stop_run)
-        self._adopt_started(listed)
+        try:
+            for item in listed:
+                if item.record is not None and item.record.status == Status.RUNNING and item.record.container_id:
+                    self._check(item.record, item.record.container_id)
+            self._sweep(listed)
+        except RuntimeUnavailableError as e:
+            self._engine_away(str(e))
+            return
+        self._engine_back()
         self.drainer.drain()
+
+    def _check(self, rec: WorkspaceRecord, container_id: str) -> None:
+        """One running record against its container."""
+        info = self.runtime.inspect(container_id)
+        if info is None:
+            self.runs.apply(rec.name, Vanished(container_id))
+        elif not info.running:
+            self.runs.finish(rec.name, container_id, info.exit_code, info.oom_killed)
+        elif rec.stop_status is not None:  # a stop the engine did not take (it was away)
+            self.runs.stop_marked(rec.name, container_id)
+        elif (deadline := run_deadline(rec)) is not None and time.time() > deadline[0]:
+            self.runs.stop(rec.name, Status.FAILED, deadline[1], container_id)
+        elif (reason := disk.over_cap(self.drainer.settings, self.store, rec)) is not None:
+            self.runs.stop(rec.name, Status.FAILED, reason, container_id)
+
+    def _engine_away(self, problem: str) -> None:
+        if self.engine.problem != problem:  # one line per change, not one per tick
+            log.warning("the container engine cannot be reached: %s", problem)
+        self.engine = EngineView(problem=problem, since=self.engine.since if self.engine.problem else utcnow(),
+                                 orphans=self.engine.orphans, orphans_seen_at=self.engine.orphans_seen_at)
+
+    def _engine_back(self) -> None:
+        if self.engine.problem is not None:
+            log.warning("the container engine answers again")
+            self.engine = EngineView(orphans=self.engine.orphans, orphans_seen_at=self.engine.orphans_seen_at)
 
     def next_wakeup(self, interval: float) -> float:
         """Seconds until the next tick: ``interval``, or sooner for the earliest run deadline."""
@@ -97,51 +133,46 @@ class Recovery:
         """(workspace, run) of every queued record: the labels its container will carry."""
         return {(i.record.name, str(i.record.runs)) for i in listed if i.record and i.record.status == Status.QUEUED}
 
-    def _adopt_started(self, listed: list[Listed]) -> None:
-        """Record the runs whose container started but whose record still says ``queued``.
+    def _sweep(self, listed: list[Listed]) -> None:
+        """One look at every container of this root: adopt the runs whose container started while
+        the record still says ``queued`` (a crash in between); remove what runs that ended for good
+        left behind (a removal that failed as they ended); note the orphans for status.
 
-        A server killed between starting a container and writing the record leaves that; the
-        run is adopted whatever the limits say (it is running already), never started twice.
-        ``launch`` re-reads each record under its lock, so an older ``listed`` is safe.
+        Raises:
+            RuntimeUnavailableError: the engine cannot be reached.
         """
+        containers = self.runtime.list(self.root_labels)
         queued = self._queued_runs(listed)
-        if not queued:
-            return
-        started = {
-            c.labels.get(LABEL_WORKSPACE)
-            for c in self.runtime.list(self.root_labels)
-            if (c.labels.get(LABEL_WORKSPACE), c.labels.get(LABEL_RUN)) in queued and c.started
-        }
-        if started:
+        adopt = sorted(
+            {
+                name
+                for c in containers
+                if (name := c.labels.get(LABEL_WORKSPACE)) and (name, c.labels.get(LABEL_RUN)) in queued and c.started
+            }
+        )
+        if adopt:
             with self.scheduler.admission():
-                for name in sorted(n for n in started if n):
+                for name in adopt:
                     try:
                         self.drainer.launch(name)  # finds the container and adopts it
                     except Exception:
                         log.exception("cannot adopt the running container of %s", name)
+            listed = self.store.active()
+        orphans = []
+        for c in self._unknown(containers, listed):
+            if self._left_over(c):
+                self.runtime.remove(c.id)
+            else:
+                orphans.append(f"{c.id[:12]} {c.name} ({c.labels.get(LABEL_WORKSPACE, '?')})")
+        self.engine = EngineView(orphans=orphans, orphans_seen_at=utcnow())
 
-    def _fail_vanished(self, rec: WorkspaceRecord) -> None:
-        def apply(r: WorkspaceRecord) -> bool:
-            if r.status != Status.RUNNING or r.container_id != rec.container_id:
-                return False
-            r.status = Status.FAILED
-            r.finished_at = utcnow()
-            r.question = (
-                f"the agent container {str(rec.container_id)[:12]} vanished (removed outside agentic-dispatch); "
-                "its work so far is in the workspace. Resume to run again."
-            )
-            return True
+    def _unknown(self, containers: list[ContainerInfo], listed: list[Listed]) -> list[ContainerInfo]:
+        """The containers no queued or running record claims.
 
-        self.store.update(rec.name, apply)
-
-    def _orphan_containers(self) -> list[ContainerInfo]:
-        """Containers labelled with this root that no record knows.
-
-        Not orphans: the container of a running record; one a queued record is about to adopt
-        (same workspace and run); one whose workspace's record cannot be read (it is reported
-        as unreadable, and its container is left alone until a person has looked).
+        Not among them: the container of a running record; one a queued record is about to adopt
+        (same workspace and run); one whose workspace's record cannot be read (it is reported as
+        unreadable, and its container is left alone until a person has looked).
         """
-        listed = self.store.active()
         known = {
             i.record.container_id
             for i in listed
@@ -151,27 +182,43 @@ class Recovery:
         unreadable = set(self.store.unreadable())
         return [
             c
-            for c in self.runtime.list(self.root_labels)
+            for c in containers
             if c.id not in known
             and (c.labels.get(LABEL_WORKSPACE), c.labels.get(LABEL_RUN)) not in adopting
             and c.labels.get(LABEL_WORKSPACE) not in unreadable
         ]
 
+    def _left_over(self, c: ContainerInfo) -> bool:
+        """A stopped container of a run that has ended, or been replaced since: ours, known, and
+        only left because its removal failed (the engine went away as the run ended)."""
+        name, run = c.labels.get(LABEL_WORKSPACE), c.labels.get(LABEL_RUN)
+        if c.running or not name or not run or not run.isdigit():
+            return False
+        try:
+            rec = self.store.read(name)
+        except (WorkspaceNotFoundError, CorruptRecordError, InvalidInputError):
+            return False
+        return rec.status not in ACTIVE_STATUSES or rec.runs > int(run)
+
     def orphans(self) -> list[str]:
-        """The orphaned containers, described for a person (id, name, workspace label).
+        """The orphaned containers, described for a person (id, name, workspace label), from one
+        look at the engine now.
 
         Raises:
             RuntimeUnavailableError: the engine cannot be reached.
         """
-        return [f"{c.id[:12]} {c.name} ({c.labels.get(LABEL_WORKSPACE, '?')})" for c in self._orphan_containers()]
+        self._sweep(self.store.active())
+        return self.engine.orphans
 
     def cleanup(self) -> CleanupReport:
         """Remove the orphaned containers :meth:`orphans` reports."""
         removed = []
         with self.scheduler.admission():  # no container starts (here or in another server) while we look
-            for c in self._orphan_containers():
+            listed = self.store.active()
+            for c in self._unknown(self.runtime.list(self.root_labels), listed):
                 self.runtime.remove(c.id)
                 removed.append(f"{c.id[:12]} {c.name}")
+        self.engine = EngineView(orphans=[], orphans_seen_at=utcnow())
         return CleanupReport(removed=removed, message=f"removed {len(removed)} orphaned container(s)")
 
     @staticmethod

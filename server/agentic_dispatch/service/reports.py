@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from ..agents import agent_base
 from ..credentials import redact
-from ..errors import CorruptRecordError, InvalidInputError, RuntimeUnavailableError, WorkspaceNotFoundError
+from ..errors import CorruptRecordError, InvalidInputError, WorkspaceNotFoundError
 from ..models import ACTIVE_STATUSES, PoolHoldRow, Status, StatusReport, WorkspaceRecord, WorkspaceRow
 from ..scheduler import Scheduler
 from ..store import Listed, StatusStore
@@ -115,6 +115,7 @@ class Reports:
             runs=rec.runs,
             branch=rec.branch,
             question=rec.question,
+            reason=rec.reason if rec.stop_status is None else f"{rec.stop_status.value} pending: {rec.stop_reason}",
             started_at=rec.started_at,
             updated_at=rec.updated_at,
             finished_at=rec.finished_at,
@@ -131,8 +132,11 @@ class Reports:
         """The rows with what holds the queue: frozen, why queued work cannot start, pool holds, orphans."""
         frozen = self.scheduler.state().frozen
         notes = ["the queue is frozen: new dispatches wait until agentic_dispatch_start"] if frozen else []
+        engine = self.recovery.engine  # what the timer last saw: status never waits on the engine
+        if engine.problem is not None:
+            notes.append(f"the container engine cannot be reached (since {engine.since}): {engine.problem}")
         if self.drainer.stalled and counts[Status.QUEUED.value]:
-            notes.append(self.drainer.stalled)
+            notes.append("queued work waits until the engine answers" if engine.problem else self.drainer.stalled)
         holds = [
             PoolHoldRow(
                 pool=h.pool,
@@ -143,10 +147,11 @@ class Reports:
             )
             for h in self.scheduler.holds()
         ]
-        try:
-            orphans = self.recovery.orphans()
-        except RuntimeUnavailableError as e:
-            orphans, notes = [], [*notes, str(e)]
+        orphans = engine.orphans
+        if orphans:
+            notes.append(
+                f"orphaned containers as of {engine.orphans_seen_at}: remove them with agentic-dispatch cleanup"
+            )
         return StatusReport(counts=counts, workspaces=rows, frozen=frozen, holds=holds, orphans=orphans, notes=notes)
 
     def wait(self, workspace: str, timeout: float, poll: Callable[[], None] | None = None) -> WorkspaceRecord:

@@ -11,12 +11,9 @@ Also what the MCP front end's resources read (the workspace list, one row, the l
 
 from __future__ import annotations
 
-import json
-import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from pydantic import BaseModel, Field
 
@@ -24,12 +21,11 @@ from ..errors import InvalidInputError, WorkspaceNotFoundError
 from ..models import ACTIVE_STATUSES, Change, Status, WatchResult, WorkspaceRow
 from ..safefs import read_range
 from ..store import StatusStore
+from .reports import Reports
 
 __all__ = ["MAX_LISTED", "MAX_PROMPT_BYTES", "ListedWorkspace", "Watching", "WorkspaceList", "describe"]
 
 MAX_WATCH_SECONDS = 50  # hosts cut tool calls off at about 60 s
-MAX_READ_BYTES = 4 << 20  # of new events per look; the rest comes with the next cursor
-_NOT_CHANGES = {"status"}  # (older servers wrote status changes under this kind as well)
 MAX_LISTED = 200  # workspaces in one listing, newest first
 MAX_PROMPT_BYTES = 60 * 1024  # of a prompt file in one reply
 
@@ -52,22 +48,13 @@ class WorkspaceList(BaseModel):
 class Watching:
     """Changes since a cursor, and waiting (bounded) for the next one."""
 
-    def __init__(
-        self, store: StatusStore, finished: threading.Condition, rows: Callable[[list[str]], list[WorkspaceRow]]
-    ):
+    def __init__(self, store: StatusStore, finished: threading.Condition, reports: Reports):
         self.store = store
         self._finished = finished  # notified after each run that ends in this process
-        self._rows = rows  # the status rows of these workspaces
-
-    @property
-    def _log(self) -> Path:
-        return self.store.events_file
+        self._rows = reports.rows  # the status rows of these workspaces
 
     def _end(self) -> int:
-        try:
-            return os.stat(self._log).st_size  # noqa: PTH116 (called in a loop)
-        except FileNotFoundError:
-            return 0
+        return self.store.events.size()
 
     def parse_cursor(self, cursor: str | None) -> int:
         """Raises:
@@ -85,25 +72,13 @@ class Watching:
     def changes(self, since: int, names: set[str] | None) -> tuple[list[Change], int]:
         """The transitions logged after byte ``since`` (of ``names``' workspaces, when given) and the
         offset after the last whole line read."""
-        try:
-            with self._log.open("rb") as f:
-                f.seek(since)
-                data = f.read(MAX_READ_BYTES)
-        except FileNotFoundError:
-            return [], since
-        whole = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next look
-        out: list[Change] = []
-        for line in whole.splitlines():
-            try:
-                e = json.loads(line)
-                change = Change(
-                    at=e["at"], workspace=e["workspace"], kind=e["kind"], status=e["status"], runs=e.get("runs", 0)
-                )
-            except (ValueError, KeyError, TypeError):
-                continue  # a line we cannot read is skipped, never fatal
-            if change.kind not in _NOT_CHANGES and (names is None or change.workspace in names):
-                out.append(change)
-        return out, since + len(whole)
+        events, end = self.store.events.read(since)
+        out = [
+            Change(at=e.at, workspace=e.workspace, kind=e.kind.value, status=e.status, runs=e.runs)
+            for e in events
+            if names is None or e.workspace in names
+        ]
+        return out, end
 
     def watch(
         self,
@@ -236,7 +211,9 @@ class Watching:
             rec = self.store.read(change.workspace)
         except (WorkspaceNotFoundError, ValueError):
             return change
-        return change.model_copy(update={"question": rec.question}) if rec.runs == change.runs else change
+        if rec.runs != change.runs:
+            return change
+        return change.model_copy(update={"question": rec.question, "reason": rec.reason})
 
     @staticmethod
     def _message(found: list[Change], watched: list[str], settled: bool) -> str:
@@ -252,4 +229,5 @@ class Watching:
 def describe(change: Change) -> str:
     """One line for a person: ``org/repo/task-5: blocked — Which database?``."""
     text = f"{change.workspace}: {change.kind}"
-    return f"{text} — {change.question[:200]}" if change.question else text
+    why = change.question or change.reason
+    return f"{text} — {why[:200]}" if why else text

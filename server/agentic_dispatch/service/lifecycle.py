@@ -1,0 +1,418 @@
+"""The run's life as one state machine: the only code that changes a run's ``status``, ``phase``,
+``finished_at``, ``reason`` and ``question``, and that says which event line each change writes.
+
+:func:`transition` is pure: a record and a happening in; the new record, its event lines and the
+side effects to carry out out (or ``None`` when the happening does not apply to the record as it
+is now: a second report of one exit, a stop for a run a resume has replaced). ``service/runs.py``
+carries the effects out against the engine, the store, the scheduler and the outbox.
+
+    (state, phase)     happening                     → state            effects
+    —                  Dispatched                    → queued           event dispatched
+    queued             Waiting (no slot after a drain) → queued         event queued
+    blocked|failed|completed  Resumed                → queued, runs+1   event resumed
+    queued             Started (or adopted)          → running          event started
+    queued             LaunchFailed                  → failed           event failed
+    queued             Cancelled                     → cancelled        event cancelled
+    running            StopRequested                 → running (marked) stop the container
+    running, agent     Exited: BLOCKED.md            → blocked          remove, settled
+    running, agent     Exited: a stop we asked for   → its status       remove, settled
+    running, agent     Exited: non-zero              → failed           remove, settled, count*
+    running, agent     Exited: 0, no QA              → completed        remove, settled
+    running, agent     Exited: 0, QA, no command     → completed (qa skipped)
+    running, agent     Exited: 0, QA, a command      → running, qa      remove, start the gate
+    running, qa        QaStarted                     → running, qa      —
+    running, qa        QaLaunchFailed                → failed           settled
+    running, qa        Exited                        → completed|failed remove, settled
+    running            Vanished                      → failed           settled
+
+    * a failure counts towards pausing the pool only when it is the agent's or its provider's:
+      not a stop the server asked for, not a QA verdict, not a signal from outside (an engine
+      restart), not a vanished container.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..models import (
+    RESUMABLE_STATUSES,
+    EventKind,
+    QaResult,
+    RunSummary,
+    Status,
+    WorkspaceRecord,
+)
+
+__all__ = [
+    "Cancelled",
+    "CountFailure",
+    "Dispatched",
+    "Effect",
+    "Exited",
+    "Happening",
+    "LaunchFailed",
+    "Outcome",
+    "QaExited",
+    "QaLaunchFailed",
+    "QaStarted",
+    "RemoveContainer",
+    "Resumed",
+    "Settled",
+    "StartQa",
+    "Started",
+    "StopContainer",
+    "StopRequested",
+    "Vanished",
+    "Waiting",
+    "new_record",
+    "transition",
+]
+
+# Exit codes of a container whose main process got a signal: 128 + SIGKILL / SIGTERM.
+SIGNAL_NAMES = {137: "SIGKILL", 143: "SIGTERM"}
+
+
+# -- happenings ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Dispatched:
+    """A new workspace enters the queue (its record was built by :func:`new_record`)."""
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """The drain after a dispatch or resume found no slot for the run: it waits in the queue."""
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """A person sends a finished workspace's agent back to work: the next run is queued."""
+
+    agent: str
+    answer: str | None
+    resume_session: str | None
+    queued_ns: int
+
+
+@dataclass(frozen=True)
+class Started:
+    """The run's container runs (started now, or found running after a crash: adopted)."""
+
+    container_id: str
+    adopted: bool = False
+
+
+@dataclass(frozen=True)
+class LaunchFailed:
+    """The queued run's container could not be started, for a reason of its own."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """A person cancelled a queued run before it started."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class StopRequested:
+    """The server decides to stop a running run (cancel, timeout, shutdown, disk cap): the mark is
+    written before the container is stopped, so however the exit is seen the run ends as asked."""
+
+    status: Status
+    reason: str
+    container_id: str | None = None  # only this run (a timeout decided on an older view)
+
+
+@dataclass(frozen=True)
+class Exited:
+    """The agent's container exited (or was stopped). The facts were read from the workspace."""
+
+    container_id: str
+    exit_code: int | None
+    summary: RunSummary | None = None
+    question: str = ""  # BLOCKED.md, redacted
+    unsafe_question: str | None = None  # why BLOCKED.md could not be read
+    last_output: str | None = None  # the log's last line, redacted
+    oom_killed: bool = False
+    qa_command: tuple[str, str] | None = None  # (command, why), when the QA gate is on and found one
+
+
+@dataclass(frozen=True)
+class QaStarted:
+    """The QA gate's container runs."""
+
+    container_id: str
+    started_at: str
+    timeout_seconds: int
+
+
+@dataclass(frozen=True)
+class QaLaunchFailed:
+    reason: str
+
+
+@dataclass(frozen=True)
+class QaExited:
+    """The QA gate's container exited (or was stopped)."""
+
+    container_id: str
+    exit_code: int | None
+    output_tail: str
+    summary_line: str
+
+
+@dataclass(frozen=True)
+class Vanished:
+    """The running run's container is gone from the engine (removed behind our back)."""
+
+    container_id: str
+
+
+Happening = (
+    Dispatched
+    | Waiting
+    | Resumed
+    | Started
+    | LaunchFailed
+    | Cancelled
+    | StopRequested
+    | Exited
+    | QaStarted
+    | QaLaunchFailed
+    | QaExited
+    | Vanished
+)
+
+
+# -- effects ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RemoveContainer:
+    container_id: str
+
+
+@dataclass(frozen=True)
+class StopContainer:
+    container_id: str
+
+
+@dataclass(frozen=True)
+class StartQa:
+    """Start the gate's container (then report :class:`QaStarted` or :class:`QaLaunchFailed`)."""
+
+    command: str
+
+
+@dataclass(frozen=True)
+class CountFailure:
+    """A fast failure of the agent's own counts towards pausing its pool."""
+
+    agent: str
+    started_at: str
+
+
+@dataclass(frozen=True)
+class Settled:
+    """The run ended for good: waiters wake, and its delivery is enqueued (``[sync] auto``)."""
+
+
+Effect = RemoveContainer | StopContainer | StartQa | CountFailure | Settled
+
+
+@dataclass
+class Outcome:
+    """What one happening did: the record to write, its event lines, the effects to carry out."""
+
+    record: WorkspaceRecord
+    events: list[tuple[EventKind, dict[str, str | int | None]]] = field(default_factory=list)
+    effects: list[Effect] = field(default_factory=list)
+
+
+def new_record(**fields: object) -> WorkspaceRecord:
+    """The record of a new workspace, queued (the intake builds it; :class:`Dispatched` commits it)."""
+    return WorkspaceRecord.model_validate({**fields, "status": Status.QUEUED, "phase": "agent"})
+
+
+# -- the table ------------------------------------------------------------------------------------
+def transition(rec: WorkspaceRecord, happening: Happening, now: str) -> Outcome | None:
+    """The one place a run's state changes. ``rec`` is not modified; ``None``: nothing to do."""
+    new = rec.model_copy(deep=True)
+    match happening:
+        case Dispatched():
+            if rec.status != Status.QUEUED:
+                return None
+            return Outcome(new, [(EventKind.DISPATCHED, {})])
+        case Waiting():
+            if rec.status != Status.QUEUED:
+                return None
+            return Outcome(new, [(EventKind.QUEUED, {})])
+        case Resumed():
+            return _resumed(new, happening)
+        case Started():
+            if rec.status != Status.QUEUED:
+                return None
+            new.status, new.phase = Status.RUNNING, "agent"
+            new.container_id, new.started_at = happening.container_id, now
+            new.finished_at = new.exit_code = new.reason = new.question = None
+            return Outcome(new, [(EventKind.STARTED, {"container_id": happening.container_id})])
+        case LaunchFailed() | Cancelled():
+            if rec.status != Status.QUEUED:
+                return None
+            failed = isinstance(happening, LaunchFailed)
+            return _end(new, Status.FAILED if failed else Status.CANCELLED, happening.reason, now)
+        case StopRequested():
+            if not _runs(rec, happening.container_id) or rec.container_id is None:
+                return None
+            new.stop_status, new.stop_reason = happening.status, happening.reason
+            return Outcome(new, effects=[StopContainer(rec.container_id)])
+        case Exited():
+            if not _runs(rec, happening.container_id) or rec.phase != "agent":
+                return None
+            return _agent_exited(new, happening, now)
+        case QaStarted():
+            if rec.status != Status.RUNNING or rec.phase != "qa" or rec.qa is None:
+                return None
+            new.container_id = happening.container_id
+            new.qa = rec.qa.model_copy(
+                update={
+                    "state": "running",
+                    "started_at": happening.started_at,
+                    "timeout_seconds": happening.timeout_seconds,
+                }
+            )
+            return Outcome(new)
+        case QaLaunchFailed():
+            if rec.status != Status.RUNNING or rec.phase != "qa":
+                return None
+            new.phase = "agent"
+            new.qa = (rec.qa or QaResult(state="failed")).model_copy(
+                update={"state": "failed", "reason": f"the gate could not start: {happening.reason}"}
+            )
+            reason = (
+                f"the QA gate could not start: {happening.reason}. "
+                "Fix that, then call agentic_resume to run it again."
+            )
+            return _end(new, Status.FAILED, reason, now)
+        case QaExited():
+            if not _runs(rec, happening.container_id) or rec.phase != "qa":
+                return None
+            return _qa_exited(new, happening, now)
+        case Vanished():
+            if not _runs(rec, happening.container_id):
+                return None
+            what = "QA gate" if rec.phase == "qa" else "agent"
+            new.phase = "agent"
+            reason = (
+                f"the {what} container {happening.container_id[:12]} vanished (removed outside agentic-dispatch); "
+                "its work so far is in the workspace. Resume to run again."
+            )
+            return _end(new, Status.FAILED, reason, now)
+    return None  # pragma: no cover (the match is exhaustive)
+
+
+def _runs(rec: WorkspaceRecord, container_id: str | None) -> bool:
+    """``rec`` is running, and (when named) in that container."""
+    return rec.status == Status.RUNNING and (container_id is None or rec.container_id == container_id)
+
+
+def _end(new: WorkspaceRecord, status: Status, reason: str | None, now: str, question: str | None = None) -> Outcome:
+    """``new`` ends as ``status``: one event line, then waiters and delivery."""
+    previous = new.status
+    new.status, new.finished_at = status, now
+    new.reason, new.question = reason, question
+    new.stop_status = new.stop_reason = None
+    return Outcome(new, [(EventKind(status.value), {"previous": previous.value})], [Settled()])
+
+
+def _resumed(new: WorkspaceRecord, h: Resumed) -> Outcome | None:
+    if new.status not in RESUMABLE_STATUSES:
+        return None
+    previous = new.status
+    new.agent, new.answer, new.resume_session = h.agent, h.answer, h.resume_session
+    new.runs += 1
+    new.status, new.phase, new.queued_ns = Status.QUEUED, "agent", h.queued_ns
+    new.container_id = new.exit_code = new.finished_at = new.qa = None
+    new.question = new.reason = None  # the new run's prompt carries them; a queued run has none
+    return Outcome(new, [(EventKind.RESUMED, {"previous": previous.value})])
+
+
+def _agent_exited(new: WorkspaceRecord, h: Exited, now: str) -> Outcome:
+    stop_status, stop_reason = new.stop_status, new.stop_reason
+    new.exit_code, new.summary = h.exit_code, h.summary
+    remove = RemoveContainer(h.container_id)
+    if stop_status == Status.CANCELLED:
+        out = _end(new, Status.CANCELLED, stop_reason, now)
+    elif h.unsafe_question is not None:
+        out = _end(new, Status.FAILED, f"the agent's BLOCKED.md cannot be read: {h.unsafe_question}", now)
+    elif h.question:
+        out = _end(new, Status.BLOCKED, None, now, question=h.question)
+    elif stop_status is not None:
+        out = _end(new, stop_status, stop_reason, now)
+    elif h.exit_code != 0:
+        out = _end(new, Status.FAILED, failure_reason(h), now)
+        if new.started_at and not _signalled_from_outside(h):
+            out.effects.append(CountFailure(new.agent, new.started_at))
+    elif new.qa_enabled and h.qa_command is not None:
+        command, source = h.qa_command
+        new.phase, new.stop_status, new.stop_reason = "qa", None, None
+        new.qa = QaResult(state="running", command=command, source=source)
+        return Outcome(new, effects=[remove, StartQa(command)])
+    else:
+        out = _end(new, Status.COMPLETED, None, now)
+        if new.qa_enabled:
+            new.qa = QaResult(state="skipped", reason="no test command configured or recognised in the repository")
+    out.effects.insert(0, remove)
+    return out
+
+
+def _signalled_from_outside(h: Exited) -> bool:
+    """Killed or terminated by a signal the server did not send (an engine stop or restart, a
+    ``docker stop``): the infrastructure's failure, not the agent's. Out of memory is the run's."""
+    return h.exit_code in SIGNAL_NAMES and not h.oom_killed
+
+
+def failure_reason(h: Exited) -> str:
+    """Why an agent's non-zero exit failed its run, for a person."""
+    code = h.exit_code
+    if code is None:
+        why = "the agent container ended without an exit code"
+    elif h.oom_killed:
+        why = f"the agent was killed for running out of memory (exit code {code}); raise resources.memory"
+    elif code in SIGNAL_NAMES:
+        why = (
+            f"the agent was stopped by {SIGNAL_NAMES[code]} (exit code {code}) from outside agentic-dispatch: "
+            "the Docker engine stopped or restarted, or someone stopped the container. Resume to run it again"
+        )
+    else:
+        why = f"the agent exited with code {code}"
+    if h.summary and h.summary.error:
+        why += f": {h.summary.error}"
+    elif h.last_output:
+        why += f". Last output: {h.last_output[:300]}"
+    return why
+
+
+def _qa_exited(new: WorkspaceRecord, h: QaExited, now: str) -> Outcome:
+    qa = new.qa or QaResult(state="running")
+    stop_status, stop_reason = new.stop_status, new.stop_reason
+    new.phase = "agent"
+    qa.exit_code, qa.finished_at, qa.output_tail = h.exit_code, now, h.output_tail
+    if stop_status is not None:
+        qa.state, qa.reason = "failed", stop_reason
+        new.qa = qa
+        out = _end(new, stop_status, stop_reason, now)
+    elif h.exit_code == 0:
+        qa.state = "passed"
+        new.qa = qa
+        out = _end(new, Status.COMPLETED, None, now)
+    else:
+        qa.state, qa.reason = "failed", h.summary_line or f"exit code {h.exit_code}"
+        new.qa = qa
+        reason = (
+            f"the QA gate failed ({qa.command}, exit code {h.exit_code}): {qa.reason}. "
+            "Call agentic_resume to send the agent back to fix it."
+        )
+        out = _end(new, Status.FAILED, reason, now)
+    out.effects.insert(0, RemoveContainer(h.container_id))
+    return out

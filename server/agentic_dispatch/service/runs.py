@@ -1,0 +1,285 @@
+"""Carrying out the run lifecycle: every happening goes through :meth:`RunLifecycle.apply`, which
+reads the record under the workspace lock, asks :func:`.lifecycle.transition` what changes, writes
+the record and its event lines, then carries out the effects.
+
+Effects that belong to the change itself (starting the QA gate's container) run under the lock,
+before the record is written, so no half-made state is ever on disk. Effects that follow it
+(removing the exited container, waking waiters, enqueueing the delivery, counting a fast
+failure) run after the write, each on its own: one that fails (the engine gone as the run
+ends) is logged and never skips the others. A container left behind that way is removed by the
+timer later (``recovery``), never called an orphan.
+
+:meth:`RunLifecycle.finish` is idempotent: the exit watcher, the timer and a second server may all
+report one exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+from .. import safefs
+from ..agents import RUN_HEADER, agent_base
+from ..credentials import redact
+from ..errors import DispatchError, LaunchError, RuntimeUnavailableError, StateError, UnsafePathError
+from ..models import Event, RunSummary, Status, WorkspaceRecord, utcnow
+from ..runtime.base import Runtime
+from ..scheduler import Scheduler
+from ..store import StatusStore, WorkspacePaths
+from .catalog import AgentCatalog
+from .common import log_tail, parse_time
+from .delivery import ResultDelivery
+from .lifecycle import (
+    CountFailure,
+    Dispatched,
+    Effect,
+    Exited,
+    Happening,
+    Outcome,
+    QaExited,
+    QaLaunchFailed,
+    QaStarted,
+    RemoveContainer,
+    Settled,
+    StartQa,
+    StopContainer,
+    StopRequested,
+    transition,
+)
+from .qa_gate import QaGate
+
+__all__ = ["MAX_QUESTION_BYTES", "RunLifecycle", "StopOutcome"]
+
+StopOutcome = Literal["stopped", "pending", "idle"]
+
+log = logging.getLogger(__name__)
+
+# BLOCKED.md is the agent's question; more than this is not a question.
+MAX_QUESTION_BYTES = 64 * 1024
+
+
+class RunLifecycle:
+    """The executor of :mod:`.lifecycle`: the one way a run's state changes."""
+
+    def __init__(
+        self,
+        store: StatusStore,
+        runtime: Runtime,
+        scheduler: Scheduler,
+        catalog: AgentCatalog,
+        qa: QaGate,
+        delivery: ResultDelivery,
+        finished: threading.Condition,
+    ) -> None:
+        self.store = store
+        self.runtime = runtime
+        self.scheduler = scheduler
+        self.catalog = catalog
+        self.qa = qa
+        self.delivery = delivery
+        self._finished = finished  # notified after each run that ends (waiters re-read their record)
+
+    # -- the one way in ----------------------------------------------------------------------
+    def apply(
+        self,
+        name: str,
+        happening: Happening | Callable[[WorkspaceRecord], Happening | None],
+        prepare: Callable[[WorkspaceRecord], None] | None = None,
+    ) -> WorkspaceRecord | None:
+        """Apply ``happening`` (or what ``happening(record)`` makes of the record as it is now) to
+        workspace ``name``. ``prepare`` sees the new record under the lock before it is written and
+        may refuse by raising. Returns the new record, or ``None`` when nothing applied.
+
+        Raises:
+            WorkspaceNotFoundError, CorruptRecordError: the record cannot be read.
+            OSError: the record cannot be written (nothing changed then).
+        """
+        with self.store.locked(name) as ws:
+            rec = self.store.read(name)
+            h = happening(rec) if callable(happening) else happening
+            out = transition(rec, h, utcnow()) if h is not None else None
+            if out is None:
+                return None
+            out = self._during(ws, out)
+            if prepare is not None:
+                prepare(out.record)
+            self.store.write(out.record)
+            self._log_events(out)
+        self._after(out)
+        return out.record
+
+    def commit_new(self, record: WorkspaceRecord) -> None:
+        """Make a staged workspace's first record (queued) and its ``dispatched`` line exist, or
+        neither: when either cannot be written the workspace folder is removed whole, so a dispatch
+        that reports an error leaves nothing that will ever run (and its name free).
+
+        Raises:
+            StateError: the record or its event could not be written (the reason, and what to do).
+        """
+        out = transition(record, Dispatched(), utcnow())
+        assert out is not None  # a new record is queued
+        with self.store.locked(record.name) as ws:
+            try:
+                self.store.write(out.record)
+                self._log_events(out, strict=True)
+            except OSError as e:
+                self.store.forget(record.name)
+                shutil.rmtree(ws.dir, ignore_errors=True)
+                raise StateError(
+                    f"the dispatch of {record.name} could not be recorded ({e.strerror or e}); nothing was kept. "
+                    "Free disk space or fix the permissions of the root, then dispatch again."
+                ) from e
+
+    # -- happenings that need facts from the workspace ------------------------------------------
+    def finish(self, name: str, container_id: str, exit_code: int | None, oom_killed: bool = False) -> bool:
+        """A run's container (the agent's or the QA gate's) exited or was stopped: settle the record.
+
+        Returns ``False`` when the record had already moved on (idempotent).
+        """
+
+        def observed(rec: WorkspaceRecord) -> Happening | None:
+            if rec.status != Status.RUNNING or rec.container_id != container_id:
+                return None  # reported already, or another run now: read nothing
+            ws = self.store.paths(name)
+            if rec.phase == "qa":
+                tail, summary = self.qa.verdict(ws, rec)
+                return QaExited(container_id, exit_code, tail, summary)
+            return self._exited(ws, rec, container_id, exit_code, oom_killed)
+
+        return self.apply(name, observed) is not None
+
+    def stop(self, name: str, status: Status, reason: str, container_id: str | None = None) -> StopOutcome:
+        """Stop a running workspace's container; it ends ``status`` with ``reason``.
+
+        The mark is written before the container is stopped, so whichever of the exit watcher and
+        this call settles first, the run ends as asked (never as a plain exit 143). With
+        ``container_id``, only that run is stopped. ``"pending"``: the mark is written but the
+        engine cannot be reached; the timer stops the container (and the run ends as asked) once
+        it answers again. ``"idle"``: nothing of that run was running.
+        """
+        rec = self.apply(name, StopRequested(status, reason, container_id))
+        if rec is None or rec.container_id is None:
+            return "idle"
+        return self.stop_marked(rec.name, rec.container_id)
+
+    def stop_marked(self, name: str, container_id: str) -> StopOutcome:
+        """Stop the container of a run marked to stop, and settle the run from its exit."""
+        try:
+            self.runtime.stop(container_id, timeout=5)
+            info = self.runtime.inspect(container_id)
+        except RuntimeUnavailableError as e:
+            log.warning("cannot stop %s now (%s); the timer tries again", name, e)
+            return "pending"
+        self.finish(name, container_id, info.exit_code if info else None, info.oom_killed if info else False)
+        return "stopped"
+
+    def _exited(
+        self, ws: WorkspacePaths, rec: WorkspaceRecord, container_id: str, exit_code: int | None, oom: bool
+    ) -> Exited:
+        base = agent_base(rec.agent)
+        secrets = self.catalog.secrets(base)  # a CLI may echo its key: never repeat it
+        try:
+            question, unsafe = redact(self._blocked_question(ws), secrets) or "", None
+        except UnsafePathError as e:
+            question, unsafe = "", str(e)
+        last = [ln for ln in log_tail(ws, base, 5).splitlines() if ln]
+        qa_command = None
+        if rec.qa_enabled and exit_code == 0 and not question and unsafe is None and rec.stop_status is None:
+            found = self.qa.command(ws)
+            qa_command = (found.command, found.source) if found is not None else None
+        return Exited(
+            container_id,
+            exit_code,
+            summary=self._summarize(base, ws, secrets),
+            question=question,
+            unsafe_question=unsafe,
+            last_output=redact(last[-1], secrets) if last and not last[-1].startswith(RUN_HEADER) else None,
+            oom_killed=oom,
+            qa_command=qa_command,
+        )
+
+    @staticmethod
+    def _blocked_question(ws: WorkspacePaths) -> str:
+        """The text of ``repo/BLOCKED.md`` (its first 64 KiB), or ``""`` when there is none.
+
+        Raises:
+            UnsafePathError: the agent left a link or a non-file there.
+        """
+        text = safefs.read_text(ws.repo, ws.repo / "BLOCKED.md", MAX_QUESTION_BYTES)
+        return (text or "").strip()
+
+    def _summarize(self, base: str, ws: WorkspacePaths, secrets: Iterable[str]) -> RunSummary | None:
+        try:
+            safefs.check_file(ws.logs, ws.log(base))  # only a regular file is parsed
+        except UnsafePathError as e:
+            log.warning("not reading the log of %s: %s", ws.dir, e)
+            return None
+        summary = self.catalog.agents[base].summarize(ws.log(base))
+        if summary is None:
+            return None
+        return summary.model_copy(
+            update={"final_message": redact(summary.final_message, secrets), "error": redact(summary.error, secrets)}
+        )
+
+    # -- effects ----------------------------------------------------------------------------------
+    def _during(self, ws: WorkspacePaths, out: Outcome) -> Outcome:
+        """Effects that are part of the change: start the QA gate, and fold in how that went."""
+        for effect in out.effects:
+            if not isinstance(effect, StartQa):
+                continue
+            rest: list[Effect] = [e for e in out.effects if not isinstance(e, StartQa)]
+            try:
+                container_id = self.qa.start(ws, out.record, effect.command)
+                h: Happening = QaStarted(container_id, utcnow(), self.qa.settings.qa.timeout_seconds)
+            except (LaunchError, RuntimeUnavailableError, UnsafePathError, OSError) as e:
+                h = QaLaunchFailed(str(e))
+            then = transition(out.record, h, utcnow())
+            if then is None:  # pragma: no cover (a gate being started always takes either)
+                return out
+            return Outcome(then.record, out.events + then.events, rest + then.effects)
+        return out
+
+    def _log_events(self, out: Outcome, strict: bool = False) -> None:
+        rec = out.record
+        for kind, extra in out.events:
+            event = Event.model_validate(
+                {"kind": kind, "workspace": rec.name, "agent": rec.agent, "status": rec.status.value, "runs": rec.runs}
+                | extra
+            )
+            try:
+                self.store.events.append(event)
+            except OSError as e:
+                if strict:
+                    raise
+                # the record is the truth and was written; watchers miss this one line
+                log.error("cannot write the %s event of %s to the events log: %s", kind, rec.name, e)
+
+    def _after(self, out: Outcome) -> None:
+        """Effects that follow the change, each on its own: one failing never skips the others."""
+        rec = out.record
+        for effect in out.effects:  # in the table's order: the container is gone before waiters wake
+            try:
+                self._carry_out(rec, effect)
+            except DispatchError as e:
+                log.warning("%s: %s after it became %s: %s", rec.name, type(effect).__name__, rec.status, e)
+            except Exception:  # a bug must not skip the delivery or the waiters
+                log.exception("%s: %s failed", rec.name, type(effect).__name__)
+
+    def _carry_out(self, rec: WorkspaceRecord, effect: object) -> None:
+        match effect:
+            case Settled():
+                with self._finished:
+                    self._finished.notify_all()
+                self.delivery.after_run(rec)
+            case CountFailure(agent=agent, started_at=started_at):
+                ran = time.time() - (parse_time(started_at) or time.time())
+                if self.scheduler.note_failure(agent, ran):
+                    log.warning("pool %s paused after repeated fast failures", agent_base(agent))
+            case RemoveContainer(container_id=cid):
+                self.runtime.remove(cid)
+            case StopContainer():
+                pass  # the caller of :meth:`stop` stops it, and says when it could not

@@ -1,0 +1,222 @@
+"""The run lifecycle as a table: (state, happening) → (state, event, effects), without Docker.
+
+Each row names a state a record is in, a happening, and what must come out. The executor that
+carries the effects out is tested through the service elsewhere (tests marked ``docker``)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from agentic_dispatch.models import EventKind, QaResult, RunSummary, Status, WorkspaceRecord
+from agentic_dispatch.service.lifecycle import (
+    Cancelled,
+    CountFailure,
+    Dispatched,
+    Exited,
+    Happening,
+    LaunchFailed,
+    QaExited,
+    QaLaunchFailed,
+    QaStarted,
+    RemoveContainer,
+    Resumed,
+    Settled,
+    Started,
+    StartQa,
+    StopContainer,
+    StopRequested,
+    Vanished,
+    Waiting,
+    new_record,
+    transition,
+)
+
+NOW = "2026-12-06T10:00:00Z"
+CID = "c0ffee" * 10
+
+
+def _rec(status: Status = Status.QUEUED, **update: object) -> WorkspaceRecord:
+    rec = new_record(
+        name="acme/app/task-1", agent="codex", repo="acme/app", org="acme", repo_name="app", origin_url="x",
+        task="t", branch="agent/t", template="coding", timeout_seconds=60, runs=1,
+    )  # fmt: skip
+    return rec.model_copy(update={"status": status, **update})
+
+
+def running(**update: object) -> WorkspaceRecord:
+    return _rec(Status.RUNNING, container_id=CID, started_at="2026-12-06T09:59:00Z", **update)
+
+
+def qa_running(**update: object) -> WorkspaceRecord:
+    return running(phase="qa", qa_enabled=True, qa=QaResult(state="running", command="pytest"), **update)
+
+
+def kinds(effects: list[object]) -> list[str]:
+    return [type(e).__name__ for e in effects]
+
+
+# state, happening, → status, phase, event kinds, effect kinds, and what the record says
+TABLE: list[tuple[str, WorkspaceRecord, Happening, Status, str, list[EventKind], list[str], dict[str, object]]] = [
+    ("a dispatch is queued", _rec(), Dispatched(), Status.QUEUED, "agent", [EventKind.DISPATCHED], [], {}),
+    ("no slot: it waits", _rec(), Waiting(), Status.QUEUED, "agent", [EventKind.QUEUED], [], {}),
+    ("a queued run starts", _rec(), Started(CID), Status.RUNNING, "agent", [EventKind.STARTED], [],
+     {"container_id": CID, "started_at": NOW}),
+    ("a run that cannot start fails with the reason", _rec(), LaunchFailed("no such image"), Status.FAILED, "agent",
+     [EventKind.FAILED], ["Settled"], {"reason": "no such image", "question": None, "finished_at": NOW}),
+    ("a queued run is cancelled", _rec(), Cancelled("cancelled before it started"), Status.CANCELLED, "agent",
+     [EventKind.CANCELLED], ["Settled"], {"reason": "cancelled before it started"}),
+    ("a stop marks the record and stops the container", running(), StopRequested(Status.FAILED, "timed out"),
+     Status.RUNNING, "agent", [], ["StopContainer"], {"stop_status": Status.FAILED, "stop_reason": "timed out"}),
+    ("BLOCKED.md blocks the run with its question", running(), Exited(CID, 0, question="Which database?"),
+     Status.BLOCKED, "agent", [EventKind.BLOCKED], ["RemoveContainer", "Settled"],
+     {"question": "Which database?", "reason": None, "exit_code": 0}),
+    ("exit 3 fails the run with a reason naming the code and no question", running(), Exited(CID, 3),
+     Status.FAILED, "agent", [EventKind.FAILED], ["RemoveContainer", "Settled", "CountFailure"],
+     {"reason": "the agent exited with code 3", "question": None, "exit_code": 3}),
+    ("exit 0 completes the run", running(), Exited(CID, 0), Status.COMPLETED, "agent", [EventKind.COMPLETED],
+     ["RemoveContainer", "Settled"], {"reason": None, "question": None}),
+    ("a cancel wins over BLOCKED.md", running(stop_status=Status.CANCELLED, stop_reason="cancelled while running"),
+     Exited(CID, 143, question="?"), Status.CANCELLED, "agent", [EventKind.CANCELLED],
+     ["RemoveContainer", "Settled"], {"reason": "cancelled while running", "stop_status": None}),
+    ("a timeout the server asked for fails the run with its reason, uncounted",
+     running(stop_status=Status.FAILED, stop_reason="timed out after 5 s"), Exited(CID, 143), Status.FAILED,
+     "agent", [EventKind.FAILED], ["RemoveContainer", "Settled"], {"reason": "timed out after 5 s"}),
+    ("SIGTERM from outside (an engine restart) names the signal and is not counted", running(), Exited(CID, 143),
+     Status.FAILED, "agent", [EventKind.FAILED], ["RemoveContainer", "Settled"], {}),
+    ("out of memory is the run's own failure and counts", running(), Exited(CID, 137, oom_killed=True),
+     Status.FAILED, "agent", [EventKind.FAILED], ["RemoveContainer", "Settled", "CountFailure"], {}),
+    ("an unreadable BLOCKED.md fails the run", running(), Exited(CID, 0, unsafe_question="is a symbolic link"),
+     Status.FAILED, "agent", [EventKind.FAILED], ["RemoveContainer", "Settled"], {}),
+    ("exit 0 with the QA gate on and a command starts the gate", running(qa_enabled=True),
+     Exited(CID, 0, qa_command=("pytest", "pyproject.toml")), Status.RUNNING, "qa", [],
+     ["RemoveContainer", "StartQa"], {}),
+    ("exit 0 with the QA gate on and no command completes, skipped", running(qa_enabled=True), Exited(CID, 0),
+     Status.COMPLETED, "agent", [EventKind.COMPLETED], ["RemoveContainer", "Settled"], {}),
+    ("the gate's container runs", qa_running(), QaStarted("qa" * 32, NOW, 600), Status.RUNNING, "qa", [], [],
+     {"container_id": "qa" * 32}),
+    ("a gate that cannot start fails the run", qa_running(), QaLaunchFailed("no image"), Status.FAILED, "agent",
+     [EventKind.FAILED], ["Settled"], {}),
+    ("tests pass: completed", qa_running(), QaExited(CID, 0, "3 passed", "3 passed"), Status.COMPLETED, "agent",
+     [EventKind.COMPLETED], ["RemoveContainer", "Settled"], {"reason": None}),
+    ("tests fail: failed with the summary, uncounted", qa_running(), QaExited(CID, 1, "1 failed", "1 failed"),
+     Status.FAILED, "agent", [EventKind.FAILED], ["RemoveContainer", "Settled"], {}),
+    ("a vanished container fails the run", running(), Vanished(CID), Status.FAILED, "agent", [EventKind.FAILED],
+     ["Settled"], {}),
+    ("a failed run is resumed", _rec(Status.FAILED, reason="exit 3", exit_code=3, finished_at=NOW),
+     Resumed("claude", "use sqlite", None, 7), Status.QUEUED, "agent", [EventKind.RESUMED], [],
+     {"runs": 2, "agent": "claude", "answer": "use sqlite", "reason": None, "exit_code": None, "finished_at": None}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("rec", "happening", "status", "phase", "events", "effects", "fields"),
+                         [row[1:] for row in TABLE], ids=[row[0] for row in TABLE])  # fmt: skip
+def test_the_lifecycle_table(
+    rec: WorkspaceRecord,
+    happening: Happening,
+    status: Status,
+    phase: str,
+    events: list[EventKind],
+    effects: list[str],
+    fields: dict[str, object],
+) -> None:
+    before = rec.model_copy(deep=True)
+    out = transition(rec, happening, NOW)
+    assert out is not None
+    assert (out.record.status, out.record.phase) == (status, phase)
+    assert [kind for kind, _ in out.events] == events
+    assert kinds(out.effects) == effects  # type: ignore[arg-type]
+    for name, value in fields.items():
+        assert getattr(out.record, name) == value, name
+    assert rec == before  # the function is pure: the record it was given is unchanged
+    if status != before.status and status not in (Status.QUEUED, Status.RUNNING):
+        assert out.record.finished_at == NOW and [e for e in out.effects if isinstance(e, Settled)]
+
+
+# happenings that do not apply to the record as it is: nothing changes, nothing is written
+IGNORED: list[tuple[str, WorkspaceRecord, Happening]] = [
+    ("a second report of one exit", _rec(Status.COMPLETED, container_id=CID), Exited(CID, 0)),
+    ("an exit of another run's container", running(), Exited("other", 1)),
+    ("a stop decided for an older run", running(), StopRequested(Status.FAILED, "timed out", "older")),
+    ("a start of a run that is not queued", running(), Started("other")),
+    ("a cancel of a finished run", _rec(Status.COMPLETED), Cancelled("x")),
+    ("a resume of a running run", running(), Resumed("codex", None, None, 1)),
+    ("a resume of a cancelled run", _rec(Status.CANCELLED), Resumed("codex", None, None, 1)),
+    ("a gate verdict while the agent runs", running(), QaExited(CID, 0, "", "")),
+    ("an agent exit reported while the gate runs", qa_running(), Exited(CID, 0)),
+    ("a vanished container of another run", running(), Vanished("other")),
+    ("no slot for a run that started meanwhile", running(), Waiting()),
+]
+
+
+@pytest.mark.parametrize(("rec", "happening"), [row[1:] for row in IGNORED], ids=[row[0] for row in IGNORED])
+def test_happenings_that_do_not_apply_change_nothing(rec: WorkspaceRecord, happening: Happening) -> None:
+    assert transition(rec, happening, NOW) is None
+
+
+def test_a_failure_reason_names_the_signal_and_who_may_have_sent_it() -> None:
+    out = transition(running(), Exited(CID, 143), NOW)
+    assert out is not None and out.record.reason is not None
+    assert "SIGTERM" in out.record.reason and "exit code 143" in out.record.reason
+    assert "engine" in out.record.reason and "Resume" in out.record.reason
+
+
+def test_a_failure_reason_carries_the_clis_own_error_else_its_last_line() -> None:
+    said = transition(running(), Exited(CID, 1, summary=RunSummary(error="rate limited")), NOW)
+    last = transition(running(), Exited(CID, 1, last_output="Traceback: boom"), NOW)
+    assert said is not None and said.record.reason == "the agent exited with code 1: rate limited"
+    assert last is not None and last.record.reason == "the agent exited with code 1. Last output: Traceback: boom"
+
+
+def test_the_effects_of_a_fast_failure_name_the_agent_and_when_it_started() -> None:
+    out = transition(running(), Exited(CID, 2), NOW)
+    assert out is not None
+    assert CountFailure("codex", "2026-12-06T09:59:00Z") in out.effects
+    assert out.effects[0] == RemoveContainer(CID)
+
+
+def test_starting_the_qa_gate_asks_for_its_command_and_keeps_the_run_running() -> None:
+    out = transition(running(qa_enabled=True), Exited(CID, 0, qa_command=("make test", "Makefile")), NOW)
+    assert out is not None and StartQa("make test") in out.effects
+    assert out.record.qa is not None and out.record.qa.source == "Makefile" and out.record.finished_at is None
+
+
+def test_a_stop_names_the_container_it_stops() -> None:
+    out = transition(running(), StopRequested(Status.CANCELLED, "cancelled"), NOW)
+    assert out is not None and out.effects == [StopContainer(CID)]
+
+
+def test_an_old_record_keeps_reading_correctly_its_failure_reason_moves_out_of_question() -> None:
+    old = _rec(Status.FAILED).model_dump(mode="json") | {"question": "the agent exited with code 3"}
+    del old["reason"]
+    rec = WorkspaceRecord.model_validate(old)
+    assert rec.reason == "the agent exited with code 3" and rec.question is None
+    blocked = WorkspaceRecord.model_validate(old | {"status": "blocked", "question": "Which DB?"})
+    assert blocked.question == "Which DB?" and blocked.reason is None
+
+
+def test_no_module_but_the_lifecycle_assigns_a_runs_status() -> None:
+    """The same check as the project's status_owners tool: assignments to ``.status`` and
+    ``status=`` given to a record or a ``model_copy(update=...)``, anywhere under server/."""
+    server = Path(__file__).resolve().parents[1] / "server"
+    owners = set()
+    for path in server.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                flat = [e for t in targets for e in (t.elts if isinstance(t, ast.Tuple | ast.List) else [t])]
+                if any(isinstance(t, ast.Attribute) and t.attr == "status" for t in flat):
+                    owners.add(path.name)
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) in {
+                "WorkspaceRecord",
+                "model_copy",
+            }:
+                for kw in node.keywords:
+                    is_dict = isinstance(kw.value, ast.Dict)
+                    if kw.arg == "status" or (kw.arg == "update" and is_dict and any(
+                        isinstance(k, ast.Constant) and k.value == "status" for k in kw.value.keys  # type: ignore[attr-defined]
+                    )):  # fmt: skip
+                        owners.add(path.name)
+    assert owners == {"lifecycle.py"}
