@@ -7,7 +7,8 @@ file and clean it after, so a crash in between leaves a row the next look re-rea
 the new ones, the dirty ones, and drops the gone ones. :meth:`StatusIndex.refresh` (the timer,
 once a minute) also stats every record file and re-reads those whose size or mtime differ from
 the row's: what an editor or an older server changed behind the index. An index that cannot be
-opened or read is set aside and rebuilt from the records.
+opened or read (not a database, a foreign schema, a folder or anything else that is not a regular
+file at its path) is set aside and rebuilt from the records.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -80,6 +83,18 @@ class IndexRow:
         )
 
 
+def _remove(path: Path) -> None:
+    """Remove whatever is at ``path`` (a folder with its contents; a link, not what it points at)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
 def folders(root: Path) -> Iterator[tuple[str, str]]:
     """``(org/repo/slug, folder path)`` of every workspace folder under ``root`` (names only, no
     stat per workspace; links are not followed: a workspace folder is ours, never a link)."""
@@ -118,7 +133,22 @@ class StatusIndex:
 
     # -- the connection ----------------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
+        """A connection to the index file.
+
+        Raises:
+            sqlite3.DatabaseError: the file (or its ``-wal``/``-shm``) is not a database file: a
+                folder, a link, a FIFO ... (SQLite would call a folder "unable to open", which
+                reads like a passing trouble), or a database of another schema.
+            sqlite3.OperationalError: it cannot be opened now (locked, no permission, disk full).
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                mode = os.lstat(f"{self.path}{suffix}").st_mode
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(mode):
+                raise sqlite3.DatabaseError(f"{self.path}{suffix} is not a regular file")
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
@@ -157,8 +187,11 @@ class StatusIndex:
                 conn.close()
                 self._local.conn = None
             for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    Path(f"{self.path}{suffix}").replace(f"{self.path}.broken{suffix}")
+                current, aside = Path(f"{self.path}{suffix}"), Path(f"{self.path}.broken{suffix}")
+                if os.path.lexists(current):
+                    with contextlib.suppress(FileNotFoundError):  # another process set it aside just now
+                        _remove(aside)  # an older broken copy: a rename cannot put a folder over it
+                        current.replace(aside)
             self._generation += 1
 
     # -- changes -------------------------------------------------------------------------------
