@@ -88,10 +88,11 @@ class Limits(_Model):
     """Concurrency caps. A dispatch that finds no free slot is queued."""
 
     total: Annotated[int, Field(ge=1, description="containers running at once, all agents together")] = 4
-    pools: dict[str, Annotated[int, Field(ge=0)]] = Field(
+    # At least 1: a limit of 0 would never start that work, and nothing would say why it waits.
+    pools: dict[str, Annotated[int, Field(ge=1)]] = Field(
         default_factory=dict, description="per agent base, e.g. {codex = 2}"
     )
-    models: dict[str, Annotated[int, Field(ge=0)]] = Field(
+    models: dict[str, Annotated[int, Field(ge=1)]] = Field(
         default_factory=dict, description="per base:model, e.g. {'claude:opus' = 1}"
     )
     daily: dict[str, Annotated[int, Field(ge=0)]] = Field(
