@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from .errors import ConfigError
 from .http_auth import HttpSettings
 
 __all__ = [
+    "IMAGE_ENV",
     "AgentSettings",
     "HostFile",
     "HttpSettings",
@@ -34,6 +36,7 @@ __all__ = [
     "Settings",
     "SyncSettings",
     "builtin_dir",
+    "config_file_path",
     "load_settings",
 ]
 
@@ -304,8 +307,22 @@ class Paths:
         return hashlib.sha256(str(self.root).encode()).hexdigest()[:12]
 
     def ensure(self) -> None:
+        """Create the state folders.
+
+        Raises:
+            ConfigError: one cannot be made (a file in its place, no permission): the root is unusable.
+        """
         for d in (self.workspaces, self.mirrors, self.state, self.events):
-            d.mkdir(parents=True, exist_ok=True)
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(
+                    None,
+                    [
+                        f"state root {self.root}: cannot create the folder {d} ({e.strerror}). Remove what is "
+                        f"in its way, or point {HOME_ENV} (or `root` in the config file) at a folder you may write"
+                    ],
+                ) from e
 
 
 def builtin_dir(name: Literal["prompts", "workspace_templates", "images"]) -> Path:
@@ -319,7 +336,10 @@ def builtin_dir(name: Literal["prompts", "workspace_templates", "images"]) -> Pa
 def _default_config_dir() -> Path:
     home = os.environ.get(HOME_ENV)
     if home:
-        return Path(home).expanduser().resolve()
+        try:
+            return Path(home).expanduser().resolve()
+        except (OSError, RuntimeError):  # not a usable path: load_settings says so when it works out the root
+            return Path(home)
     return Path(platformdirs.user_config_dir(APP_NAME))
 
 
@@ -327,8 +347,75 @@ def config_file_path() -> Path:
     """The config file that :func:`load_settings` reads (it need not exist)."""
     explicit = os.environ.get(CONFIG_ENV)
     if explicit:
-        return Path(explicit).expanduser()
+        try:
+            return Path(explicit).expanduser()
+        except RuntimeError:  # ~unknown-user: no such file, as the reader will find
+            return Path(explicit)
     return _default_config_dir() / "config.toml"
+
+
+CONFIG_MAX_BYTES = 1 << 20  # a config file is a few KiB; more is a mistake, not a config
+
+
+def _read_config(path: Path) -> dict[str, object] | None:
+    """The TOML table in ``path``; ``None`` when there is no file there.
+
+    Only a regular file is read (a link to one is fine), at most :data:`CONFIG_MAX_BYTES`: a FIFO
+    would block the reader until someone writes to it, a device would never end.
+
+    Raises:
+        ConfigError: ``path`` is not a regular file, cannot be read, is too large, not UTF-8 or not TOML.
+    """
+    try:
+        # O_NONBLOCK: opening a FIFO for reading would wait for a writer; its type is refused below.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise ConfigError(path, [f"cannot read: {e.strerror}"]) from e
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a special file"
+            raise ConfigError(path, [f"is {kind}, not a regular file. Point {CONFIG_ENV} or --config at a TOML file"])
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(CONFIG_MAX_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(path, [f"cannot read: {e.strerror}"]) from e
+    finally:
+        os.close(fd)
+    if len(data) > CONFIG_MAX_BYTES:
+        raise ConfigError(path, [f"is larger than {CONFIG_MAX_BYTES} bytes; a config file is a few lines of TOML"])
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, [f"is not UTF-8 text ({e.reason} at byte {e.start})"]) from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, [f"not valid TOML: {e}"]) from e
+
+
+def _state_root(settings: Settings, config_file: Path) -> Path:
+    """The state root: ``AGENTIC_DISPATCH_HOME``, else ``root`` from the config file, else the user data dir.
+
+    Raises:
+        ConfigError: the root named is not a folder (a file, a link loop); the message names where it came from.
+    """
+    home = os.environ.get(HOME_ENV)
+    if home:
+        given, where, source = Path(home), f"{HOME_ENV}={home!r}", None
+    elif settings.root is not None:
+        given, where, source = settings.root, f"root = {str(settings.root)!r}", config_file
+    else:
+        given, where, source = Path(platformdirs.user_data_dir(APP_NAME)), "the user data folder", None
+    try:
+        root = given.expanduser().resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: ~unknown-user, or a loop of links
+        raise ConfigError(source, [f"{where} cannot be read as a path ({e}); name a folder"]) from e
+    if root.exists() and not root.is_dir():
+        raise ConfigError(
+            source, [f"{where}: {root} is not a folder. Name a folder for the state (it is created if missing)"]
+        )
+    return root
 
 
 def _render_validation_error(err: ValidationError) -> list[str]:
@@ -361,32 +448,17 @@ def load_settings(path: Path | None = None) -> tuple[Settings, Paths]:
     """Read the config file (if any) and work out the state paths.
 
     Raises:
-        ConfigError: the file is not valid TOML or does not fit :class:`Settings`;
+        ConfigError: the file is not a regular file, not valid TOML or does not fit :class:`Settings`;
             the message has one line per problem, each starting with the file path. Also when
-            ``AGENTIC_DISPATCH_SYNC_MAX_ATTEMPTS`` is set to something other than a whole number >= 1.
+            ``AGENTIC_DISPATCH_SYNC_MAX_ATTEMPTS`` is set to something other than a whole number >= 1,
+            or the state root is not a folder.
     """
     path = path or config_file_path()
-    data: dict[str, object] = {}
-    if path.exists():
-        try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(path, [f"not valid TOML: {e}"]) from e
-        except OSError as e:
-            raise ConfigError(path, [f"cannot read: {e.strerror}"]) from e
+    data = _read_config(path) or {}
     try:
         settings = Settings.model_validate(data)
     except ValidationError as e:
         raise ConfigError(path, _render_validation_error(e)) from e
     settings = _apply_env_overrides(settings)
-
-    home = os.environ.get(HOME_ENV)
-    if home:
-        root = Path(home).expanduser()
-    elif settings.root is not None:
-        root = settings.root.expanduser()
-    else:
-        root = Path(platformdirs.user_data_dir(APP_NAME))
-    paths = Paths(root=root.resolve(), config_dir=_default_config_dir(), config_file=path)
-    return settings, paths
+    root = _state_root(settings, path)
+    return settings, Paths(root=root, config_dir=_default_config_dir(), config_file=path)
