@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ __all__ = [
     "FETCH_TIMEOUT_SECONDS",
     "GIT_ENV",
     "HOST_GIT_OVERRIDES",
+    "dubious_ownership",
     "file_lock",
     "git_error_text",
     "host_git",
@@ -40,9 +43,28 @@ def stderr_lines(e: git.GitCommandError) -> list[str]:
     return [ln.strip() for ln in stderr.splitlines() if ln.strip()]
 
 
+_DUBIOUS = re.compile(r"detected dubious ownership in repository at '(?P<path>[^'\n]+)'")
+
+
+def dubious_ownership(stderr: str) -> str | None:
+    """git's refusal of a repository another user owns, said with what to do; ``None`` when
+    ``stderr`` says something else. (git's own last lines, "make sure ... the repository exists",
+    would send the user looking for the wrong problem.)"""
+    m = _DUBIOUS.search(stderr)
+    if m is None:
+        return None
+    path = m["path"]
+    return (
+        f"git refuses the repository at {path}: detected dubious ownership (it belongs to another user than "
+        f"the one agentic-dispatch runs as). If you trust it, run `git config --global --add safe.directory "
+        f"{shlex.quote(path)}` as the user agentic-dispatch runs as, or give the repository to that user "
+        "(chown -R), then try again"
+    )
+
+
 def git_error_text(e: git.GitCommandError) -> str:
     lines = stderr_lines(e)
-    return lines[-1] if lines else str(e)
+    return dubious_ownership("\n".join(lines)) or (lines[-1] if lines else str(e))
 
 
 @contextlib.contextmanager
