@@ -13,7 +13,7 @@ import signal
 import subprocess
 from dataclasses import dataclass
 
-from ..gitops import GIT_ENV, HOST_GIT_OVERRIDES
+from ..gitops import GIT_ENV, HOST_GIT_OVERRIDES, dubious_ownership
 from .outcome import Outcome
 
 __all__ = ["FETCH_CONFIG", "PUSH_CONFIG", "GitResult", "classify_push", "git_error", "run_git"]
@@ -113,6 +113,9 @@ def git_error(result: GitResult, limit: int = 3) -> str:
 
 
 _HTTP_STATUS = re.compile(r"returned error: (\d{3})")
+# A ref the receiving side could not lock: another git process holds it (or crashed holding it).
+_REF_LOCKED = re.compile(r"cannot lock ref|failed to lock|Unable to create '[^'\n]*\.lock': File exists")
+_LOCK_FILE = re.compile(r"Unable to create '(?P<path>[^'\n]*\.lock)': File exists")
 _PERMANENT = re.compile(
     r"permission denied|authentication failed|could not read (username|password)|terminal prompts disabled"
     r"|repository not found|does not appear to be a git repository|host key verification failed"
@@ -125,9 +128,30 @@ _WHAT_TO_DO = {
     "checked out": "{branch} is checked out in {remote}: check out another branch there, then retry.",
     "refused": "the repository refused the push (its hooks or rules): fix that there, then retry "
     "(or push the branch by hand from the workspace).",
+    "ownership": "trust that repository (git config --global --add safe.directory, as the reason says) or give it "
+    "to the user agentic-dispatch runs as; then retry.",
     "access": "set up git credentials for {remote} on this machine (a credential helper or the SSH agent) so that "
     "`git push` works without a prompt, and check the repository exists and you may push to it; then retry.",
 }
+
+
+def _ref_locked(result: GitResult, branch: str, remote: str) -> Outcome | None:
+    """A push refused because the branch's ref is locked there: transient, naming the lock file.
+
+    Git is updating the ref in that repository (a commit, a fetch, an editor waiting on a commit
+    message), so the delivery waits and tries again; a lock left by a crashed git stays until a
+    person removes it, which the reason says how to do.
+    """
+    if not _REF_LOCKED.search(result.stderr):
+        return None
+    lock = _LOCK_FILE.search(result.stderr)
+    if lock is None:
+        return Outcome.transient(f"push to {remote}: {branch} is locked there ({git_error(result)}); retrying later")
+    path = os.path.normpath(lock["path"])  # git writes '<repo>/.git/./refs/...'
+    return Outcome.transient(
+        f"push to {remote}: {branch} is locked there, {path} exists (another git process is updating it); "
+        "retrying later. If no git runs there and it stays, a crashed git left it: remove that file"
+    )
 
 
 def _rejected(summary: str, reason: str, branch: str, remote: str) -> Outcome:
@@ -145,8 +169,9 @@ def _rejected(summary: str, reason: str, branch: str, remote: str) -> Outcome:
 
 def classify_push(result: GitResult, ref: str, branch: str, remote: str) -> tuple[str, Outcome | None]:
     """Read ``git push --porcelain``: ``(summary, None)`` when ``ref`` was updated (or already
-    there), else ``("", outcome)``: transient (network, timeout, HTTP 408/429/5xx) or permanent
-    (rejected: non-fast-forward, checked out, hook or server refusal; no access).
+    there), else ``("", outcome)``: transient (network, timeout, HTTP 408/429/5xx, the ref locked by
+    another git there) or permanent (rejected: non-fast-forward, checked out, hook or server refusal;
+    no access; a repository git refuses as another user's).
     """
     if result.returncode is None:
         return "", Outcome.transient(f"git push to {remote} timed out")
@@ -157,7 +182,16 @@ def classify_push(result: GitResult, ref: str, branch: str, remote: str) -> tupl
         flag, summary = parts[0][0], parts[2]
         if flag in " +*=":  # updated, forced, created, or there already
             return summary, None
+        locked = _ref_locked(result, branch, remote)
+        if locked is not None:
+            return "", locked
         return "", _rejected(summary, f"push to {remote} rejected: {summary}; {git_error(result)}", branch, remote)
+    ownership = dubious_ownership(result.stderr)
+    if ownership is not None:
+        return "", Outcome.permanent(f"push to {remote} refused: {ownership}", _WHAT_TO_DO["ownership"])
+    locked = _ref_locked(result, branch, remote)
+    if locked is not None:
+        return "", locked
     reason = f"push to {remote} failed: {git_error(result)}"
     status = _HTTP_STATUS.search(result.stderr)
     if status is not None:
