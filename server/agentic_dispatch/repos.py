@@ -11,7 +11,7 @@ from typing import Literal
 
 import git
 
-from .errors import InvalidInputError, RepoError
+from .errors import InvalidInputError
 from .naming import check_component
 
 __all__ = ["RepoRef", "resolve_repo", "safe_component"]
@@ -60,10 +60,10 @@ def resolve_repo(repo: str, org: str | None, url_template: str, state_root: Path
 
     Raises:
         InvalidInputError: the value is empty, an option (``-x``), a relative path, a path that
-            cannot be read as one (NUL, ``~unknown-user``), a local repository inside
-            ``state_root`` (a workspace clone an agent controls, a mirror), or a transport git
-            refuses to use safely (``ext::``).
-        RepoError: a local path that is not a git repository.
+            cannot be read as one (NUL, ``~unknown-user``), a local path that is not a git
+            repository (missing, a file, a plain folder), a local repository inside ``state_root``
+            (a workspace clone an agent controls, a mirror), or a transport git refuses to use
+            safely (``ext::``).
     """
     value = repo.strip()
     if not value:
@@ -116,8 +116,8 @@ def _local_repo(text: str, given: str, state_root: Path | None) -> Path:
     """``text`` resolved: an absolute path to a git repository outside ``state_root``.
 
     Raises:
-        InvalidInputError: not a path (``~unknown-user``, a loop of links), or inside ``state_root``.
-        RepoError: not a git repository.
+        InvalidInputError: not a path (``~unknown-user``, a loop of links), inside ``state_root``, or
+            not a git repository (bad input like the others: the caller named the wrong thing).
     """
     try:
         path = Path(text).expanduser().resolve()
@@ -134,8 +134,9 @@ def _local_repo(text: str, given: str, state_root: Path | None) -> Path:
     try:
         git.Repo(path)
     except (git.InvalidGitRepositoryError, git.NoSuchPathError) as e:
-        raise RepoError(
-            f"repo {given!r}: {path} is not a git repository (or does not exist). "
-            "Pass the path of a folder that holds a git repository."
+        raise InvalidInputError(
+            "repo",
+            f"{given!r}: {path} is not a git repository (or does not exist). "
+            "Pass the path of a folder that holds a git repository.",
         ) from e
     return path
