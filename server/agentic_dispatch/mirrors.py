@@ -4,6 +4,11 @@ fetched very recently (``mirror_max_age_seconds``), and rebuilt from its remote 
 Mirror operations hold a per-mirror file lock: exclusive to create, fetch or rebuild; shared
 while a workspace copies the mirror's files. Only server-run git writes a mirror: workspaces
 get their own copies of its object files (see :mod:`.workspace`).
+
+A refused dispatch leaves nothing behind: a mirror that a dispatch has just made, of a repository
+no workspace can start from (no commits, an unknown branch, a HEAD on a branch without commits),
+is removed again, and so is the lock file of a mirror that could not be made. A mirror that was
+there before stays.
 """
 
 from __future__ import annotations
@@ -14,11 +19,22 @@ from pathlib import Path
 
 import git
 
-from .errors import RepoError
-from .gitops import FETCH_TIMEOUT_SECONDS, GIT_ENV, file_lock, git_error_text, stderr_lines
+from .errors import DispatchError, InvalidInputError, RepoError
+from .fileio import exclusive_lock
+from .gitops import FETCH_TIMEOUT_SECONDS, GIT_ENV, dubious_ownership, git_error_text, stderr_lines
+from .naming import check_git_ref
 from .repos import RepoRef
 
-__all__ = ["MirrorCache", "MirrorDamaged", "branch_exists", "dir_id", "list_branches", "mirror_lock", "repair_mirror"]
+__all__ = [
+    "MirrorCache",
+    "MirrorDamaged",
+    "branch_exists",
+    "dir_id",
+    "list_branches",
+    "mirror_lock",
+    "repair_mirror",
+    "start_point",
+]
 
 
 # Where git's stderr shows that objects already in the mirror cannot be read (as opposed to a
@@ -115,32 +131,50 @@ class MirrorCache:
         return self.root / f"{ref.mirror_key}.git"
 
     def ensure(self, ref: RepoRef, need_branch: str | None = None) -> Path:
-        """Return an up-to-date mirror of ``ref``, creating or fetching it.
+        """Return an up-to-date mirror of ``ref`` that a workspace can start from (``need_branch``,
+        else the branch HEAD names), creating or fetching it.
 
         A mirror whose fetch fails on its own objects (corrupt or unreadable) is rebuilt from the
-        remote: fetching into it again would fail the same way at every dispatch.
+        remote: fetching into it again would fail the same way at every dispatch. A mirror this call
+        made is removed again, with its lock file, when it has nothing to start from; so is the lock
+        of one that could not be made. A mirror that was there before stays.
 
         Raises:
+            InvalidInputError: nothing to start from (see :func:`start_point`), or git refuses a local
+                repository another user owns (the message says how to trust it).
             RepoError: the remote cannot be cloned or fetched (the message carries git's reason).
         """
+        if need_branch is not None:
+            check_git_ref("branch", need_branch)
         mirror = self.path(ref)
-        stamp = mirror / "agentic-fetched-at"
         asked = time.time()
-        with file_lock(mirror_lock(mirror)):
-            if not mirror.exists():
-                self._create(ref, mirror)
-            else:
-                fetched = stamp.stat().st_mtime if stamp.exists() else 0.0
-                # A fetch that ended after this call began (while it waited for the lock) is as new
-                # as one it would make: concurrent dispatches of one repository share it.
-                fresh = fetched >= asked or asked - fetched < self.max_age
-                lacking = need_branch is not None and not self._has_branch(mirror, need_branch)
-                if (ref.kind == "local" and fetched < asked) or not fresh or lacking:
+        with exclusive_lock(mirror_lock(mirror)) as held:
+            created = not mirror.exists()
+            try:
+                if created:
+                    self._create(ref, mirror)
+                elif self._stale(ref, mirror, asked, need_branch):
                     self._fetch(ref, mirror)
-                else:
-                    return mirror  # reused: the stamp keeps the time of the last real fetch
-            stamp.touch()
+                    (mirror / "agentic-fetched-at").touch()  # a reused mirror keeps its last fetch's time
+                start_point(mirror, need_branch)
+            except DispatchError:
+                if created:  # nobody else has seen it: the lock is ours since before it existed
+                    shutil.rmtree(mirror, ignore_errors=True)
+                    held.remove_on_release = True
+                raise
         return mirror
+
+    def _stale(self, ref: RepoRef, mirror: Path, asked: float, need_branch: str | None) -> bool:
+        """Whether ``mirror`` must be fetched for a call made at ``asked``: a local repository is
+        always fetched (it is cheap and users expect their latest commit), a remote one once its
+        last fetch is older than the max age, either when it lacks ``need_branch``. A fetch that
+        ended after the call began (while it waited for the lock) is as new as one it would make:
+        concurrent dispatches of one repository share it."""
+        stamp = mirror / "agentic-fetched-at"
+        fetched = stamp.stat().st_mtime if stamp.exists() else 0.0
+        fresh = fetched >= asked or asked - fetched < self.max_age
+        lacking = need_branch is not None and not self._has_branch(mirror, need_branch)
+        return (ref.kind == "local" and fetched < asked) or not fresh or lacking
 
     @staticmethod
     def _has_branch(mirror: Path, branch: str) -> bool:
@@ -148,12 +182,14 @@ class MirrorCache:
 
     def _create(self, ref: RepoRef, mirror: Path) -> None:
         """Raises:
+        InvalidInputError: git refuses the repository as another user's (no mirror is left behind).
         RepoError: the remote cannot be cloned (no mirror is left behind).
         """
         try:
             self.fetches += 1
             _clone_mirror(ref.fetch_url, mirror)
         except git.GitCommandError as e:
+            _refuse_untrusted(e)
             raise RepoError(
                 f"cannot clone {ref.fetch_url}: {git_error_text(e)}. "
                 "Check that the repository exists and that this machine can reach it "
@@ -162,6 +198,7 @@ class MirrorCache:
 
     def _fetch(self, ref: RepoRef, mirror: Path) -> None:
         """Raises:
+        InvalidInputError: git refuses the repository as another user's.
         RepoError: the remote cannot be fetched, or the mirror is damaged and cannot be rebuilt.
         """
         try:
@@ -173,6 +210,7 @@ class MirrorCache:
                     "--prune", "--", "origin", env=GIT_ENV, kill_after_timeout=FETCH_TIMEOUT_SECONDS
                 )
         except git.GitCommandError as e:
+            _refuse_untrusted(e)
             if not _looks_damaged(e):
                 raise RepoError(
                     f"cannot fetch {ref.fetch_url}: {git_error_text(e)}. "
@@ -180,6 +218,52 @@ class MirrorCache:
                 ) from e
             self.fetches += 1
             _rebuild_mirror(ref.fetch_url, mirror, git_error_text(e))
+
+
+def _refuse_untrusted(e: git.GitCommandError) -> None:
+    """Raises:
+    InvalidInputError: ``e`` is git refusing a repository another user owns (not a fault of the
+        remote or of this machine's network: git's configuration decides, so the user must act).
+    """
+    ownership = dubious_ownership(str(e.stderr or ""))
+    if ownership is not None:
+        raise InvalidInputError("repo", f"{ownership}.") from e
+
+
+def start_point(mirror: Path, branch: str | None) -> str:
+    """The branch a workspace of ``mirror`` starts from: ``branch``, else the branch the
+    repository's HEAD names (``"HEAD"`` when HEAD is detached: its commit is the start).
+
+    Raises:
+        InvalidInputError: ``branch`` is malformed or not in the repository (the message lists the
+            branches there); the repository has no commits; its HEAD is on a branch without commits.
+    """
+    if branch is not None:
+        check_git_ref("branch", branch)
+        if not branch_exists(mirror, branch):
+            known = ", ".join(list_branches(mirror)) or "(none)"
+            raise InvalidInputError(
+                "branch", f"{branch!r} does not exist in the repository. Existing branches: {known}."
+            )
+        return branch
+    head = (mirror / "HEAD").read_text(encoding="utf-8").strip()  # the mirror is ours: no agent writes it
+    if not head.startswith("ref: refs/heads/"):
+        return "HEAD"
+    name = head.removeprefix("ref: refs/heads/")
+    if branch_exists(mirror, name):
+        return name
+    branches = list_branches(mirror)
+    if not branches:
+        raise InvalidInputError(
+            "repo",
+            "the repository has no commits; an agent needs a commit to branch from. "
+            "Make an initial commit and dispatch again.",
+        )
+    raise InvalidInputError(
+        "repo",
+        f"the repository's HEAD is on {name!r}, which has no commits yet, so an agent has nothing to branch "
+        f"from. Commit on {name!r}, or dispatch with branch set to one of: {', '.join(branches)}.",
+    )
 
 
 def _packed_refs(mirror: Path) -> str:
@@ -194,8 +278,8 @@ def branch_exists(mirror: Path, branch: str) -> bool:
 
 
 def list_branches(mirror: Path, limit: int = 20) -> list[str]:
-    repo = git.Repo(mirror)
-    return [h.name for h in repo.heads][:limit]
+    with git.Repo(mirror) as repo:
+        return [h.name for h in repo.heads][:limit]
 
 
 class MirrorDamaged(Exception):
@@ -237,7 +321,7 @@ def repair_mirror(mirror: Path, damage: MirrorDamaged) -> None:
     Raises:
         RepoError: the mirror does not name its remote, or the remote cannot be cloned.
     """
-    with file_lock(mirror_lock(mirror)):
+    with exclusive_lock(mirror_lock(mirror)):
         if dir_id(mirror) != damage.seen:
             return  # replaced while this dispatch waited for the lock: try the new one
         _rebuild_mirror(_mirror_url(mirror), mirror, damage.reason)

@@ -18,10 +18,10 @@ from pathlib import Path
 import git
 
 from . import safefs
-from .errors import InvalidInputError, RepoError
+from .errors import RepoError
 from .gitops import GIT_ENV, HOST_GIT_OVERRIDES, file_lock, git_error_text, host_git, safe_directory
-from .mirrors import MirrorDamaged, branch_exists, dir_id, list_branches, mirror_lock, repair_mirror
-from .naming import check_git_ref, slugify
+from .mirrors import MirrorDamaged, dir_id, mirror_lock, repair_mirror, start_point
+from .naming import slugify
 
 __all__ = ["bounded_git", "clone_workspace", "commits_ahead", "exclude_paths", "recent_log", "task_slug"]
 
@@ -44,11 +44,13 @@ def _stage(mirror: Path, dest: Path, origin_url: str, start_branch: str | None, 
 
     Raises:
         MirrorDamaged: git failed on the mirror's side (``dest`` may be left half made).
-        RepoError: the repository has no commits on the branch, or this machine is out of disk.
+        InvalidInputError: the repository has no commit to start from (see :func:`.mirrors.start_point`).
+        RepoError: this machine is out of disk.
     """
     # Shared: copies run side by side, but never while a fetch or a rebuild changes the mirror's files.
     with file_lock(mirror_lock(mirror), shared=True):
         seen = dir_id(mirror)
+        start_branch = start_point(mirror, start_branch)  # before copying anything
         try:
             # --no-hardlinks: the agent can rewrite every file of its clone in place (it runs as the host
             # user); a hardlinked object file would carry that write into the mirror and every later
@@ -59,16 +61,6 @@ def _stage(mirror: Path, dest: Path, origin_url: str, start_branch: str | None, 
     with repo:
         try:
             repo.remote("origin").set_url(origin_url)
-            if start_branch is None:
-                try:
-                    start_branch = repo.active_branch.name
-                except TypeError:  # detached HEAD in the source
-                    start_branch = "HEAD"
-            if start_branch != "HEAD" and not branch_exists(mirror, start_branch):
-                raise RepoError(
-                    f"the repository has no commits on {start_branch!r}; an agent needs a commit to branch from. "
-                    "Make an initial commit and dispatch again."
-                )
             # The branch exists, so a commit that cannot be read here is a damaged object, not an empty repo.
             rev = f"refs/remotes/origin/{start_branch}" if start_branch != "HEAD" else "HEAD"
             start_commit = str(repo.git.rev_parse("--verify", f"{rev}^{{commit}}"))
@@ -109,17 +101,11 @@ def clone_workspace(
         ``(branch, base_branch)``: the agent branch and the branch it starts from.
 
     Raises:
-        InvalidInputError: ``start_branch`` does not exist in the repository.
-        RepoError: the clone failed (also after rebuilding the mirror), the mirror could not be
-            rebuilt, or the repository has no commits.
+        InvalidInputError: ``start_branch`` does not exist in the repository, the repository has no
+            commits, or its HEAD is on a branch without commits.
+        RepoError: the clone failed (also after rebuilding the mirror), or the mirror could not be
+            rebuilt.
     """
-    if start_branch is not None:
-        check_git_ref("branch", start_branch)
-        if not branch_exists(mirror, start_branch):
-            known = ", ".join(list_branches(mirror)) or "(none)"
-            raise InvalidInputError(
-                "branch", f"{start_branch!r} does not exist in the repository. Existing branches: {known}."
-            )
     try:
         return _stage(mirror, dest, origin_url, start_branch, task_slug)
     except MirrorDamaged as e:
