@@ -265,7 +265,8 @@ def test_provider_failure_ends_failed_with_the_provider_error(
         final = with_stdio_client(run, setup.env)
     assert final["status"] == "failed", final
     assert final["exit_code"] not in (0, None)
-    reason = final["question"]
+    reason = final["reason"]
+    assert final["question"] is None
     assert final["summary"]["error"] and final["summary"]["error"] in reason
     if failure == "http-500":
         expected = {"codex": "HTTP 5xx", "claude": "scripted overload", "gemini": "scripted overload"}[agent]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agentic_dispatch.models import EventKind, QaResult, RunSummary, Status, WorkspaceRecord
-from agentic_dispatch.service.lifecycle import (
+from agentic_dispatch.service.runs.lifecycle import (
     Cancelled,
     CountFailure,
     Dispatched,

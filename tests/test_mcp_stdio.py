@@ -25,7 +25,9 @@ COMMIT_TASK = (
 )
 
 
-def test_tools_list_shows_the_four_tools_with_input_and_output_schemas(isolated_home: Path) -> None:
+def test_tools_list_shows_dispatch_status_resume_and_sync_with_schemas_annotations_and_descriptions(
+    isolated_home: Path,
+) -> None:
     async def run(client: Client) -> Any:
         return (await client.list_tools()).tools
 
@@ -132,8 +134,9 @@ def test_task_exiting_3_ends_failed_with_exit_code_3_and_a_reason(docker_env: st
     final = with_stdio_client(run)
     assert final["status"] == "failed"
     assert final["exit_code"] == 3
-    assert "exited with code 3" in final["question"]
-    assert "about to fail" in final["question"]
+    assert "exited with code 3" in final["reason"]
+    assert "about to fail" in final["reason"]
+    assert final["question"] is None  # question is only ever a blocked agent's question
 
 
 def test_blocked_agent_is_resumed_with_an_answer_it_can_read_and_completes_with_two_runs(

@@ -4,7 +4,6 @@ a 2025-era session) against the real server, running real containers on a real D
 from __future__ import annotations
 
 import json
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +13,7 @@ import anyio
 import docker
 import mcp_types as types
 import pytest
-from mcp import Client
+from mcp import Client, MCPDeprecationWarning
 from mcp.client.subscriptions import ResourcesListChanged, ResourceUpdated
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
@@ -63,39 +62,39 @@ async def _dispatch(client: Client, repo: Path, task: str) -> dict[str, Any]:
     return await call(client, "agentic_dispatch", repo=str(repo), task=task, agent="shell")
 
 
-def test_watch_returns_within_a_second_of_the_first_change_of_two_runs_and_a_chained_cursor_misses_nothing(
+def test_watch_returns_at_the_first_change_of_two_runs_not_at_its_timeout_and_a_chained_cursor_misses_nothing(
     server: MCPServer[Dispatcher], user_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """How soon it returns after a change is a figure, not a pass mark: bench/watch_latency.py measures it."""
     monkeypatch.setattr(mcp_watch, "HEARTBEAT_SECONDS", 0.3)  # (5 s when served)
 
     async def scenario(client: Client) -> dict[str, Any]:
         a = await _dispatch(client, user_repo, WAIT_FOR_GO)
         b = await _dispatch(client, user_repo, f"{WAIT_FOR_GO}; exit 3")
         messages: list[str] = []
+        waiting = [anyio.Event()]  # the newest is set when the current watch says it is still waiting
 
         async def progress(value: float, total: float | None, message: str | None) -> None:
             messages.append(message or "")
+            if "no change yet" in (message or ""):
+                waiting[-1].set()
 
-        t0 = time.monotonic()  # nothing changes: back at its timeout, having said it is still waiting
-        res = await client.call_tool("agentic_watch", {"timeout_seconds": 1}, progress_callback=progress)
-        quiet_took = time.monotonic() - t0
+        with anyio.fail_after(10):  # nothing changes: back at its 1 s timeout, having said it is still waiting
+            res = await client.call_tool("agentic_watch", {"timeout_seconds": 1}, progress_callback=progress)
         assert isinstance(res.structured_content, dict), res.content
         quiet, heartbeats = res.structured_content, list(messages)
         messages.clear()
+        waiting.append(anyio.Event())
 
-        touched: list[float] = []
-
-        async def touch_soon() -> None:
-            await anyio.sleep(0.5)
-            touched.append(time.monotonic())
+        async def touch_once_it_waits() -> None:
+            await waiting[-1].wait()
             _go(a["repo_path"])
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(touch_soon)
+            tg.start_soon(touch_once_it_waits)
             res = await client.call_tool(
                 "agentic_watch", {"timeout_seconds": 20, "cursor": quiet["cursor"]}, progress_callback=progress
             )
-        returned_after = time.monotonic() - touched[0]
         assert not res.is_error and isinstance(res.structured_content, dict), res.content
         first = res.structured_content
 
@@ -107,9 +106,7 @@ def test_watch_returns_within_a_second_of_the_first_change_of_two_runs_and_a_cha
             "a": a["workspace"],
             "b": b["workspace"],
             "quiet": quiet,
-            "quiet_took": quiet_took,
             "first": first,
-            "returned_after": returned_after,
             "messages": messages,
             "heartbeats": heartbeats,
             "second": second,
@@ -118,15 +115,14 @@ def test_watch_returns_within_a_second_of_the_first_change_of_two_runs_and_a_cha
 
     got = _run(server, scenario)
     a, b, quiet, first, second = got["a"], got["b"], got["quiet"], got["first"], got["second"]
-    assert quiet["timed_out"] and quiet["changes"] == [] and 0.9 <= got["quiet_took"] < 5, got["quiet_took"]
+    assert quiet["timed_out"] and quiet["changes"] == [], quiet
     assert {r["name"]: r["status"] for r in quiet["workspaces"]} == {a: "running", b: "running"}
     assert len(got["heartbeats"]) >= 2 and "no change yet" in got["heartbeats"][0], got["heartbeats"]
     assert [(c["workspace"], c["kind"]) for c in first["changes"]] == [(a, "completed")], first
-    assert got["returned_after"] < 1.5, f"agentic_watch returned {got['returned_after']:.2f}s after the change"
     assert f"{a}: completed" in got["messages"], got["messages"]
     assert not first["timed_out"] and {r["name"]: r["status"] for r in first["workspaces"]}[a] == "completed"
     assert [(c["workspace"], c["kind"]) for c in second["changes"]] == [(b, "failed")], second
-    assert "exit" in (second["changes"][0]["question"] or "") and b in second["message"]
+    assert "exit" in (second["changes"][0]["reason"] or "") and b in second["message"]
     one = got["one"]  # the one-workspace form: its row at the top level, as before, and a cursor
     assert one["name"] == b and one["status"] == "failed" and "log_tail" in one and one["cursor"].isdigit(), one
 
@@ -236,8 +232,8 @@ def test_a_2025_session_subscribed_with_resources_subscribe_gets_resources_updat
     async def scenario(client: Client) -> tuple[str, dict[str, Any], dict[str, Any]]:
         run = await _dispatch(client, user_repo, WAIT_FOR_GO)
         uri = f"agentic://workspaces/{run['workspace']}/status"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # deprecated as of 2026-07-28: this is the 2025 path
+        with warnings.catch_warnings():  # deprecated as of 2026-07-28: this is the 2025 path, on purpose
+            warnings.simplefilter("ignore", MCPDeprecationWarning)
             await client.subscribe_resource(uri)
         _go(run["repo_path"])
         return uri, await until_not_running(client, uri), client.server_capabilities.model_dump()

@@ -164,7 +164,7 @@ def test_a_key_value_reaches_no_file_reply_or_record_except_the_raw_logs(
 
     # The runs did what they were meant to, so the key went everywhere it could go.
     assert rows["blocked"]["status"] == "blocked" and "***" in rows["blocked"]["question"], rows["blocked"]
-    assert rows["failed"]["status"] == "failed" and "***" in rows["failed"]["question"], rows["failed"]
+    assert rows["failed"]["status"] == "failed" and "***" in rows["failed"]["reason"], rows["failed"]
     assert rows["gated"]["status"] == "failed" and rows["gated"]["qa"]["state"] == "failed", rows["gated"]
     assert "***" in (rows["gated"]["qa"]["output_tail"] or ""), rows["gated"]["qa"]
     assert rows["resumed"]["status"] == "completed" and rows["resumed"]["runs"] == 2, rows["resumed"]

@@ -103,7 +103,9 @@ def test_reading_a_missing_workspace_says_how_to_find_the_right_name(tmp_path: P
         store.read("acme/app/task-9")
 
 
-def test_a_record_that_is_not_utf8_is_reported_as_corrupt_not_raised(tmp_path: Path) -> None:
+def test_a_record_that_is_not_utf8_is_a_corrupt_record_error_to_read_and_unreadable_in_the_list_and_left_alone(
+    tmp_path: Path,
+) -> None:
     store = StatusStore(tmp_path / "ws", tmp_path / "ev")
     rec = _record()
     store.create(rec)

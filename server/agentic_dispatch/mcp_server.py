@@ -10,7 +10,6 @@ blocking Docker and git calls off the event loop.
 from __future__ import annotations
 
 import hmac
-import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,8 +24,8 @@ from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import CallToolResult, InputRequiredResult, ToolAnnotations
 from pydantic import AnyHttpUrl, Field
 
-from .errors import DispatchError
 from .http_auth import HttpPlan
+from .mcp_tools import register_tool
 from .mcp_watch import WatchFeed, register_watch
 from .models import (
     CancelResult,
@@ -64,14 +63,6 @@ def _svc(ctx: Ctx) -> Dispatcher:
 # plain tools on anyio's default pool (40 threads): a burst of dispatches would hold every thread and
 # leave status and watch waiting for seconds. They get their own few threads instead.
 PREPARING_AT_ONCE = 8
-
-
-def _call(fn: Callable[[], T]) -> T:
-    """Run a service call; errors the caller can fix become tool errors carrying the service's advice."""
-    try:
-        return fn()
-    except DispatchError as e:
-        raise ToolError(str(e)) from e
 
 
 class StaticTokenVerifier:
@@ -159,13 +150,7 @@ def build_server(
     )
 
     def tool(name: str, annotations: ToolAnnotations) -> Callable[[F], F]:
-        """``server.tool`` with the docstring, dedented, as the description (hosts show it verbatim)."""
-
-        def register(fn: F) -> F:
-            server.tool(name=name, annotations=annotations, description=inspect.cleandoc(fn.__doc__ or ""))(fn)
-            return fn
-
-        return register
+        return register_tool(server, name, annotations)
 
     @tool(
         name="agentic_dispatch",
@@ -236,7 +221,7 @@ def build_server(
             dry_run=dry_run,
             qa=qa,
         )
-        return await _preparing(lambda: _call(lambda: _svc(ctx).dispatch(req)))
+        return await _preparing(lambda: _svc(ctx).dispatch(req))
 
     @tool(
         name="agentic_status",
@@ -257,7 +242,7 @@ def build_server(
         """Counts per status and one row per workspace: agent, status, runs, `question` (a blocked agent's
         question) or `reason` (why it failed or was cancelled), branch, times, exit code, the agent's run summary,
         and optionally its log tail."""
-        return _call(lambda: _svc(ctx).status(workspace, status, limit, log_lines))
+        return _svc(ctx).status(workspace, status, limit, log_lines)
 
     @tool(
         name="agentic_resume",
@@ -279,7 +264,7 @@ def build_server(
     ) -> DispatchResult:
         """Run the agent again in the same workspace and branch: answer a `blocked` agent, or retry a `failed`
         or `completed` one. Returns at once; `runs` goes up by one."""
-        return await _preparing(lambda: _call(lambda: _svc(ctx).resume(workspace, answer, agent)))
+        return await _preparing(lambda: _svc(ctx).resume(workspace, answer, agent))
 
     @tool(
         name="agentic_sync",
@@ -305,7 +290,7 @@ def build_server(
         returns what was delivered, what is pending (attempts, next try, last error), what needs a person's
         attention (why, what to do) and what was given up. Naming a workspace also retries its deliveries that
         needed attention. Safe to call again: nothing is delivered twice."""
-        return _call(lambda: _svc(ctx).sync(workspace, force))
+        return _svc(ctx).sync(workspace, force)
 
     @tool(
         name="agentic_cancel",
@@ -322,7 +307,7 @@ def build_server(
     ) -> CancelResult:
         """Cancel a workspace: a queued one never starts; a running one's container is stopped (its work so far
         stays in the workspace). Cancelling a finished or already cancelled workspace changes nothing."""
-        return _call(lambda: _svc(ctx).cancel(workspace))
+        return _svc(ctx).cancel(workspace)
 
     @tool(
         name="agentic_dispatch_shutdown",
@@ -340,7 +325,7 @@ def build_server(
     ) -> QueueState:
         """Freeze the queue: new dispatches are accepted but queue, and nothing starts until agentic_dispatch_start.
         Running agents go on unless `now` is true. The frozen state survives restarts."""
-        return _call(lambda: _svc(ctx).freeze(now))
+        return _svc(ctx).freeze(now)
 
     @tool(
         name="agentic_doctor",
@@ -357,7 +342,7 @@ def build_server(
         """Check, per agent, that it can run here: container engine reachable, agent image present, the CLI's
         version in the image, and which credentials were found (named, never shown). A problem says what to
         set or build. agentic_dispatch refuses an agent that fails these checks."""
-        return _call(lambda: _svc(ctx).doctor(agents))
+        return _svc(ctx).doctor(agents)
 
     @tool(
         name="agentic_dispatch_start",
@@ -371,7 +356,7 @@ def build_server(
     )
     def agentic_dispatch_start(ctx: Ctx) -> QueueState:
         """Unfreeze the queue and start queued work that has a free slot."""
-        return _call(lambda: _svc(ctx).unfreeze())
+        return _svc(ctx).unfreeze()
 
     register_watch(server, feed)  # agentic_watch, _logs, _diff, _insights; the agentic:// resources
     return server

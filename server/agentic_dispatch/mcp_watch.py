@@ -12,7 +12,6 @@ publishes ``ResourceUpdated`` / ``ResourcesListChanged`` for ``subscriptions/lis
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import time
 import weakref
@@ -32,11 +31,9 @@ from mcp_types import EmptyResult, SubscribeRequestParams, ToolAnnotations, Unsu
 from pydantic import Field
 
 from .errors import DispatchError, InvalidInputError, WorkspaceNotFoundError
+from .mcp_tools import register_tool
 from .models import ACTIVE_STATUSES, Change, DiffResult, InsightsReport, LogsResult, WatchResult, WorkspaceRow
-from .service import Dispatcher
-from .service.insights import MAX_WINDOW_DAYS
-from .service.inspect import MAX_TAIL_LINES
-from .service.watching import MAX_LISTED, MAX_WATCH_SECONDS, describe
+from .service import MAX_LISTED, MAX_TAIL_LINES, MAX_WATCH_SECONDS, MAX_WINDOW_DAYS, Dispatcher, describe
 
 __all__ = ["LIST_URI", "WatchFeed", "WorkspaceWatch", "register_watch", "status_uri"]
 
@@ -61,17 +58,9 @@ def _svc(ctx: Ctx) -> Dispatcher:
     return ctx.request_context.lifespan_context
 
 
-def _call(fn: Callable[[], T]) -> T:
-    """A service call; errors the caller can fix become tool errors carrying the service's advice."""
-    try:
-        return fn()
-    except DispatchError as e:
-        raise ToolError(str(e)) from e
-
-
 async def _run(fn: Callable[[], T]) -> T:
-    """:func:`_call` on a worker thread (service calls block)."""
-    return await anyio.to_thread.run_sync(functools.partial(_call, fn))
+    """A blocking service call on a worker thread."""
+    return await anyio.to_thread.run_sync(fn)
 
 
 def _read(fn: Callable[[], T]) -> T:
@@ -189,10 +178,10 @@ async def _watch_many(
     def on_change(change: Change) -> None:  # on the worker thread: hand it to the event loop
         anyio.from_thread.run(progress.send, describe(change))
 
-    def watch() -> WatchResult | ToolError:
+    def watch() -> WatchResult | DispatchError:
         try:
-            return _call(lambda: svc.watch(names, timeout, cursor, on_change))
-        except ToolError as e:
+            return svc.watch(names, timeout, cursor, on_change)
+        except DispatchError as e:  # handed back, not raised: an abandoned thread must not raise into the loop
             return e
 
     what = f"{len(names)} workspace(s)" if names else "everything queued or running"
@@ -200,7 +189,7 @@ async def _watch_many(
         tg.start_soon(progress.heartbeat, f"watching {what}: no change yet")
         outcome = await anyio.to_thread.run_sync(watch, abandon_on_cancel=True)  # read-only: a cancel frees at once
         tg.cancel_scope.cancel()
-    if isinstance(outcome, ToolError):
+    if isinstance(outcome, DispatchError):
         raise outcome
     return outcome
 
@@ -226,14 +215,9 @@ def register_watch(server: MCPServer[Dispatcher], feed: WatchFeed) -> None:
     ``subscriptions=feed.bus``; its lifespan runs ``feed.running(dispatcher)``)."""
 
     def tool(name: str, title: str) -> Callable[[F], F]:
-        """A read-only, idempotent tool with the docstring, dedented, as the description."""
+        """A read-only, idempotent tool (see :func:`.mcp_tools.register_tool`)."""
         annotations = ToolAnnotations(title=title, read_only_hint=True, idempotent_hint=True, open_world_hint=False)
-
-        def register(fn: F) -> F:
-            server.tool(name=name, annotations=annotations, description=inspect.cleandoc(fn.__doc__ or ""))(fn)
-            return fn
-
-        return register
+        return register_tool(server, name, annotations)
 
     # resources/subscribe is no MCPServer API (it went in 2026-07-28); the lowlevel server still serves
     # it to older sessions, which is how hosts on 2025-11-25 subscribe.
@@ -271,9 +255,10 @@ def register_watch(server: MCPServer[Dispatcher], feed: WatchFeed) -> None:
     ) -> WatchResult:
         """Wait until one of many workspaces changes state (started, blocked, completed, failed, cancelled, …)
         or `timeout_seconds` pass, with a progress notification per change and every 5 s while waiting.
-        Returns `changes` (each with the blocked `question` or the failure's `reason`), `workspaces` (the watched ones as they
-        are now), `timed_out` and a `cursor`. To follow runs without missing anything, call again with
-        `cursor` set to the one returned: changes that happened between two calls are reported by the next.
+        Returns `changes` (each with the blocked `question` or the failure's `reason`), `workspaces` (the
+        watched ones as they are now), `timed_out` and a `cursor`. To follow runs without missing anything, call
+        again with `cursor` set to the one returned: changes that happened between two calls are reported by the
+        next.
 
         With `workspace` instead: wait until that one workspace leaves queued/running and return its row
         (with the last 20 log lines) at the top level, as well as the fields above."""
@@ -295,7 +280,7 @@ def register_watch(server: MCPServer[Dispatcher], feed: WatchFeed) -> None:
         """The agent's log (all its runs; key values masked): the last `tail` lines, or with `since_bytes` what
         follows that offset. A reply holds at most about 60 KiB: then `truncated` is true and `note` says which
         bytes you got; read on with `since_bytes` set to the `end` returned (or back, with an earlier offset)."""
-        return _call(lambda: _svc(ctx).logs(workspace, tail, since_bytes))
+        return _svc(ctx).logs(workspace, tail, since_bytes)
 
     @tool("agentic_diff", "Show an agent's changes")
     def agentic_diff(
@@ -309,7 +294,7 @@ def register_watch(server: MCPServer[Dispatcher], feed: WatchFeed) -> None:
         """What the agent's branch changed since it left its base branch (committed work): the `--stat`, then
         the patch. The reply stays under 64 KiB: a longer patch is cut (`truncated`, with a `note`); ask for
         one file at a time with `path` (the stat lists them), or just the stat with `stat_only`."""
-        return _call(lambda: _svc(ctx).diff(workspace, stat_only, path))
+        return _svc(ctx).diff(workspace, stat_only, path)
 
     @tool("agentic_insights", "How the agents did")
     def agentic_insights(
@@ -321,7 +306,7 @@ def register_watch(server: MCPServer[Dispatcher], feed: WatchFeed) -> None:
         """Per agent spec, the runs that finished in the window: how many, completed / failed / blocked /
         cancelled, success rate, median and p90 duration, tokens and cost where the CLI reports them, and the
         most common failure reasons."""
-        return _call(lambda: _svc(ctx).insights(window_days))
+        return _svc(ctx).insights(window_days)
 
     _register_resources(server, feed)
 

@@ -39,6 +39,7 @@ __all__ = [
     "WatchResult",
     "WorkspaceRecord",
     "WorkspaceRow",
+    "parse_time",
     "utcnow",
 ]
 
@@ -46,6 +47,13 @@ __all__ = [
 def utcnow() -> str:
     """Now, as an ISO-8601 UTC timestamp with second precision."""
     return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def parse_time(ts: str | None) -> float | None:
+    """An ISO timestamp from a record as epoch seconds (``None`` stays ``None``)."""
+    if not ts:
+        return None
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
 class Status(StrEnum):

@@ -21,6 +21,7 @@ from .errors import InvalidInputError, MissingVariablesError, UnsafePathError
 from .naming import check_component
 
 __all__ = [
+    "MANAGED_FILES",
     "PromptContext",
     "PromptLibrary",
     "detect_repo_facts",

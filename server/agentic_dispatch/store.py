@@ -25,14 +25,15 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .errors import CorruptRecordError, WorkspaceNotFoundError
+from . import safefs
+from .errors import CorruptRecordError, UnsafePathError, WorkspaceNotFoundError
 from .events import EventLog
 from .fileio import folder_lock, write_atomic
 from .index import IndexRow, StatusIndex
 from .models import ACTIVE_STATUSES, WorkspaceRecord, utcnow
 from .naming import contained, split_workspace_name
 
-__all__ = ["Listed", "StatusStore", "WorkspacePaths"]
+__all__ = ["Listed", "StatusStore", "WorkspacePaths", "log_tail"]
 
 STATUS_FILE = "status.json"
 
@@ -72,6 +73,15 @@ class WorkspacePaths:
 
     def prompt(self, run: int) -> Path:
         return self.meta / f"prompt-{run}.md"
+
+
+def log_tail(ws: WorkspacePaths, base: str, lines: int) -> str:
+    """The last ``lines`` lines of the agent's log (the logs folder is writable by the agent)."""
+    try:
+        data = safefs.tail_text(ws.logs, ws.log(base), 64 * 1024) or ""
+    except UnsafePathError as e:
+        return f"(the log cannot be shown: {e})"
+    return "\n".join(data.splitlines()[-lines:])
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ __all__ = [
     "LoginFile",
     "RunContext",
     "agent_base",
+    "as_dict",
+    "as_int",
     "json_events",
     "log_runs",
 ]

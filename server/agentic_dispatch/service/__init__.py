@@ -1,17 +1,23 @@
-"""The service layer: one :class:`Dispatcher` facade over one-job parts.
+"""The service layer: one :class:`Dispatcher` facade, the only way in, over parts cut by job.
 
-Where things happen (each module's docstring says more):
-
-- ``facade``: :class:`Dispatcher`, the object both front ends call; wiring and background threads.
-- ``dispatching``: a request → validated spec → staged workspace → queued record; dry run; resume.
-- ``drain``: the queue is drained here; the only place a run's container is started.
-- ``finalise``: a run is finalised here (the final-status rule); stopping a run.
-- ``recovery``: reconcile at start and on the timer, timeouts, adoption, orphans, cleanup.
-- ``reports``: status rows and wait.  ``preflight``: engine, image, CLIs, credentials; doctor.
-- ``control``: cancel, freeze, unfreeze.  ``delivery``: sync.
-- ``run_files``: a run's prompt and files.  ``catalog``: agents, credentials, image.  ``common``: helpers.
+- ``facade``: :class:`Dispatcher`, the object both front ends call; wiring and the background threads.
+- ``intake/``: a request becomes a validated, staged, queued workspace (``dispatch``), with its
+  prompt and files (``run_files``) and the checks that the agent can run here (``preflight``).
+- ``runs/``: the run's life. ``lifecycle`` is the state machine (a pure transition table);
+  ``executor`` the one place its changes are written and its effects carried out; ``launch``
+  starts queued runs' containers; ``qa_gate`` the QA gate's container; ``recovery`` the timer
+  (missed exits, timeouts, the disk cap in ``disk_cap``, adoption, the engine sweep);
+  ``control`` cancel, freeze and unfreeze.
+- ``views/``: what is read, never calling the engine: ``status``, ``watching``, ``inspection``
+  (logs and diffs), ``insights``.
+- ``delivery``: the outbox that brings results home.
+- ``catalog`` (the agents as configured) and ``containers`` (how a run's container is built) serve
+  the parts above.
 """
 
 from .facade import Dispatcher
+from .views.insights import MAX_WINDOW_DAYS
+from .views.inspection import MAX_TAIL_LINES
+from .views.watching import MAX_LISTED, MAX_WATCH_SECONDS, describe
 
-__all__ = ["Dispatcher"]
+__all__ = ["MAX_LISTED", "MAX_TAIL_LINES", "MAX_WATCH_SECONDS", "MAX_WINDOW_DAYS", "Dispatcher", "describe"]

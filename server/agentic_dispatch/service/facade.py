@@ -43,20 +43,20 @@ from ..runtime.base import LABEL_WORKSPACE, ExitEvent, Runtime
 from ..scheduler import Scheduler
 from ..store import StatusStore
 from .catalog import AgentCatalog
-from .control import Control
 from .delivery import ResultDelivery
-from .dispatching import Dispatching
-from .drain import QueueDrainer
-from .insights import Insights
-from .inspect import Inspector
-from .lifecycle import Waiting
-from .preflight import Preflight
-from .qa_gate import QaGate
-from .recovery import Recovery
-from .reports import Reports
-from .run_files import RunFiles
-from .runs import RunLifecycle
-from .watching import Watching
+from .intake.dispatch import Intake
+from .intake.preflight import Preflight
+from .intake.run_files import RunFiles
+from .runs.control import Control
+from .runs.executor import RunLifecycle
+from .runs.launch import QueueDrainer
+from .runs.lifecycle import Waiting
+from .runs.qa_gate import QaGate
+from .runs.recovery import Recovery
+from .views.insights import Insights
+from .views.inspection import Inspector
+from .views.status import Reports
+from .views.watching import Watching
 
 __all__ = ["Dispatcher"]
 
@@ -103,7 +103,7 @@ class Dispatcher:
         self.reports = Reports(
             self.store, self.scheduler, self.catalog, self.drainer, self.recovery, self.delivery, finished
         )
-        self.dispatching = Dispatching(
+        self.intake = Intake(
             settings,
             paths,
             self.store,
@@ -191,17 +191,15 @@ class Dispatcher:
         except Exception:
             log.exception("cannot drain the queue after %s; the timer tries again", result.workspace)
         rec = self.runs.apply(result.workspace, Waiting())  # still queued: say so in the events log
-        return self.dispatching.result(rec) if rec is not None else self.dispatching.result(
-            self.store.read(result.workspace)
-        )
+        return self.intake.result(rec) if rec is not None else self.intake.result(self.store.read(result.workspace))
 
     # -- what the front ends call (each documented on the part that does it) --------------
     def dispatch(self, req: DispatchRequest) -> DispatchResult:
-        result = self.dispatching.dispatch(req)
+        result = self.intake.dispatch(req)
         return result if result.dry_run else self._start_queued(result)
 
     def resume(self, workspace: str, answer: str | None = None, agent: str | None = None) -> DispatchResult:
-        return self._start_queued(self.dispatching.resume(workspace, answer, agent))
+        return self._start_queued(self.intake.resume(workspace, answer, agent))
 
     def status(
         self, workspace: str | None = None, status: str | None = None, limit: int = 50, log_lines: int = 0

@@ -10,11 +10,11 @@ import json
 import threading
 from pathlib import Path
 
-from ..errors import AgentNotReadyError, RuntimeUnavailableError
-from ..models import AgentCheck, DoctorReport
-from ..runtime.base import Runtime
-from ..runtime.images import CLI_VERSIONS_LABEL, VERSIONS_SCRIPT, parse_versions
-from .catalog import AgentCatalog
+from ...errors import AgentNotReadyError, RuntimeUnavailableError
+from ...models import AgentCheck, DoctorReport
+from ...runtime.base import Runtime
+from ...runtime.images import CLI_VERSIONS_LABEL, VERSIONS_SCRIPT, parse_versions
+from ..catalog import AgentCatalog
 
 __all__ = ["Preflight"]
 

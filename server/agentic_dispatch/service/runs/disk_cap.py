@@ -17,9 +17,9 @@ import threading
 import time
 from pathlib import Path
 
-from ..config import Settings
-from ..models import Status, WorkspaceRecord
-from ..store import StatusStore
+from ...config import Settings
+from ...models import Status, WorkspaceRecord
+from ...store import StatusStore
 
 __all__ = ["MIN_ENTRY_BYTES", "measure", "over_cap"]
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ..models import CancelResult, QueueState, Status
-from ..scheduler import Scheduler
-from ..store import StatusStore
-from .drain import QueueDrainer
+from ...models import CancelResult, QueueState, Status
+from ...scheduler import Scheduler
+from ...store import StatusStore
+from .executor import RunLifecycle
+from .launch import QueueDrainer
 from .lifecycle import Cancelled
-from .runs import RunLifecycle
 
 __all__ = ["Control"]
 
@@ -62,9 +62,11 @@ class Control:
         if now:
             for item in self.store.active():
                 running = item.record is not None and item.record.status == Status.RUNNING
-                if running and self.runs.stop(
-                    item.name, Status.CANCELLED, "stopped by agentic_dispatch_shutdown(now=true)"
-                ) != "idle":
+                if (
+                    running
+                    and self.runs.stop(item.name, Status.CANCELLED, "stopped by agentic_dispatch_shutdown(now=true)")
+                    != "idle"
+                ):
                     stopped.append(item.name)
         return QueueState(
             frozen=True,

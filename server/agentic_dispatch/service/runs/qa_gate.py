@@ -14,17 +14,17 @@ from __future__ import annotations
 import logging
 import re
 
-from .. import safefs
-from ..agents import CONTAINER_LOGS, CONTAINER_WORKDIR, agent_base
-from ..config import Settings
-from ..credentials import redact
-from ..errors import UnsafePathError
-from ..models import WorkspaceRecord
-from ..qa import QaCommand, detect_test_command
-from ..runtime.base import Mount, Runtime
-from ..store import WorkspacePaths
-from .catalog import AgentCatalog
-from .common import container_spec, hand_over
+from ... import safefs
+from ...agents import CONTAINER_LOGS, CONTAINER_WORKDIR, agent_base
+from ...config import Settings
+from ...credentials import redact
+from ...errors import UnsafePathError
+from ...models import WorkspaceRecord
+from ...qa import QaCommand, detect_test_command
+from ...runtime.base import Mount, Runtime
+from ...store import WorkspacePaths
+from ..catalog import AgentCatalog
+from ..containers import container_spec, hand_over
 
 __all__ = ["QaGate"]
 

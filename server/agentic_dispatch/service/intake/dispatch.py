@@ -1,4 +1,4 @@
-"""Dispatching: a request becomes a validated spec, a staged workspace and a queued record;
+"""The intake: a request becomes a validated spec, a staged workspace and a queued record;
 a resume turns a finished workspace into its next queued run.
 
 Bad input is refused before anything is written; a workspace is built in a staging folder
@@ -15,40 +15,40 @@ import stat
 import time
 from pathlib import Path
 
-from .. import safefs
-from ..agents import AgentSpec, agent_base
-from ..config import Paths, Settings
-from ..credentials import redact
-from ..errors import InvalidInputError, StateError, UnsafePathError
-from ..gitops import file_lock
-from ..mirrors import MirrorCache
-from ..models import (
+from ... import safefs
+from ...agents import AgentSpec, agent_base
+from ...config import Paths, Settings
+from ...credentials import redact
+from ...errors import InvalidInputError, StateError, UnsafePathError
+from ...gitops import file_lock
+from ...mirrors import MirrorCache
+from ...models import (
     ACTIVE_STATUSES,
     RESUMABLE_STATUSES,
     DispatchRequest,
     DispatchResult,
     WorkspaceRecord,
 )
-from ..naming import check_component, check_git_ref, generated_id, slugify
-from ..repos import RepoRef, resolve_repo
-from ..runtime.base import LABEL_WORKSPACE
-from ..store import StatusStore, WorkspacePaths
-from ..workspace import clone_workspace
-from .catalog import AgentCatalog
-from .common import git_in
-from .lifecycle import Resumed, new_record
+from ...naming import check_component, check_git_ref, generated_id, slugify
+from ...repos import RepoRef, resolve_repo
+from ...runtime.base import LABEL_WORKSPACE
+from ...store import StatusStore, WorkspacePaths
+from ...workspace import clone_workspace
+from ..catalog import AgentCatalog
+from ..containers import git_in
+from ..runs.executor import RunLifecycle
+from ..runs.lifecycle import Resumed, new_record
 from .preflight import Preflight
 from .run_files import RunFiles
-from .runs import RunLifecycle
 
-__all__ = ["Dispatching"]
+__all__ = ["Intake"]
 
 MAX_TASK_CHARS = 100_000
 MAX_ANSWER_CHARS = 50_000
 MAX_QUESTION_BYTES = 64 * 1024  # what finalise reads of BLOCKED.md
 
 
-class Dispatching:
+class Intake:
     """New work and resumed work, up to a queued record; the drain then starts what may start."""
 
     def __init__(

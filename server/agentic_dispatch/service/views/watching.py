@@ -17,13 +17,21 @@ from collections.abc import Callable
 
 from pydantic import BaseModel, Field
 
-from ..errors import InvalidInputError, WorkspaceNotFoundError
-from ..models import ACTIVE_STATUSES, Change, Status, WatchResult, WorkspaceRow
-from ..safefs import read_range
-from ..store import StatusStore
-from .reports import Reports
+from ...errors import InvalidInputError, WorkspaceNotFoundError
+from ...models import ACTIVE_STATUSES, Change, Status, WatchResult, WorkspaceRow
+from ...safefs import read_range
+from ...store import StatusStore
+from .status import Reports
 
-__all__ = ["MAX_LISTED", "MAX_PROMPT_BYTES", "ListedWorkspace", "Watching", "WorkspaceList", "describe"]
+__all__ = [
+    "MAX_LISTED",
+    "MAX_PROMPT_BYTES",
+    "MAX_WATCH_SECONDS",
+    "ListedWorkspace",
+    "Watching",
+    "WorkspaceList",
+    "describe",
+]
 
 MAX_WATCH_SECONDS = 50  # hosts cut tool calls off at about 60 s
 MAX_LISTED = 200  # workspaces in one listing, newest first

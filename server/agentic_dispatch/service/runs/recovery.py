@@ -15,16 +15,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CorruptRecordError, InvalidInputError, RuntimeUnavailableError, WorkspaceNotFoundError
-from ..models import ACTIVE_STATUSES, CleanupReport, Status, WorkspaceRecord, utcnow
-from ..runtime.base import LABEL_RUN, LABEL_WORKSPACE, ContainerInfo, Runtime
-from ..scheduler import Scheduler
-from ..store import Listed, StatusStore
-from . import disk
-from .common import run_deadline
-from .drain import QueueDrainer
-from .lifecycle import Vanished
-from .runs import RunLifecycle
+from ...errors import CorruptRecordError, InvalidInputError, RuntimeUnavailableError, WorkspaceNotFoundError
+from ...models import ACTIVE_STATUSES, CleanupReport, Status, WorkspaceRecord, utcnow
+from ...runtime.base import LABEL_RUN, LABEL_WORKSPACE, ContainerInfo, Runtime
+from ...scheduler import Scheduler
+from ...store import Listed, StatusStore
+from . import disk_cap
+from .executor import RunLifecycle
+from .launch import QueueDrainer
+from .lifecycle import Vanished, run_deadline
 
 __all__ = ["EngineView", "Recovery"]
 
@@ -101,14 +100,18 @@ class Recovery:
             self.runs.stop_marked(rec.name, container_id)
         elif (deadline := run_deadline(rec)) is not None and time.time() > deadline[0]:
             self.runs.stop(rec.name, Status.FAILED, deadline[1], container_id)
-        elif (reason := disk.over_cap(self.drainer.settings, self.store, rec)) is not None:
+        elif (reason := disk_cap.over_cap(self.drainer.settings, self.store, rec)) is not None:
             self.runs.stop(rec.name, Status.FAILED, reason, container_id)
 
     def _engine_away(self, problem: str) -> None:
         if self.engine.problem != problem:  # one line per change, not one per tick
             log.warning("the container engine cannot be reached: %s", problem)
-        self.engine = EngineView(problem=problem, since=self.engine.since if self.engine.problem else utcnow(),
-                                 orphans=self.engine.orphans, orphans_seen_at=self.engine.orphans_seen_at)
+        self.engine = EngineView(
+            problem=problem,
+            since=self.engine.since if self.engine.problem else utcnow(),
+            orphans=self.engine.orphans,
+            orphans_seen_at=self.engine.orphans_seen_at,
+        )
 
     def _engine_back(self) -> None:
         if self.engine.problem is not None:

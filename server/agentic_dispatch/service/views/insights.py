@@ -11,12 +11,14 @@ import statistics
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
-from ..errors import CorruptRecordError, InvalidInputError, WorkspaceNotFoundError
-from ..models import InsightRow, InsightsReport, Status, WorkspaceRecord
-from ..store import StatusStore
-from .common import parse_time
+from ...errors import CorruptRecordError, InvalidInputError, WorkspaceNotFoundError
+from ...models import InsightRow, InsightsReport, Status, WorkspaceRecord, parse_time
+from ...store import StatusStore
 
-__all__ = ["Insights"]
+__all__ = [
+    "MAX_WINDOW_DAYS",
+    "Insights",
+]
 
 MAX_WINDOW_DAYS = 366
 # Failure reasons differ in numbers, ids and paths; counted by their shape.

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from .. import safefs
-from ..agents import (
+from ... import safefs
+from ...agents import (
     CONTAINER_HOME,
     CONTAINER_LOGS,
     CONTAINER_RUN,
@@ -19,17 +19,17 @@ from ..agents import (
     RUN_HEADER,
     RunContext,
 )
-from ..config import Settings
-from ..credentials import Credentials
-from ..errors import CorruptRecordError, LaunchError, RuntimeUnavailableError, UnsafePathError, WorkspaceNotFoundError
-from ..models import Status, WorkspaceRecord, utcnow
-from ..runtime.base import LABEL_ROOT, LABEL_RUN, LABEL_WORKSPACE, ContainerSpec, Mount, Runtime
-from ..scheduler import Scheduler
-from ..store import StatusStore, WorkspacePaths
-from .catalog import AgentCatalog
-from .common import container_spec, container_url, hand_over
+from ...config import Settings
+from ...credentials import Credentials
+from ...errors import CorruptRecordError, LaunchError, RuntimeUnavailableError, UnsafePathError, WorkspaceNotFoundError
+from ...models import Status, WorkspaceRecord, utcnow
+from ...runtime.base import LABEL_ROOT, LABEL_RUN, LABEL_WORKSPACE, ContainerSpec, Mount, Runtime
+from ...scheduler import Scheduler
+from ...store import StatusStore, WorkspacePaths
+from ..catalog import AgentCatalog
+from ..containers import container_spec, container_url, hand_over
+from .executor import RunLifecycle
 from .lifecycle import LaunchFailed, Started
-from .runs import RunLifecycle
 
 __all__ = ["QueueDrainer"]
 

@@ -34,13 +34,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..models import (
+from ...models import (
     RESUMABLE_STATUSES,
     EventKind,
     QaResult,
     RunSummary,
     Status,
     WorkspaceRecord,
+    parse_time,
 )
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "Vanished",
     "Waiting",
     "new_record",
+    "run_deadline",
     "transition",
 ]
 
@@ -229,6 +231,17 @@ class Outcome:
     effects: list[Effect] = field(default_factory=list)
 
 
+def run_deadline(rec: WorkspaceRecord) -> tuple[float, str] | None:
+    """When the running job of ``rec`` (the agent, or the QA gate) times out, and the reason to give."""
+    if rec.phase == "qa" and rec.qa is not None and rec.qa.started_at and rec.qa.timeout_seconds:
+        started, limit, what = parse_time(rec.qa.started_at), rec.qa.timeout_seconds, "the QA gate timed out"
+    else:
+        started, limit, what = parse_time(rec.started_at), rec.timeout_seconds, "timed out"
+    if started is None:
+        return None
+    return started + limit, f"{what} after {limit} s; the container was stopped and the log so far kept"
+
+
 def new_record(**fields: object) -> WorkspaceRecord:
     """The record of a new workspace, queued (the intake builds it; :class:`Dispatched` commits it)."""
     return WorkspaceRecord.model_validate({**fields, "status": Status.QUEUED, "phase": "agent"})
@@ -250,12 +263,7 @@ def transition(rec: WorkspaceRecord, happening: Happening, now: str) -> Outcome 
         case Resumed():
             return _resumed(new, happening)
         case Started():
-            if rec.status != Status.QUEUED:
-                return None
-            new.status, new.phase = Status.RUNNING, "agent"
-            new.container_id, new.started_at = happening.container_id, now
-            new.finished_at = new.exit_code = new.reason = new.question = None
-            return Outcome(new, [(EventKind.STARTED, {"container_id": happening.container_id})])
+            return _started(new, happening, now) if rec.status == Status.QUEUED else None
         case LaunchFailed() | Cancelled():
             if rec.status != Status.QUEUED:
                 return None
@@ -270,44 +278,16 @@ def transition(rec: WorkspaceRecord, happening: Happening, now: str) -> Outcome 
             if not _runs(rec, happening.container_id) or rec.phase != "agent":
                 return None
             return _agent_exited(new, happening, now)
-        case QaStarted():
-            if rec.status != Status.RUNNING or rec.phase != "qa" or rec.qa is None:
+        case QaStarted() | QaLaunchFailed():
+            if rec.status != Status.RUNNING or rec.phase != "qa" or new.qa is None:
                 return None
-            new.container_id = happening.container_id
-            new.qa = rec.qa.model_copy(
-                update={
-                    "state": "running",
-                    "started_at": happening.started_at,
-                    "timeout_seconds": happening.timeout_seconds,
-                }
-            )
-            return Outcome(new)
-        case QaLaunchFailed():
-            if rec.status != Status.RUNNING or rec.phase != "qa":
-                return None
-            new.phase = "agent"
-            new.qa = (rec.qa or QaResult(state="failed")).model_copy(
-                update={"state": "failed", "reason": f"the gate could not start: {happening.reason}"}
-            )
-            reason = (
-                f"the QA gate could not start: {happening.reason}. "
-                "Fix that, then call agentic_resume to run it again."
-            )
-            return _end(new, Status.FAILED, reason, now)
+            return _qa_started(new, happening, now)
         case QaExited():
             if not _runs(rec, happening.container_id) or rec.phase != "qa":
                 return None
             return _qa_exited(new, happening, now)
         case Vanished():
-            if not _runs(rec, happening.container_id):
-                return None
-            what = "QA gate" if rec.phase == "qa" else "agent"
-            new.phase = "agent"
-            reason = (
-                f"the {what} container {happening.container_id[:12]} vanished (removed outside agentic-dispatch); "
-                "its work so far is in the workspace. Resume to run again."
-            )
-            return _end(new, Status.FAILED, reason, now)
+            return _vanished(new, happening, now) if _runs(rec, happening.container_id) else None
     return None  # pragma: no cover (the match is exhaustive)
 
 
@@ -323,6 +303,35 @@ def _end(new: WorkspaceRecord, status: Status, reason: str | None, now: str, que
     new.reason, new.question = reason, question
     new.stop_status = new.stop_reason = None
     return Outcome(new, [(EventKind(status.value), {"previous": previous.value})], [Settled()])
+
+
+def _started(new: WorkspaceRecord, h: Started, now: str) -> Outcome:
+    new.status, new.phase = Status.RUNNING, "agent"
+    new.container_id, new.started_at = h.container_id, now
+    new.finished_at = new.exit_code = new.reason = new.question = None
+    return Outcome(new, [(EventKind.STARTED, {"container_id": h.container_id})])
+
+
+def _qa_started(new: WorkspaceRecord, h: QaStarted | QaLaunchFailed, now: str) -> Outcome:
+    assert new.qa is not None
+    if isinstance(h, QaStarted):
+        new.container_id = h.container_id
+        new.qa.state, new.qa.started_at, new.qa.timeout_seconds = "running", h.started_at, h.timeout_seconds
+        return Outcome(new)
+    new.phase = "agent"
+    new.qa.state, new.qa.reason = "failed", f"the gate could not start: {h.reason}"
+    reason = f"the QA gate could not start: {h.reason}. Fix that, then call agentic_resume to run it again."
+    return _end(new, Status.FAILED, reason, now)
+
+
+def _vanished(new: WorkspaceRecord, h: Vanished, now: str) -> Outcome:
+    what = "QA gate" if new.phase == "qa" else "agent"
+    new.phase = "agent"
+    reason = (
+        f"the {what} container {h.container_id[:12]} vanished (removed outside agentic-dispatch); "
+        "its work so far is in the workspace. Resume to run again."
+    )
+    return _end(new, Status.FAILED, reason, now)
 
 
 def _resumed(new: WorkspaceRecord, h: Resumed) -> Outcome | None:

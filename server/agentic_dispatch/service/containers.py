@@ -1,22 +1,20 @@
-"""Small helpers the service parts share: times, the log tail, container-side URLs, and who the
-agent runs as (its uid, the folders handed to it, git commands a person runs in its clone)."""
+"""The containers of runs as the service builds them: who the agent runs as (its uid, the folders
+handed to it, git commands a person runs in its clone), container-side URLs, and the spec of one
+job's container (the agent's or the QA gate's)."""
 
 from __future__ import annotations
 
 import os
-from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from .. import safefs
 from ..agents import CONTAINER_WORKDIR
 from ..config import Settings
-from ..errors import UnsafePathError
 from ..gitops import safe_directory
 from ..models import WorkspaceRecord
 from ..naming import slugify
 from ..runtime.base import LABEL_AGENT, LABEL_ROOT, LABEL_RUN, LABEL_WORKSPACE, ContainerSpec, Mount
-from ..store import WorkspacePaths
 
 __all__ = [
     "AGENT_UID",
@@ -26,9 +24,6 @@ __all__ = [
     "container_url",
     "git_in",
     "hand_over",
-    "log_tail",
-    "parse_time",
-    "run_deadline",
 ]
 
 # Set on the QA gate's container (the agent's carries none): same workspace and run, another job.
@@ -70,33 +65,6 @@ def git_in(repo: Path) -> str:
     if agent_owner()[0] == os.geteuid():
         return f"git -C {repo}"
     return f"git -c {safe_directory(repo)} -C {repo}"
-
-
-def parse_time(ts: str | None) -> float | None:
-    """An ISO timestamp from a record as epoch seconds (``None`` stays ``None``)."""
-    if not ts:
-        return None
-    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
-
-
-def run_deadline(rec: WorkspaceRecord) -> tuple[float, str] | None:
-    """When the running job of ``rec`` (the agent, or the QA gate) times out, and the reason to give."""
-    if rec.phase == "qa" and rec.qa is not None and rec.qa.started_at and rec.qa.timeout_seconds:
-        started, limit, what = parse_time(rec.qa.started_at), rec.qa.timeout_seconds, "the QA gate timed out"
-    else:
-        started, limit, what = parse_time(rec.started_at), rec.timeout_seconds, "timed out"
-    if started is None:
-        return None
-    return started + limit, f"{what} after {limit} s; the container was stopped and the log so far kept"
-
-
-def log_tail(ws: WorkspacePaths, base: str, lines: int) -> str:
-    """The last ``lines`` lines of the agent's log (the logs folder is writable by the agent)."""
-    try:
-        data = safefs.tail_text(ws.logs, ws.log(base), 64 * 1024) or ""
-    except UnsafePathError as e:
-        return f"(the log cannot be shown: {e})"
-    return "\n".join(data.splitlines()[-lines:])
 
 
 def container_url(url: str) -> str:

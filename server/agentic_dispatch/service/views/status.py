@@ -8,17 +8,16 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from ..agents import agent_base
-from ..credentials import redact
-from ..errors import CorruptRecordError, InvalidInputError, WorkspaceNotFoundError
-from ..models import ACTIVE_STATUSES, PoolHoldRow, Status, StatusReport, WorkspaceRecord, WorkspaceRow
-from ..scheduler import Scheduler
-from ..store import Listed, StatusStore
-from .catalog import AgentCatalog
-from .common import log_tail
-from .delivery import ResultDelivery
-from .drain import QueueDrainer
-from .recovery import Recovery
+from ...agents import agent_base
+from ...credentials import redact
+from ...errors import CorruptRecordError, InvalidInputError, WorkspaceNotFoundError
+from ...models import ACTIVE_STATUSES, PoolHoldRow, Status, StatusReport, WorkspaceRecord, WorkspaceRow
+from ...scheduler import Scheduler
+from ...store import Listed, StatusStore, log_tail
+from ..catalog import AgentCatalog
+from ..delivery import ResultDelivery
+from ..runs.launch import QueueDrainer
+from ..runs.recovery import Recovery
 
 __all__ = ["Reports"]
 

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import json
 
-from ..agents import agent_base
-from ..credentials import redact
-from ..errors import InvalidInputError, UnsafePathError
-from ..models import DiffResult, LogsResult
-from ..naming import check_git_ref
-from ..safefs import read_range
-from ..store import StatusStore
-from ..workspace import bounded_git
-from .catalog import AgentCatalog
+from ...agents import agent_base
+from ...credentials import redact
+from ...errors import InvalidInputError, UnsafePathError
+from ...models import DiffResult, LogsResult
+from ...naming import check_git_ref
+from ...safefs import read_range
+from ...store import StatusStore
+from ...workspace import bounded_git
+from ..catalog import AgentCatalog
 
-__all__ = ["MAX_REPLY_BYTES", "Inspector"]
+__all__ = [
+    "MAX_REPLY_BYTES",
+    "MAX_TAIL_LINES",
+    "Inspector",
+]
 
 # Every reply stays under 64 KiB. A tool's result travels twice (the structured content and its
 # text copy), each JSON-encoded: the text of a reply fits in this, escapes included.

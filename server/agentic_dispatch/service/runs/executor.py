@@ -22,17 +22,16 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Literal
 
-from .. import safefs
-from ..agents import RUN_HEADER, agent_base
-from ..credentials import redact
-from ..errors import DispatchError, LaunchError, RuntimeUnavailableError, StateError, UnsafePathError
-from ..models import Event, RunSummary, Status, WorkspaceRecord, utcnow
-from ..runtime.base import Runtime
-from ..scheduler import Scheduler
-from ..store import StatusStore, WorkspacePaths
-from .catalog import AgentCatalog
-from .common import log_tail, parse_time
-from .delivery import ResultDelivery
+from ... import safefs
+from ...agents import RUN_HEADER, agent_base
+from ...credentials import redact
+from ...errors import DispatchError, LaunchError, RuntimeUnavailableError, StateError, UnsafePathError
+from ...models import Event, RunSummary, Status, WorkspaceRecord, parse_time, utcnow
+from ...runtime.base import Runtime
+from ...scheduler import Scheduler
+from ...store import StatusStore, WorkspacePaths, log_tail
+from ..catalog import AgentCatalog
+from ..delivery import ResultDelivery
 from .lifecycle import (
     CountFailure,
     Dispatched,

@@ -1,0 +1,1 @@
+"""Intake: a request becomes a validated, staged, queued workspace; a resume, the next queued run."""
