@@ -160,7 +160,12 @@ class Intake:
             try:
                 staging.rename(target.dir)
             except OSError as e:
-                raise InvalidInputError("workspace", f"{name} was created by another dispatch just now.") from e
+                if target.dir.exists():
+                    raise InvalidInputError("workspace", f"{name} was created by another dispatch just now.") from e
+                raise StateError(
+                    f"the workspace {name} could not be moved into place ({e.strerror or e}); nothing was kept. "
+                    "Free disk space or fix the permissions of the root, then dispatch again."
+                ) from e
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         self.runs.commit_new(record)  # the record and its event, or the folder removed and an error
@@ -189,7 +194,10 @@ class Intake:
     ) -> tuple[WorkspaceRecord, str]:
         """Clone and write the first run's files into the staging folder ``ws``; the record to commit."""
         task = req.task.strip()
-        branch, base_branch = clone_workspace(mirror, ws.repo, ref.fetch_url, req.branch, slugify(task))
+        # The workspace's own name leads the branch's: two workspaces of one repository (the same task
+        # to three agents) never share a branch, so no delivery can overwrite another's.
+        branch_slug = slugify(f"{name.rsplit('/', 1)[-1]}-{task}", 80)
+        branch, base_branch = clone_workspace(mirror, ws.repo, ref.fetch_url, req.branch, branch_slug)
         record = new_record(
             name=name,
             agent=str(spec),
