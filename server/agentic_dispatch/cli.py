@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -90,9 +91,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
         if not sep:
             raise InvalidInputError("--var", f"{item!r} is not NAME=VALUE")
         variables[key] = value
-    task = args.task
-    if task == "-":
-        task = sys.stdin.read()
+    task = _read_stdin_task() if args.task == "-" else args.task
     req = DispatchRequest(
         repo=args.repo,
         task=task,
@@ -120,6 +119,25 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
         return 0 if rec.status == "completed" else 1
     _emit(result, args.json)
     return 0
+
+
+def _read_stdin_task() -> str:
+    """The task from stdin, read as bytes and decoded as UTF-8 (the text stream would turn bad bytes
+    into surrogates that fail much later, far from the cause).
+
+    Raises:
+        InvalidInputError: stdin is not UTF-8 text.
+    """
+    if sys.stdin is None:  # started with stdin closed
+        raise InvalidInputError("task", "is '-', which reads it from stdin, and this process has no stdin.")
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidInputError(
+            "task",
+            f"stdin is not UTF-8 text ({e.reason} at byte {e.start}). Convert it first, e.g. `iconv -t UTF-8`.",
+        ) from e
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -215,10 +233,62 @@ def build_parser() -> argparse.ArgumentParser:
     _add_queue_commands(sub)
     _add_setup_commands(sub)
     add_watch_commands(sub, _dispatcher)
+    _text_is_utf8(p)
     return p
 
 
+def _text_is_utf8(parser: argparse.ArgumentParser) -> None:
+    """Give every text argument of ``parser`` and its subcommands the :func:`_utf8` type."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _text_is_utf8(subparser)
+        elif action.type is None and action.nargs != 0:
+            action.type = _utf8
+
+
 _Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+# Argument types: each argument is checked once, here, so bad input exits 2 before anything is read,
+# written or started (a negative --wait used to dispatch for real and then fail).
+def _utf8(text: str) -> str:
+    # Python hands argv bytes that are not UTF-8 over as lone surrogates; records, prompts and the
+    # JSON output cannot hold them, and they would fail far from here with a traceback.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = text.encode("utf-8", "surrogateescape")
+        raise argparse.ArgumentTypeError(f"is not UTF-8 text: {shown!r}") from None
+    return text
+
+
+def _whole_number(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def _count(text: str) -> int:
+    return _whole_number(text, 0)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text!r}")
+    return value
 
 
 def _add_serve(sub: _Sub) -> None:
@@ -250,12 +320,12 @@ def _add_dispatch(sub: _Sub) -> None:
     d.add_argument("--plan")
     d.add_argument("--var", action="append", metavar="NAME=VALUE")
     d.add_argument("--persona")
-    d.add_argument("--issue", type=int)
-    d.add_argument("--pr", type=int)
+    d.add_argument("--issue", type=_positive)
+    d.add_argument("--pr", type=_positive)
     d.add_argument("--branch")
     d.add_argument("--tag")
     d.add_argument("--priority", choices=[p.value for p in Priority], default="normal")
-    d.add_argument("--timeout", type=int, help="seconds")
+    d.add_argument("--timeout", type=_positive, help="seconds (default: timeout_seconds in the config)")
     d.add_argument("--idempotency-key")
     d.add_argument("--dry-run", action="store_true")
     d.add_argument(
@@ -264,7 +334,7 @@ def _add_dispatch(sub: _Sub) -> None:
         default=None,
         help="run the repository's tests after the agent ends completed (default: [qa] enabled in the config)",
     )
-    d.add_argument("--wait", type=float, metavar="SECONDS", help="wait up to this long for the run to finish")
+    d.add_argument("--wait", type=_seconds, metavar="SECONDS", help="wait up to this long for the run to finish")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_dispatch)
 
@@ -273,8 +343,8 @@ def _add_workspace_commands(sub: _Sub) -> None:
     st = sub.add_parser("status", help="show workspaces")
     st.add_argument("workspace", nargs="?")
     st.add_argument("--status")
-    st.add_argument("--limit", type=int, default=50)
-    st.add_argument("--log-lines", type=int, default=0)
+    st.add_argument("--limit", type=_positive, default=50)
+    st.add_argument("--log-lines", type=_count, default=0)
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
 
@@ -309,7 +379,7 @@ def _add_queue_commands(sub: _Sub) -> None:
     sy.add_argument("workspace", nargs="?")
     sy.add_argument("--force", action="store_true", help="the branch may overwrite a different one of its name")
     sy.add_argument(
-        "--wait", type=float, default=0.0, metavar="SECONDS", help="keep retrying what is pending up to this long"
+        "--wait", type=_seconds, default=0.0, metavar="SECONDS", help="keep retrying what is pending up to this long"
     )
     sy.add_argument("--json", action="store_true")
     sy.set_defaults(func=cmd_sync)
@@ -336,7 +406,10 @@ def _add_setup_commands(sub: _Sub) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or a bad argument (2; argparse has said why on stderr)
+        return e.code if isinstance(e.code, int) else 2
     try:
         return int(args.func(args))
     except ConfigError as e:
