@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import anyio
 import docker
@@ -94,15 +94,80 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def serve_process(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """`agentic-dispatch serve` on stdio, kept alive by an open stdin (as an MCP host would)."""
-    return subprocess.Popen(
+SERVE_READY = "serving MCP over"  # what `serve` logs once its stop-signal handlers are in place
+
+
+class ServeLog:
+    """What a `serve` subprocess writes to stderr, read as it comes (a full pipe would stall the server)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.ended = False
+        self._changed = threading.Condition()
+
+    def read(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            with self._changed:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self.ended = True
+            self._changed.notify_all()
+
+    def wait_for(self, text: str, timeout: float) -> str:
+        """The first line containing ``text``; fails when the server's stderr ends or ``timeout`` passes first."""
+
+        def found() -> str | None:
+            return next((line for line in self.lines if text in line), None)
+
+        with self._changed:
+            self._changed.wait_for(lambda: found() is not None or self.ended, timeout)
+            line, tail = found(), "\n".join(self.lines[-30:])
+        assert line is not None, f"serve never logged {text!r} ({'it ended' if self.ended else f'{timeout}s'}):\n{tail}"
+        return line
+
+
+_serving: list[tuple[subprocess.Popen[bytes], threading.Thread]] = []
+
+
+def spawn_serve(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], ServeLog]:
+    """`agentic-dispatch serve` on stdio, kept alive by an open stdin (as an MCP host would), and its
+    stderr. Returns at once; the server is stopped and its pipes closed after the test."""
+    proc = subprocess.Popen(
         [sys.executable, "-m", "agentic_dispatch", "serve"],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         env=env,
     )
+    log = ServeLog()
+    assert proc.stderr is not None
+    reader = threading.Thread(target=log.read, args=(proc.stderr,), daemon=True)
+    reader.start()
+    _serving.append((proc, reader))
+    return proc, log
+
+
+def serve_process(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """:func:`spawn_serve`, returned once the server says it is ready: a stop signal sent next is handled."""
+    proc, log = spawn_serve(env)
+    log.wait_for(SERVE_READY, 60)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _stop_serve_processes() -> Iterator[None]:
+    """A server a test spawned does not outlive it (also when the test fails), nor leave its pipes open."""
+    yield
+    while _serving:
+        proc, reader = _serving.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+        reader.join(30)
+        for pipe in (proc.stdin, proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def git(cwd: Path, *args: str) -> str:

@@ -45,6 +45,26 @@ def _print_status(report: StatusReport, as_json: bool) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # The stop signals are handled first, before the MCP SDK's import and the settings: a signal that
+    # arrives while the server starts ends it cleanly too (exit 0), with no service to close yet.
+    made: list[Dispatcher] = []
+
+    def shutdown(signum: int, frame: object) -> None:
+        # Stop the background threads and leave at once. Running containers keep running and are
+        # reconciled on the next start; every record write is atomic, so nothing is left half-written.
+        log.info("%s: shutting down; running agents keep running", signal.Signals(signum).name)
+        for d in made:
+            d.close(timeout=2)
+        logging.shutdown()
+        os._exit(0)
+
+    stop_signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in stop_signals:
+        signal.signal(sig, shutdown)
+    # A parent may spawn the server with these blocked, so that a stop it sends at once is held for the
+    # handlers instead of killing the interpreter while it starts; the handlers are in place now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+
     from .mcp_server import build_server, run_http  # only this command needs the MCP SDK
 
     settings, paths = load_settings(Path(args.config) if args.config else None)  # fail fast on a bad config
@@ -60,27 +80,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config_file=paths.config_file,
         )
     logging.getLogger().setLevel(settings.log_level)
-    made: list[Dispatcher] = []
 
     def make() -> Dispatcher:
         made.append(_dispatcher(args))
         return made[0]
 
-    def shutdown(signum: int, frame: object) -> None:
-        # Stop the background threads and leave at once. Running containers keep running and are
-        # reconciled on the next start; every record write is atomic, so nothing is left half-written.
-        log.info("signal %s: shutting down; running agents keep running", signum)
-        for d in made:
-            d.close(timeout=2)
-        logging.shutdown()
-        os._exit(0)
-
-    signal.signal(signal.SIGTERM, shutdown)
-    signal.signal(signal.SIGINT, shutdown)
+    server = build_server(make) if http is None else build_server(make, token=http.token, issuer_url=http.url)
+    # Readiness, for whoever started the server (tests wait for this line rather than guess).
+    log.info("serving MCP over %s; SIGTERM or SIGINT stops the server", args.transport)
     if http is None:
-        build_server(make).run("stdio")
+        server.run("stdio")
     else:
-        run_http(build_server(make, token=http.token, issuer_url=http.url), http)
+        run_http(server, http)
     return 0
 
 
