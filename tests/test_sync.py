@@ -793,18 +793,18 @@ def test_a_server_killed_mid_flush_loses_nothing_and_the_retry_carries_the_same_
     settings = sync_settings(endpoint)
     box = Outbox(tmp_path / "state", settings)
     eid = enqueue_record(box, now=0.0)
-    proc = subprocess.Popen(
+    with subprocess.Popen(  # leaving the block closes its pipes
         [sys.executable, "-c", _KILLED_FLUSH, str(tmp_path / "state"), endpoint.url],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "server")},
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == b"posted\n"
-        assert box.flush(poster(settings).deliver, now=1.0).busy == [eid]  # still held by the other server
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(WAIT)
+    ) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == b"posted\n"
+            assert box.flush(poster(settings).deliver, now=1.0).busy == [eid]  # still held by the other server
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(WAIT)
 
     (entry,) = box.entries()
     assert entry.attempts == 0 and not box.is_delivered(WS, 1, "record")
