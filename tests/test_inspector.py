@@ -12,7 +12,9 @@ from pathlib import Path
 INSPECTOR = "@modelcontextprotocol/inspector@0.15.0"
 
 
-def test_mcp_inspector_cli_lists_the_four_tools_with_schemas(isolated_home: Path) -> None:
+def test_mcp_inspector_cli_lists_dispatch_status_resume_and_sync_with_input_and_output_schemas(
+    isolated_home: Path,
+) -> None:
     npx = shutil.which("npx")
     assert npx, "npx (Node.js) is needed to run the MCP Inspector; install Node.js"
     proc = subprocess.run(
