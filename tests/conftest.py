@@ -39,6 +39,19 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+# A port nothing listens on: the engine is "unreachable" at once (connection refused).
+NO_ENGINE = "tcp://127.0.0.1:9"
+
+
+@pytest.fixture
+def no_engine(monkeypatch: pytest.MonkeyPatch) -> str:
+    """No container engine for this test (and the CLI processes it starts): ``DOCKER_HOST`` points
+    nowhere. For what must work without one: status, the CLI table, the index."""
+    monkeypatch.setenv("DOCKER_HOST", NO_ENGINE)
+    monkeypatch.delenv("DOCKER_CONTEXT", raising=False)
+    return NO_ENGINE
+
+
 @pytest.fixture(scope="session")
 def docker_client() -> docker.DockerClient:
     try:
@@ -309,3 +322,14 @@ def endpoint() -> Iterator[Endpoint]:
     yield ep
     server.shutdown()
     server.server_close()
+
+
+ENGINE_FIXTURES = {"docker_client", "agent_image", "docker_env", "second_engine"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that asks for the engine through a fixture carries the ``docker`` marker, so
+    ``-m "not docker"`` runs exactly the tests that need no engine (also with none reachable)."""
+    for item in items:
+        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.docker)

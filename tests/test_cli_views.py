@@ -31,7 +31,8 @@ def _cli(*args: str, columns: int = 160) -> str:
 
 
 @pytest.fixture
-def known(docker_env: str) -> StatusStore:
+def known(no_engine: str) -> StatusStore:
+    """Records of every kind, and no engine reachable: the table never needs one."""
     _, paths = load_settings()
     store = StatusStore(paths.workspaces, paths.events)
     for name, (status, question, said) in KNOWN.items():

@@ -11,7 +11,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import docker
 import pytest
 
 from agentic_dispatch.config import load_settings
@@ -41,9 +40,10 @@ def _record(i: int, status: Status = Status.COMPLETED) -> WorkspaceRecord:
 
 
 @pytest.fixture
-def svc(docker_env: str, docker_client: docker.DockerClient) -> Iterator[Dispatcher]:
+def svc(no_engine: str) -> Iterator[Dispatcher]:
+    """A service over 40 records, with no engine reachable: status and the index never need one."""
     settings, paths = load_settings()
-    service = Dispatcher(settings, paths, DockerRuntime(docker_client))
+    service = Dispatcher(settings, paths, DockerRuntime())
     for i in range(40):
         service.store.create(_record(i, STATUSES[i % len(STATUSES)]))
     yield service

@@ -15,7 +15,7 @@ import docker
 import pytest
 
 from agentic_dispatch.config import load_settings
-from agentic_dispatch.models import DispatchRequest, Priority, Status
+from agentic_dispatch.models import DispatchRequest, Priority, Status, parse_time
 from agentic_dispatch.runtime.base import LABEL_ROOT, LABEL_RUN, LABEL_WORKSPACE
 from agentic_dispatch.runtime.docker import DockerRuntime
 from agentic_dispatch.service import Dispatcher
@@ -98,14 +98,11 @@ def test_a_five_second_timeout_fails_a_sleeping_task_with_the_reason_in_under_te
 ) -> None:
     svc = new_dispatcher(docker_client)
     try:
-        t0 = time.monotonic()
         res = svc.dispatch(shell(user_repo, "echo started; sleep 60", timeout_seconds=5))
-        rec = svc.wait(res.workspace, 15)
-        elapsed = time.monotonic() - t0
+        rec = svc.wait(res.workspace, 10)  # the bound: still running after it, the assertion below fails
     finally:
         svc.close()
     assert rec.status == Status.FAILED and "timed out after 5 s" in (rec.reason or "")
-    assert elapsed < 10, elapsed
     assert "started" in Path(res.log_path).read_text(encoding="utf-8"), "the log so far is kept"
 
 
@@ -367,15 +364,16 @@ def test_pacing_keeps_the_minimum_gap_between_two_starts_of_a_pool_and_shows_the
     svc = new_dispatcher(docker_client)
     try:
         first = svc.dispatch(shell(user_repo, "true"))
-        t_first = time.time()
         second = svc.dispatch(shell(user_repo, "true"))
         assert (first.status, second.status) == ("running", "queued")
         hold = next(h for h in svc.status().holds if h.pool == "shell")
         assert hold.reason.startswith("pacing: 3 s")
         wait_for(lambda: svc.store.read(second.workspace).status != Status.QUEUED, 20, "the paced start")
-        t_second = time.time()
-        assert t_second - t_first >= 3 - 0.2, f"started {t_second - t_first:.1f}s after the first"
         assert svc.wait(second.workspace, 60).status == Status.COMPLETED
+        # the gap as the records hold it (whole seconds): what the scheduler did, not when the test looked
+        started = [parse_time(svc.store.read(r.workspace).started_at) for r in (first, second)]
+        assert started[0] is not None and started[1] is not None
+        assert started[1] - started[0] >= 3 - 1, started
     finally:
         svc.close()
 

@@ -4,7 +4,6 @@ containers and real git."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from agentic_dispatch.models import Change, DispatchRequest, Status
@@ -32,11 +31,10 @@ def test_watch_returns_at_the_first_change_of_many_and_a_chained_cursor_misses_n
 
     _go(a.repo_path)
     seen: list[Change] = []
-    t0 = time.monotonic()
-    first = dispatcher.watch(None, 20.0, quiet.cursor, on_change=seen.append)
-    waited = time.monotonic() - t0
+    first = dispatcher.watch(None, 10.0, quiet.cursor, on_change=seen.append)  # 10 s: the bound
+    assert not first.timed_out, "it returned at the change, not at its timeout"
     assert [(c.workspace, c.kind) for c in first.changes] == [(a.workspace, "completed")], first
-    assert seen == first.changes and waited < 10, waited
+    assert seen == first.changes
 
     _go(b.repo_path)  # between two watches
     assert dispatcher.wait(b.workspace, 30).status == Status.FAILED

@@ -12,7 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["ContainerInfo", "ContainerSpec", "ExitEvent", "Mount", "Runtime"]
+__all__ = [
+    "LABEL_AGENT",
+    "LABEL_PREFIX",
+    "LABEL_ROOT",
+    "LABEL_RUN",
+    "LABEL_WORKSPACE",
+    "ContainerInfo",
+    "ContainerSpec",
+    "ExitEvent",
+    "Mount",
+    "Runtime",
+]
 
 LABEL_PREFIX = "agentic-dispatch"
 LABEL_ROOT = f"{LABEL_PREFIX}.root"
