@@ -324,6 +324,24 @@ def endpoint() -> Iterator[Endpoint]:
     server.server_close()
 
 
+# -- a second Docker engine (tests/engines.py) ---------------------------------------------
+from . import engines  # noqa: E402  (kept with its fixtures: this section is appended as a unit)
+
+
+@pytest.fixture(scope="session")
+def engine_template(docker_client: docker.DockerClient, agent_image: str) -> engines.EngineTemplate:
+    """Every second engine starts from a clone of it (made once per agent image, about 25 s)."""
+    return engines.engine_template(docker_client, agent_image)
+
+
+@pytest.fixture
+def second_engine(engine_template: engines.EngineTemplate) -> Iterator[engines.SecondEngine]:
+    """A Docker engine of this test's own, which it may stop, kill, freeze and start again; its shell
+    image is ``engine.image``. Torn down after the test, also when it fails."""
+    with engines.second_engine(engine_template) as engine:
+        yield engine
+
+
 ENGINE_FIXTURES = {"docker_client", "agent_image", "docker_env", "second_engine"}
 
 
