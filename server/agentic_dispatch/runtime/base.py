@@ -85,7 +85,15 @@ class ExitEvent:
 
 
 class Runtime(Protocol):
-    """A container backend."""
+    """A container backend.
+
+    Its errors are the project's own: every method raises
+    :class:`~agentic_dispatch.errors.RuntimeUnavailableError` when the backend cannot be reached
+    or does not answer within a short bound (a start or a throw-away run may take longer), never
+    its client library's or a socket's exceptions; :meth:`start` raises
+    :class:`~agentic_dispatch.errors.LaunchError` when the backend refuses that one container, and
+    leaves none of it behind.
+    """
 
     def check(self) -> None:
         """Raise :class:`RuntimeUnavailableError` when the backend cannot be reached."""
