@@ -85,3 +85,25 @@ def test_an_idempotency_key_reused_for_other_work_is_refused_naming_what_differs
         dispatcher.dispatch(_shell(user_repo, "echo other", idempotency_key="job-1"))
     assert first.workspace in str(refused.value) and "new key" in str(refused.value)
     assert len([i for i in dispatcher.store.list() if i.record]) == 1, "nothing new was made"
+
+
+def test_a_force_never_overwrites_a_branch_delivered_for_another_workspace(
+    dispatcher: Dispatcher, user_repo: Path
+) -> None:
+    """Workspaces made before branches were unique per workspace can share one; the force the
+    attention advised replaced the first agent's delivered branch, leaving its commit on no branch."""
+    first, second = (dispatcher.dispatch(_shell(user_repo, COMMIT)).workspace for _ in range(2))
+    for name in (first, second):
+        assert dispatcher.wait(name, 60).status == Status.COMPLETED
+    shared = dispatcher.store.read(first).branch
+    assert dispatcher.sync(first).delivered == [first]
+    delivered = git(user_repo, "rev-parse", f"refs/heads/{shared}")
+    clone = dispatcher.store.paths(second).repo  # as an older server named it: the same branch
+    git(clone, "-c", f"safe.directory={clone}", "branch", "-m", dispatcher.store.read(second).branch, shared)
+    dispatcher.store.update(second, lambda r: setattr(r, "branch", shared))
+
+    attention = dispatcher.sync(second)
+    assert attention.attention == [second], attention.message
+    with pytest.raises(StateError, match=rf"holds the delivery of {first}"):
+        dispatcher.sync(second, force=True)
+    assert git(user_repo, "rev-parse", f"refs/heads/{shared}") == delivered

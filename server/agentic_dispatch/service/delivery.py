@@ -14,10 +14,19 @@ import threading
 import time
 
 from ..config import Paths, SyncSettings
-from ..errors import CorruptRecordError, InvalidInputError, WorkspaceNotFoundError
+from ..errors import CorruptRecordError, InvalidInputError, StateError, WorkspaceNotFoundError
 from ..models import ACTIVE_STATUSES, Delivery, Event, EventKind, Status, SyncReport, WorkspaceRecord
 from ..store import StatusStore
-from ..sync import GitDeliverer, Outbox, OutboxEntry, Outcome, RecordPoster, delivery_target, record_payload
+from ..sync import (
+    GitDeliverer,
+    Outbox,
+    OutboxEntry,
+    Outcome,
+    RecordPoster,
+    delivery_target,
+    record_payload,
+    redact_url,
+)
 from ..sync import view_commands as delivery_view_commands
 
 __all__ = ["ResultDelivery"]
@@ -134,12 +143,15 @@ class ResultDelivery:
         Raises:
             WorkspaceNotFoundError: ``workspace`` does not exist.
             InvalidInputError: ``force`` without a workspace, or a negative ``wait``.
+            StateError: ``force`` where the branch holds another workspace's delivery.
         """
         if wait < 0:
             raise InvalidInputError("wait", "must be 0 or more seconds.")
         if force and workspace is None:
             raise InvalidInputError("force", "needs a workspace: name the one whose branch may overwrite theirs.")
         records = [self.store.read(workspace)] if workspace is not None else self._finished_records()
+        if force:
+            self._check_force(records[0])
         for rec in records:
             self.enqueue_run(rec, force=force)
         if workspace is not None:
@@ -157,6 +169,26 @@ class ResultDelivery:
             why = "it is still running" if rec.status in ACTIVE_STATUSES else self._nothing_to_deliver(rec)
             report.message = f"{workspace}: nothing to deliver ({why})."
         return report
+
+    def _check_force(self, rec: WorkspaceRecord) -> None:
+        """A force may overwrite a branch of the user's, never one this server delivered for another
+        workspace: that would leave the other agent's delivered commit on no branch.
+
+        Raises:
+            StateError: the branch holds another workspace's delivery, named with what to do.
+        """
+        try:
+            remote = redact_url(delivery_target(rec)[0])
+        except InvalidInputError:
+            return  # the delivery itself will say what is wrong with the record
+        for row in self.outbox.rows():
+            d = row.delivery
+            if row.kind == "git" and row.workspace != rec.name and d and (d.remote, d.branch) == (remote, rec.branch):
+                raise StateError(
+                    f"{rec.branch} in {remote} holds the delivery of {row.workspace} (commit {d.commit[:12]}, "
+                    f"{d.at}); a force would leave that agent's work on no branch. Compare the two, then rename "
+                    f"or delete that branch there yourself if this one should take its place."
+                )
 
     def _next_due(self, workspace: str | None) -> float | None:
         due = [e.next_attempt_at for e in self.outbox.entries(workspace) if e.state == "pending"]
