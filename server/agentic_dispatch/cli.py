@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import TypeAlias
 from .cli_views import emit, print_status
 from .cli_watch import add_watch_commands
 from .config import load_settings
-from .errors import ConfigError, DispatchError, InvalidInputError, WorkspaceNotFoundError
+from .errors import ConfigError, DispatchError, InvalidInputError, WorkspaceNotFoundError, describe_state_failure
 from .http_auth import plan_http
 from .models import DispatchRequest, Priority, StatusReport
 from .runtime.docker import DockerRuntime
@@ -431,6 +432,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except DispatchError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, sqlite3.Error) as e:  # the disk under the server (full, read-only): no traceback
+        print(f"error: {describe_state_failure(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -20,6 +20,7 @@ translated at the module that calls the library, with ``raise ... from e``.
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "StateError",
     "UnsafePathError",
     "WorkspaceNotFoundError",
+    "describe_state_failure",
 ]
 
 
@@ -132,3 +134,15 @@ class UnsafePathError(DispatchError):
     def __init__(self, path: Path, problem: str) -> None:
         super().__init__(f"{path} {problem}. Remove it (the agent made it inside its workspace), then try again.")
         self.path = path
+        self.problem = problem
+
+
+def describe_state_failure(e: OSError | sqlite3.Error) -> str:
+    """What a front end says when the file system fails under the server (a full disk, a folder
+    made read-only, the index's database full): what happened, and what to do."""
+    what = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
+    return (
+        f"the server could not read or write its own files: {what}{where}. Free disk space, or fix the "
+        "permissions of the agentic-dispatch root, then try again; nothing was lost."
+    )

@@ -19,7 +19,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
 
-from .errors import DispatchError
+from .errors import DispatchError, describe_state_failure
 
 __all__ = ["register_tool", "tool_error"]
 
@@ -31,12 +31,7 @@ def tool_error(e: Exception) -> ToolError | None:
     if isinstance(e, DispatchError):
         return ToolError(str(e))
     if isinstance(e, OSError | sqlite3.Error):
-        what = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
-        return ToolError(
-            f"the server could not read or write its own files: {what}{where}. Free disk space, or fix the "
-            "permissions of the agentic-dispatch root, then call again; nothing was lost."
-        )
+        return ToolError(describe_state_failure(e))
     return None
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sqlite3
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -178,18 +179,18 @@ async def _watch_many(
     def on_change(change: Change) -> None:  # on the worker thread: hand it to the event loop
         anyio.from_thread.run(progress.send, describe(change))
 
-    def watch() -> WatchResult | DispatchError:
+    def watch() -> WatchResult | Exception:
         try:
             return svc.watch(names, timeout, cursor, on_change)
-        except DispatchError as e:  # handed back, not raised: an abandoned thread must not raise into the loop
-            return e
+        except (DispatchError, OSError, sqlite3.Error) as e:
+            return e  # handed back, not raised inside the task group (it would come out as a group)
 
     what = f"{len(names)} workspace(s)" if names else "everything queued or running"
     async with anyio.create_task_group() as tg:
         tg.start_soon(progress.heartbeat, f"watching {what}: no change yet")
         outcome = await anyio.to_thread.run_sync(watch, abandon_on_cancel=True)  # read-only: a cancel frees at once
         tg.cancel_scope.cancel()
-    if isinstance(outcome, DispatchError):
+    if isinstance(outcome, Exception):
         raise outcome
     return outcome
 

@@ -36,6 +36,7 @@ from .naming import contained, split_workspace_name
 __all__ = ["Listed", "StatusStore", "WorkspacePaths", "log_tail"]
 
 STATUS_FILE = "status.json"
+MAX_RECORD_BYTES = 4 << 20  # a record is a few KiB; the summary and the question are bounded
 
 log = logging.getLogger(__name__)
 
@@ -156,11 +157,32 @@ class StatusStore:
             CorruptRecordError: the file exists but is not a valid record.
         """
         path = self.paths(name).status
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError as e:
-            raise WorkspaceNotFoundError(name) from e
+        data = self._read_file(path)
+        if data is None:
+            raise WorkspaceNotFoundError(name)
         return self._parse(path, data)
+
+    @staticmethod
+    def _read_file(path: Path) -> bytes | None:
+        """The bytes of a record file (``None``: there is none). Only a regular file of at most
+        :data:`MAX_RECORD_BYTES` is read, without following a link and without waiting on a FIFO:
+        a record replaced by a folder, a link or a pipe is reported, never a hang or a traceback.
+
+        Raises:
+            CorruptRecordError: something other than such a file is there, or it cannot be read.
+        """
+        try:
+            got = safefs.read_range(path.parent, path, 0, MAX_RECORD_BYTES + 1)
+        except UnsafePathError as e:
+            raise CorruptRecordError(path, e.problem) from e
+        except OSError as e:
+            raise CorruptRecordError(path, f"cannot be read: {e.strerror or e}") from e
+        if got is None:
+            return None
+        data, _, size = got
+        if size > MAX_RECORD_BYTES:
+            raise CorruptRecordError(path, f"is {size} bytes; a record is at most {MAX_RECORD_BYTES}")
+        return data
 
     @staticmethod
     def _parse(path: Path, data: bytes) -> WorkspaceRecord:
@@ -286,9 +308,9 @@ class StatusStore:
             rel = status_file.parent.relative_to(self.root)
             name = "/".join(rel.parts)
             try:
-                out.append(Listed(name, self._parse(status_file, status_file.read_bytes())))
+                data = self._read_file(status_file)
+                if data is not None:
+                    out.append(Listed(name, self._parse(status_file, data)))
             except CorruptRecordError as e:
                 out.append(Listed(name, None, e))
-            except OSError as e:
-                out.append(Listed(name, None, CorruptRecordError(status_file, e.strerror or str(e))))
         return out

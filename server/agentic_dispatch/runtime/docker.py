@@ -95,6 +95,8 @@ def _is_timeout(e: BaseException) -> bool:
     seen: set[int] = set()
     cause: BaseException | None = e
     while cause is not None and id(cause) not in seen:  # docker-py wraps what requests raised
+        if isinstance(cause, urllib3.exceptions.NewConnectionError):
+            return False  # refused or unresolvable: urllib3 derives it from ConnectTimeoutError all the same
         if isinstance(cause, _TIMEOUTS):
             return True
         seen.add(id(cause))
