@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -193,3 +194,25 @@ def test_an_idempotency_key_is_found_through_the_index_and_checked_against_the_r
     data["idempotency_key"] = "another"
     _write_behind_the_index(svc.store, WorkspaceRecord.model_validate(data))
     assert svc.store.with_key("key-5") is None, "a stale index row never stands in for the record"
+
+
+def test_a_workspace_made_behind_the_index_just_after_a_status_is_seen_by_the_next_one(svc: Dispatcher) -> None:
+    """Status lists only repository folders whose mtime moved; one changed in the same clock tick as
+    the last listing keeps its mtime, so such a listing is never trusted."""
+    repo_dir = svc.paths.workspaces / "org" / "repo1"
+    os.utime(repo_dir, ns=(time.time_ns(), time.time_ns()))
+    svc.status()
+    listed = repo_dir.stat().st_mtime_ns
+    new = _record(41, Status.BLOCKED).model_copy(update={"name": "org/repo1/w-new"})
+    _write_behind_the_index(svc.store, new)  # no index row, no dirty mark: only the folder tells
+    os.utime(repo_dir, ns=(listed, listed))  # the change fell in the clock tick of the listing
+    assert new.name in [r.name for r in svc.status(limit=1000).workspaces]
+    _assert_status_is_the_truth(svc)
+
+
+def test_a_whole_repository_folder_removed_drops_its_workspaces(svc: Dispatcher) -> None:
+    svc.status()
+    shutil.rmtree(svc.paths.workspaces / "org" / "repo2")
+    report = svc.status(limit=1000)
+    assert not [r.name for r in report.workspaces if r.name.startswith("org/repo2/")]
+    _assert_status_is_the_truth(svc)

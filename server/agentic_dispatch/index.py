@@ -20,6 +20,7 @@ import shutil
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,9 @@ from .models import WorkspaceRecord
 __all__ = ["IndexRow", "StatusIndex"]
 
 log = logging.getLogger(__name__)
+
+# A folder listed within this long of its mtime may have changed again in the same clock tick.
+RACY_NS = 1_000_000_000
 
 T = TypeVar("T")
 
@@ -51,6 +55,7 @@ CREATE INDEX IF NOT EXISTS records_status ON records (status, updated_at);
 CREATE INDEX IF NOT EXISTS records_updated ON records (updated_at);
 CREATE INDEX IF NOT EXISTS records_finished ON records (finished_at) WHERE finished_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS records_key ON records (idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS records_dirty ON records (name) WHERE dirty = 1;
 """
 
 
@@ -112,6 +117,26 @@ def folders(root: Path) -> Iterator[tuple[str, str]]:
                                 yield f"{org.name}/{repo.name}/{slug.name}", slug.path
 
 
+def _repo_folders(root: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """``(org/repo, its stat)`` of every repository folder under ``root`` (links not followed)."""
+    with contextlib.suppress(FileNotFoundError):
+        for org in os.scandir(root):
+            if not org.is_dir(follow_symlinks=False):
+                continue
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                for repo in os.scandir(org.path):
+                    if repo.is_dir(follow_symlinks=False):
+                        with contextlib.suppress(FileNotFoundError):
+                            yield f"{org.name}/{repo.name}", repo.stat(follow_symlinks=False)
+
+
+def _slugs(root: Path, repo_dir: str) -> set[str]:
+    """The workspace folders of one repository folder."""
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(f"{root}/{repo_dir}") as it:
+        return {e.name for e in it if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")}
+    return set()
+
+
 def scan(root: Path, file_name: str) -> dict[str, os.stat_result]:
     """``org/repo/slug`` → the stat of its record file, for every workspace under ``root``."""
     found: dict[str, os.stat_result] = {}
@@ -130,6 +155,10 @@ class StatusIndex:
         self._local = threading.local()
         self._generation = 0  # bumped when the file is replaced, so threads reopen it
         self._guard = threading.Lock()
+        # catch_up's view of the repository folders: "org/repo" -> (mtime_ns, listed at ns, slugs)
+        self._listed: dict[str, tuple[int, int, set[str]]] = {}
+        self._listed_generation = 0
+        self._listed_once = False
 
     # -- the connection ----------------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
@@ -246,13 +275,57 @@ class StatusIndex:
     def catch_up(
         self, root: Path, file_name: str, load: Callable[[str, os.stat_result], WorkspaceRecord | None]
     ) -> int:
-        """What every status does first: list the workspace folders (no stat per record) and read
-        the new ones and the dirty ones; drop the gone ones. Returns how many rows changed."""
-        on_disk = dict(folders(root))
-        rows = self._run(lambda db: db.execute("SELECT name, dirty FROM records").fetchall())
-        known = {str(n): int(d) for n, d in rows}
-        stale = [n for n in on_disk if known.get(n, 1)]
-        return self._reload(root, file_name, stale, [n for n in known if n not in on_disk], load)
+        """What every status does first: read the new workspaces and the dirty ones, drop the gone
+        ones. Returns how many rows changed.
+
+        A repository's folder (``<org>/<repo>``) changes its mtime when a workspace is added to it
+        or removed from it, so only the folders whose mtime moved since this process last listed
+        them are listed again (with 10,000 workspaces, listing them all was most of a status). A
+        listing made within :data:`RACY_NS` of the folder's mtime is not trusted (a change in the
+        same clock tick keeps the mtime): such a folder is listed again next time. Dirty rows come
+        from the index itself (a write cut off, by any process)."""
+        with self._guard:
+            if self._listed_generation != self._generation:
+                self._listed.clear()
+                self._listed_generation = self._generation
+        changed: dict[str, set[str]] = {}  # "org/repo" -> its workspace folders now
+        seen: set[str] = set()
+        for repo_dir, st in _repo_folders(root):
+            seen.add(repo_dir)
+            cached = self._listed.get(repo_dir)
+            if cached is not None and cached[0] == st.st_mtime_ns and cached[1] - st.st_mtime_ns > RACY_NS:
+                continue
+            listed_at = time.time_ns()
+            names = _slugs(root, repo_dir)
+            self._listed[repo_dir] = (st.st_mtime_ns, listed_at, names)
+            changed[repo_dir] = names
+        for repo_dir in [d for d in self._listed if d not in seen]:  # a whole repository folder went
+            changed[repo_dir] = set()
+            del self._listed[repo_dir]
+        stale: set[str] = set()
+        gone: list[str] = []
+        for repo_dir, names in changed.items():
+            known = self._names_under(repo_dir)
+            stale |= {f"{repo_dir}/{n}" for n in names} - known
+            gone += sorted(known - {f"{repo_dir}/{n}" for n in names})
+        if not self._listed_once:  # rows of repository folders that no longer exist at all
+            gone += [n for n in self._all_names() if n.rsplit("/", 1)[0] not in seen]
+            self._listed_once = True
+        dirty = self._run(lambda db: db.execute("SELECT name FROM records WHERE dirty = 1").fetchall())
+        stale |= {str(n) for (n,) in dirty}
+        return self._reload(root, file_name, sorted(stale), gone, load)
+
+    def _names_under(self, repo_dir: str) -> set[str]:
+        """The indexed workspaces of one ``org/repo`` (a range of the primary key)."""
+        rows = self._run(
+            lambda db: db.execute(
+                "SELECT name FROM records WHERE name > ? AND name < ?", (f"{repo_dir}/", f"{repo_dir}0")
+            ).fetchall()
+        )
+        return {str(n) for (n,) in rows}
+
+    def _all_names(self) -> list[str]:
+        return [str(n) for (n,) in self._run(lambda db: db.execute("SELECT name FROM records").fetchall())]
 
     def _reload(
         self,
