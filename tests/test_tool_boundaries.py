@@ -8,9 +8,12 @@ from pathlib import Path
 import anyio
 import pytest
 from mcp.server.mcpserver.exceptions import ToolError
+from pydantic import ValidationError
 
+from agentic_dispatch import cli
 from agentic_dispatch.errors import InvalidInputError
 from agentic_dispatch.mcp_server import build_server
+from agentic_dispatch.models import DispatchRequest, problems
 from agentic_dispatch.naming import MAX_REF_BYTES, check_git_ref
 from agentic_dispatch.repos import resolve_repo
 from agentic_dispatch.service import Dispatcher
@@ -71,3 +74,39 @@ def test_a_branch_longer_than_a_ref_file_name_may_be_is_an_input_error() -> None
         check_git_ref("branch", "b" * (MAX_REF_BYTES + 1))
     with pytest.raises(InvalidInputError, match="at most"):
         check_git_ref("branch", "é" * (MAX_REF_BYTES // 2 + 1))
+
+
+# -- the dispatch constraints are declared once (models.py) -------------------------------------
+CONSTRAINED = [
+    ("task", "   ", "task: is empty"),
+    ("issue", 0, "greater than 0"),
+    ("timeout_seconds", 0, "greater than 0"),
+    ("branch", "-x", "must not start with '-'"),
+    ("tag", "a/b", "is not a valid name"),
+    ("idempotency_key", " ", "must be 1 to 200 characters"),
+]
+CLI_FLAG = {"issue": "--issue", "timeout_seconds": "--timeout", "branch": "--branch", "tag": "--tag",
+            "idempotency_key": "--idempotency-key"}  # fmt: skip
+
+
+@pytest.mark.parametrize(("field", "value", "says"), CONSTRAINED, ids=[c[0] for c in CONSTRAINED])
+def test_a_dispatch_constraint_is_the_request_models_for_the_model_the_tool_and_the_cli(
+    field: str, value: object, says: str, no_engine: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args: dict[str, object] = {"repo": "/nowhere", "task": "x", field: value}
+    with pytest.raises(ValidationError) as built:
+        DispatchRequest.model_validate(args)
+    assert says in problems(built.value)
+
+    def no_service() -> Dispatcher:
+        raise AssertionError("the arguments are refused before the tool runs")
+
+    with pytest.raises(ToolError, match=field) as refused:
+        anyio.run(build_server(no_service).call_tool, "agentic_dispatch", args)
+    assert says in str(refused.value)
+
+    argv = ["dispatch", "/nowhere", str(value) if field == "task" else "x"]
+    if field != "task":
+        argv += [f"{CLI_FLAG[field]}={value}"]
+    assert cli.main(argv) == 2
+    assert says in capsys.readouterr().err

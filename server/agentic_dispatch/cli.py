@@ -14,16 +14,27 @@ import os
 import signal
 import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
+
+from pydantic import TypeAdapter, ValidationError
 
 from .cli_views import emit, print_status
 from .cli_watch import add_watch_commands
 from .config import load_settings
 from .errors import ConfigError, DispatchError, InvalidInputError, WorkspaceNotFoundError, describe_state_failure
 from .http_auth import plan_http
-from .models import DispatchRequest, Priority, StatusReport
+from .models import (
+    BranchName,
+    DispatchRequest,
+    IdempotencyKey,
+    PositiveNumber,
+    Priority,
+    StatusReport,
+    Tag,
+    problems,
+)
 from .runtime.docker import DockerRuntime
 from .service import Dispatcher
 
@@ -289,6 +300,19 @@ def _positive(text: str) -> int:
     return _whole_number(text, 1)
 
 
+def _request_field(kind: Any) -> Callable[[str], Any]:
+    """An argparse type checking a value as the dispatch request does (the one source: models.py)."""
+    adapter: TypeAdapter[Any] = TypeAdapter(kind)
+
+    def check(text: str) -> Any:
+        try:
+            return adapter.validate_strings(_utf8(text))
+        except ValidationError as e:
+            raise argparse.ArgumentTypeError(problems(e).replace("\n", "; ")) from None
+
+    return check
+
+
 def _count(text: str) -> int:
     return _whole_number(text, 0)
 
@@ -332,13 +356,15 @@ def _add_dispatch(sub: _Sub) -> None:
     d.add_argument("--plan")
     d.add_argument("--var", action="append", metavar="NAME=VALUE")
     d.add_argument("--persona")
-    d.add_argument("--issue", type=_positive)
-    d.add_argument("--pr", type=_positive)
-    d.add_argument("--branch")
-    d.add_argument("--tag")
+    d.add_argument("--issue", type=_request_field(PositiveNumber))
+    d.add_argument("--pr", type=_request_field(PositiveNumber))
+    d.add_argument("--branch", type=_request_field(BranchName))
+    d.add_argument("--tag", type=_request_field(Tag))
     d.add_argument("--priority", choices=[p.value for p in Priority], default="normal")
-    d.add_argument("--timeout", type=_positive, help="seconds (default: timeout_seconds in the config)")
-    d.add_argument("--idempotency-key")
+    d.add_argument(
+        "--timeout", type=_request_field(PositiveNumber), help="seconds (default: timeout_seconds in the config)"
+    )
+    d.add_argument("--idempotency-key", type=_request_field(IdempotencyKey))
     d.add_argument("--dry-run", action="store_true")
     d.add_argument(
         "--qa",
@@ -433,6 +459,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DispatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except ValidationError as e:  # a request built from the arguments: one line per problem
+        print(f"error: {problems(e)}", file=sys.stderr)
+        return 2
     except (OSError, sqlite3.Error) as e:  # the disk under the server (full, read-only): no traceback
         print(f"error: {describe_state_failure(e)}", file=sys.stderr)
         return 1

@@ -44,8 +44,9 @@ class DispatchError(Exception):
     """Root of every error agentic-dispatch raises on purpose."""
 
 
-class InvalidInputError(DispatchError):
-    """A caller-supplied value is malformed.
+class InvalidInputError(DispatchError, ValueError):
+    """A caller-supplied value is malformed. Also a ``ValueError``, so a pydantic validator that
+    raises it reports it as that field's problem (the request model's constraints are validators).
 
     Attributes:
         field: the argument that was wrong (``repo``, ``branch``, ``agent`` ...).

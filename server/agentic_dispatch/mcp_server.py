@@ -28,14 +28,19 @@ from .http_auth import HttpPlan
 from .mcp_tools import register_tool
 from .mcp_watch import WatchFeed, register_watch
 from .models import (
+    BranchName,
     CancelResult,
     DispatchRequest,
     DispatchResult,
     DoctorReport,
+    IdempotencyKey,
+    PositiveNumber,
     Priority,
     QueueState,
     StatusReport,
     SyncReport,
+    Tag,
+    Task,
 )
 from .service import Dispatcher
 
@@ -165,7 +170,7 @@ def build_server(
     async def agentic_dispatch(
         ctx: Ctx,
         repo: Annotated[str, Field(description="absolute path to a local git repo, a git URL, or org/repo")],
-        task: Annotated[str, Field(description="what the agent should do (for agent `shell`: a bash script)")],
+        task: Annotated[Task, Field(description="what the agent should do (for agent `shell`: a bash script)")],
         agent: Annotated[
             str | None, Field(description="agent spec base[:model]: codex, claude, gemini, shell; default from config")
         ] = None,
@@ -178,18 +183,19 @@ def build_server(
             dict[str, str] | None, Field(description="values for the plan template's $variables")
         ] = None,
         persona: Annotated[str | None, Field(description="persona from prompts/personas")] = None,
-        issue: Annotated[int | None, Field(description="issue number; names the workspace task-N", gt=0)] = None,
-        pr: Annotated[int | None, Field(description="pull request number; names the workspace pr-N", gt=0)] = None,
+        issue: Annotated[PositiveNumber | None, Field(description="issue number; names the workspace task-N")] = None,
+        pr: Annotated[PositiveNumber | None, Field(description="pull request number; names the workspace pr-N")] = None,
         branch: Annotated[
-            str | None, Field(description="existing branch to start from (default: the repo's HEAD)")
+            BranchName | None, Field(description="existing branch to start from (default: the repo's HEAD)")
         ] = None,
-        tag: Annotated[str | None, Field(description="a label of yours, kept on the record")] = None,
+        tag: Annotated[Tag | None, Field(description="a label of yours, kept on the record")] = None,
         priority: Annotated[
             Literal["critical", "high", "normal", "low"], Field(description="queue order when slots are full")
         ] = "normal",
-        timeout_seconds: Annotated[int | None, Field(description="stop the run after this long", gt=0)] = None,
+        timeout_seconds: Annotated[PositiveNumber | None, Field(description="stop the run after this long")] = None,
         idempotency_key: Annotated[
-            str | None, Field(description="the same key again returns the existing workspace instead of a new run")
+            IdempotencyKey | None,
+            Field(description="the same key again returns the existing workspace instead of a new run"),
         ] = None,
         dry_run: Annotated[bool, Field(description="prepare and return the prompt without launching")] = False,
         qa: Annotated[

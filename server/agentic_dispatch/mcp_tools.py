@@ -18,8 +18,10 @@ from typing import Any, TypeVar
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
+from pydantic import ValidationError
 
 from .errors import DispatchError, describe_state_failure
+from .models import problems
 
 __all__ = ["register_tool", "tool_error"]
 
@@ -30,6 +32,8 @@ def tool_error(e: Exception) -> ToolError | None:
     """The tool error a failure becomes, or ``None`` for one that is a bug."""
     if isinstance(e, DispatchError):
         return ToolError(str(e))
+    if isinstance(e, ValidationError):  # a request model built from the arguments
+        return ToolError(problems(e))
     if isinstance(e, OSError | sqlite3.Error):
         return ToolError(describe_state_failure(e))
     return None
@@ -43,7 +47,7 @@ def _translating(fn: F) -> F:
         async def run_async(*args: Any, **kwargs: Any) -> Any:
             try:
                 return await fn(*args, **kwargs)
-            except (DispatchError, OSError, sqlite3.Error) as e:
+            except (DispatchError, ValidationError, OSError, sqlite3.Error) as e:
                 raise tool_error(e) or e from e
 
         return run_async  # type: ignore[return-value]
@@ -52,7 +56,7 @@ def _translating(fn: F) -> F:
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (DispatchError, OSError, sqlite3.Error) as e:
+        except (DispatchError, ValidationError, OSError, sqlite3.Error) as e:
             raise tool_error(e) or e from e
 
     return run  # type: ignore[return-value]

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import InvalidInputError
+from .naming import check_component, check_git_ref
 
 __all__ = [
     "ACTIVE_STATUSES",
     "FINAL_STATUSES",
+    "MAX_KEY_CHARS",
+    "MAX_TASK_CHARS",
     "RESUMABLE_STATUSES",
     "AgentCheck",
+    "BranchName",
     "CancelResult",
     "Change",
     "CleanupReport",
@@ -24,11 +30,13 @@ __all__ = [
     "DoctorReport",
     "Event",
     "EventKind",
+    "IdempotencyKey",
     "InsightRow",
     "InsightsReport",
     "LogsResult",
     "OutboxEntryRow",
     "PoolHoldRow",
+    "PositiveNumber",
     "Priority",
     "QaResult",
     "QueueState",
@@ -36,10 +44,13 @@ __all__ = [
     "Status",
     "StatusReport",
     "SyncReport",
+    "Tag",
+    "Task",
     "WatchResult",
     "WorkspaceRecord",
     "WorkspaceRow",
     "parse_time",
+    "problems",
     "utcnow",
 ]
 
@@ -176,26 +187,69 @@ class WorkspaceRecord(BaseModel):
         return self
 
 
+MAX_TASK_CHARS = 100_000
+MAX_KEY_CHARS = 200
+
+
+def _task(text: str) -> str:
+    text = text.strip()
+    if not text:
+        raise InvalidInputError("task", "is empty. Say what the agent should do.")
+    if len(text) > MAX_TASK_CHARS:
+        raise InvalidInputError("task", f"is {len(text)} characters; the limit is {MAX_TASK_CHARS}.")
+    return text
+
+
+def _key(key: str) -> str:
+    if not key.strip() or len(key) > MAX_KEY_CHARS:
+        raise InvalidInputError("idempotency_key", f"must be 1 to {MAX_KEY_CHARS} characters.")
+    return key
+
+
+# The constraints of a dispatch, declared once: the request model, the MCP tool's parameters and the
+# command line's argument types are all made from these.
+Task = Annotated[str, AfterValidator(_task)]
+PositiveNumber = Annotated[int, Field(gt=0)]
+BranchName = Annotated[str, AfterValidator(lambda v: check_git_ref("branch", v))]
+Tag = Annotated[str, AfterValidator(lambda v: check_component("tag", v))]
+IdempotencyKey = Annotated[str, AfterValidator(_key)]
+
+
 class DispatchRequest(BaseModel):
-    """Everything a caller may say about a dispatch. Validated by the service."""
+    """Everything a caller may say about a dispatch, each value checked as the model is built
+    (a malformed one raises ``ValidationError``). What needs the server's knowledge (the agent, the
+    templates, the repository) is checked by the service."""
 
     repo: str
-    task: str
+    task: Task
     agent: str | None = None
     org: str | None = None
     template: str | None = None
     plan_template: str | None = None
     variables: dict[str, str] = Field(default_factory=dict)
     persona: str | None = None
-    issue: int | None = None
-    pr: int | None = None
-    branch: str | None = None
-    tag: str | None = None
+    issue: PositiveNumber | None = None
+    pr: PositiveNumber | None = None
+    branch: BranchName | None = None
+    tag: Tag | None = None
     priority: Priority = Priority.NORMAL
-    timeout_seconds: int | None = None
-    idempotency_key: str | None = None
+    timeout_seconds: PositiveNumber | None = None
+    idempotency_key: IdempotencyKey | None = None
     dry_run: bool = False
     qa: bool | None = None
+
+
+def problems(e: ValidationError) -> str:
+    """A validation error of a request, one line per problem, each naming its field."""
+    lines = []
+    for err in e.errors():
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, InvalidInputError):
+            lines.append(str(cause))  # names its field already
+        else:
+            where = ".".join(str(p) for p in err["loc"]) or "request"
+            lines.append(f"{where}: {err['msg']}")
+    return "\n".join(lines)
 
 
 class DispatchResult(BaseModel):

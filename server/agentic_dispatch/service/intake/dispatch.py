@@ -29,7 +29,7 @@ from ...models import (
     DispatchResult,
     WorkspaceRecord,
 )
-from ...naming import check_component, check_git_ref, generated_id, slugify
+from ...naming import generated_id, slugify
 from ...repos import RepoRef, resolve_repo
 from ...runtime.base import LABEL_WORKSPACE
 from ...store import StatusStore, WorkspacePaths
@@ -43,7 +43,6 @@ from .run_files import RunFiles
 
 __all__ = ["Intake"]
 
-MAX_TASK_CHARS = 100_000
 MAX_ANSWER_CHARS = 50_000
 MAX_QUESTION_BYTES = 64 * 1024  # what finalise reads of BLOCKED.md
 
@@ -81,28 +80,12 @@ class Intake:
             AgentNotReadyError: the agent cannot run here (its CLI or credentials).
             StateError: the workspace could not be recorded (nothing is kept).
         """
-        task = req.task.strip()
-        if not task:
-            raise InvalidInputError("task", "is empty. Say what the agent should do.")
-        if len(task) > MAX_TASK_CHARS:
-            raise InvalidInputError("task", f"is {len(task)} characters; the limit is {MAX_TASK_CHARS}.")
         spec = self.catalog.parse(req.agent or self.settings.default_agent)
         template = req.template or self.settings.default_template
         self.run_files.prompts.check(template, req.persona, req.plan_template, req.variables)
-        if req.branch is not None:
-            check_git_ref("branch", req.branch)
-        if req.tag is not None:
-            check_component("tag", req.tag)
-        for field, value in (("issue", req.issue), ("pr", req.pr)):
-            if value is not None and value <= 0:
-                raise InvalidInputError(field, f"must be a positive number, got {value}.")
-        timeout = req.timeout_seconds or self.settings.timeout_seconds
-        if timeout <= 0:
-            raise InvalidInputError("timeout_seconds", "must be positive.")
+        timeout = req.timeout_seconds if req.timeout_seconds is not None else self.settings.timeout_seconds
         if req.idempotency_key is None:
             return self._dispatch(req, spec, template, timeout)
-        if not req.idempotency_key.strip() or len(req.idempotency_key) > 200:
-            raise InvalidInputError("idempotency_key", "must be 1 to 200 characters.")
         with self._key_lock(req.idempotency_key):
             existing = self.store.with_key(req.idempotency_key)
             if existing is not None:
@@ -122,7 +105,7 @@ class Intake:
             what
             for what, theirs, ours in (
                 ("repo", existing.repo, req.repo),
-                ("task", existing.task, req.task.strip()),
+                ("task", existing.task, req.task),
                 ("agent", existing.agent, agent),
             )
             if theirs != ours
@@ -193,7 +176,7 @@ class Intake:
         timeout: int,
     ) -> tuple[WorkspaceRecord, str]:
         """Clone and write the first run's files into the staging folder ``ws``; the record to commit."""
-        task = req.task.strip()
+        task = req.task
         # The workspace's own name leads the branch's: two workspaces of one repository (the same task
         # to three agents) never share a branch, so no delivery can overwrite another's.
         branch_slug = slugify(f"{name.rsplit('/', 1)[-1]}-{task}", 80)
