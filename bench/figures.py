@@ -211,7 +211,7 @@ def burst(client: docker.DockerClient, n: int = 50, history: int = 10_000) -> li
         repo = tmp / "repo"
         make_repo(repo)
         paths = load_settings()[1]
-        make_records(StatusStore(paths.workspaces, paths.events), history)
+        make_records(StatusStore.of(paths), history)
         result = anyio.run(_burst_session, client, repo, n)
         all_running, during, idle_ms, peak_rss = result
     p95 = pct(during, 0.95) if during else float("nan")

@@ -96,7 +96,7 @@ def one_size(client: docker.DockerClient, n: int, idle_seconds: float) -> None:
     with tempfile.TemporaryDirectory(prefix="agentic-bench-") as home:
         os.environ["AGENTIC_DISPATCH_HOME"] = home
         settings, paths = load_settings()
-        store = StatusStore(paths.workspaces, paths.events)
+        store = StatusStore.of(paths)
         make_records(store, n)
         svc = Dispatcher(settings, paths, DockerRuntime(client))
         t0 = time.perf_counter()

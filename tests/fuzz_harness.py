@@ -181,7 +181,7 @@ class FuzzHarness:
         status = self.root / "workspaces" / name / "status.json"
         if status.read_bytes() == self.seeded[name]:
             return
-        store = StatusStore(self.root / "workspaces", self.root / "events")
+        store = StatusStore(self.root / "workspaces", self.root / "events", self.root / "state" / "index.sqlite")
         with store.locked(name):
             tmp = status.with_name(".status.fuzz.tmp")
             tmp.write_bytes(self.seeded[name])

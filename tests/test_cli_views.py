@@ -34,7 +34,7 @@ def _cli(*args: str, columns: int = 160) -> str:
 def known(no_engine: str) -> StatusStore:
     """Records of every kind, and no engine reachable: the table never needs one."""
     _, paths = load_settings()
-    store = StatusStore(paths.workspaces, paths.events)
+    store = StatusStore.of(paths)
     for name, (status, question, said) in KNOWN.items():
         org, repo, slug = name.split("/")
         rec = WorkspaceRecord(

@@ -29,7 +29,7 @@ RECORDS = {
 @pytest.fixture
 def records(no_engine: str) -> StatusStore:
     _, paths = load_settings()
-    store = StatusStore(paths.workspaces, paths.events)
+    store = StatusStore.of(paths)
     for name, status in RECORDS.items():
         org, repo, _ = name.split("/")
         store.create(

@@ -192,7 +192,8 @@ def test_anything_at_the_index_path_that_is_not_a_database_is_set_aside_and_the_
     tmp_path: Path, spoil: object
 ) -> None:
     workspaces, events = tmp_path / "root" / "workspaces", tmp_path / "root" / "events"
-    store = StatusStore(workspaces, events)
+    index_file = tmp_path / "root" / "state" / "index.sqlite"
+    store = StatusStore(workspaces, events, index_file)
     for i in range(3):  # records as any writer leaves them; the index learns of them by looking
         record = _index_record(i)
         store.paths(record.name).status.parent.mkdir(parents=True)
@@ -204,7 +205,7 @@ def test_anything_at_the_index_path_that_is_not_a_database_is_set_aside_and_the_
             Path(f"{index}{suffix}").unlink(missing_ok=True)
         assert callable(spoil)
         spoil(index) if round_ == 0 else _folder(index)
-        fresh = StatusStore(workspaces, events)  # a new server: no connection open yet
+        fresh = StatusStore(workspaces, events, index_file)  # a new server: no connection open yet
 
         fresh.catch_up()
 

@@ -95,13 +95,13 @@ def test_a_record_written_by_another_process_is_seen_at_once(svc: Dispatcher) ->
     code = (
         "import sys; from pathlib import Path; from agentic_dispatch.store import StatusStore;"
         "from agentic_dispatch.models import WorkspaceRecord;"
-        "s = StatusStore(Path(sys.argv[1]), Path(sys.argv[2]));"
+        "s = StatusStore(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]));"
         "r = WorkspaceRecord.model_validate_json(sys.stdin.read());"
         "s.write(r)"
     )
     rec = _record(7, Status.BLOCKED)
     subprocess.run(
-        [sys.executable, "-c", code, str(svc.paths.workspaces), str(svc.paths.events)],
+        [sys.executable, "-c", code, str(svc.paths.workspaces), str(svc.paths.events), str(svc.paths.index_file)],
         input=rec.model_dump_json(),
         text=True,
         check=True,

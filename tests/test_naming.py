@@ -52,7 +52,7 @@ def test_a_symlink_inside_the_root_cannot_lead_outside_it(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("name", ["../../etc", "a/b", "a/b/c/d", "a/../b/c", "-a/b/c"])
 def test_workspace_names_that_would_escape_the_root_are_refused(tmp_path: Path, name: str) -> None:
-    store = StatusStore(tmp_path / "ws", tmp_path / "ev")
+    store = StatusStore(tmp_path / "ws", tmp_path / "ev", tmp_path / "index.sqlite")
     with pytest.raises(InvalidInputError):
         store.paths(name)
 

@@ -31,7 +31,7 @@ def _record(name: str = "acme/app/task-1") -> WorkspaceRecord:
 
 
 def test_write_then_read_round_trips_and_leaves_no_temp_files(tmp_path: Path) -> None:
-    store = StatusStore(tmp_path / "ws", tmp_path / "ev")
+    store = StatusStore(tmp_path / "ws", tmp_path / "ev", tmp_path / "index.sqlite")
     rec = _record()
     store.create(rec)
     assert store.read(rec.name).status == Status.QUEUED
@@ -40,7 +40,7 @@ def test_write_then_read_round_trips_and_leaves_no_temp_files(tmp_path: Path) ->
 
 
 def test_a_broken_record_is_reported_by_read_and_list_and_left_untouched(tmp_path: Path) -> None:
-    store = StatusStore(tmp_path / "ws", tmp_path / "ev")
+    store = StatusStore(tmp_path / "ws", tmp_path / "ev", tmp_path / "index.sqlite")
     good, bad = _record("acme/app/task-1"), _record("acme/app/task-2")
     for r in (good, bad):
         store.create(r)
@@ -58,7 +58,7 @@ def test_a_broken_record_is_reported_by_read_and_list_and_left_untouched(tmp_pat
 
 def test_an_update_that_changes_a_runs_status_is_refused_and_writes_nothing(tmp_path: Path) -> None:
     """A run's status changes through the run lifecycle only (service/lifecycle.py)."""
-    store = StatusStore(tmp_path / "ws", tmp_path / "ev")
+    store = StatusStore(tmp_path / "ws", tmp_path / "ev", tmp_path / "index.sqlite")
     rec = _record()
     store.create(rec)
     before = store.paths(rec.name).status.read_bytes()
@@ -72,7 +72,7 @@ def test_an_update_that_changes_a_runs_status_is_refused_and_writes_nothing(tmp_
 
 
 def test_a_workspace_folder_deleted_under_the_server_is_not_recreated_by_its_lock(tmp_path: Path) -> None:
-    store = StatusStore(tmp_path / "ws", tmp_path / "ev")
+    store = StatusStore(tmp_path / "ws", tmp_path / "ev", tmp_path / "index.sqlite")
     rec = _record()
     store.create(rec)
     shutil.rmtree(store.paths(rec.name).dir)
@@ -82,7 +82,7 @@ def test_a_workspace_folder_deleted_under_the_server_is_not_recreated_by_its_loc
 
 
 def test_the_workspace_lock_is_reentrant_in_a_thread_and_exclusive_across_processes(tmp_path: Path) -> None:
-    store = StatusStore(tmp_path / "ws", tmp_path / "ev")
+    store = StatusStore(tmp_path / "ws", tmp_path / "ev", tmp_path / "index.sqlite")
     rec = _record()
     store.create(rec)
     folder = store.paths(rec.name).dir
@@ -98,7 +98,7 @@ def test_the_workspace_lock_is_reentrant_in_a_thread_and_exclusive_across_proces
 
 
 def test_reading_a_missing_workspace_says_how_to_find_the_right_name(tmp_path: Path) -> None:
-    store = StatusStore(tmp_path / "ws", tmp_path / "ev")
+    store = StatusStore(tmp_path / "ws", tmp_path / "ev", tmp_path / "index.sqlite")
     with pytest.raises(WorkspaceNotFoundError, match="agentic_status"):
         store.read("acme/app/task-9")
 
@@ -106,7 +106,7 @@ def test_reading_a_missing_workspace_says_how_to_find_the_right_name(tmp_path: P
 def test_a_record_that_is_not_utf8_is_a_corrupt_record_error_to_read_and_unreadable_in_the_list_and_left_alone(
     tmp_path: Path,
 ) -> None:
-    store = StatusStore(tmp_path / "ws", tmp_path / "ev")
+    store = StatusStore(tmp_path / "ws", tmp_path / "ev", tmp_path / "index.sqlite")
     rec = _record()
     store.create(rec)
     path = store.paths(rec.name).status

@@ -34,7 +34,7 @@ def _record() -> WorkspaceRecord:
 
 def _replace_record(make: Callable[[Path], None]) -> Path:
     _, paths = load_settings()
-    store = StatusStore(paths.workspaces, paths.events)
+    store = StatusStore.of(paths)
     store.create(_record())
     path = store.paths(NAME).status
     path.unlink()

@@ -293,6 +293,29 @@ class Paths:
     def events(self) -> Path:
         return self.root / "events"
 
+    # -- what lies in state/ (each domain part that owns a sub-folder of it names that itself:
+    #    outbox/ and outgoing/ in sync/, scheduler.json and admission.lock in scheduler.py,
+    #    http-token in http_auth.py)
+    @property
+    def staging(self) -> Path:
+        """Where a dispatch builds its workspace before moving it into place whole."""
+        return self.state / "staging"
+
+    @property
+    def key_locks(self) -> Path:
+        """One lock file per idempotency key being dispatched."""
+        return self.state / "keys"
+
+    @property
+    def index_file(self) -> Path:
+        """The status index (SQLite)."""
+        return self.state / "index.sqlite"
+
+    @property
+    def cli_versions(self) -> Path:
+        """The CLI versions of images without the label, by image id."""
+        return self.state / "cli-versions.json"
+
     @property
     def user_prompts(self) -> Path:
         return self.config_dir / "prompts"

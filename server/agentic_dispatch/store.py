@@ -26,6 +26,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from . import safefs
+from .config import Paths
 from .errors import CorruptRecordError, UnsafePathError, WorkspaceNotFoundError
 from .events import EventLog
 from .fileio import folder_lock, write_atomic
@@ -97,14 +98,19 @@ class Listed:
 class StatusStore:
     """Reads and writes workspace records under ``<root>/workspaces``."""
 
-    def __init__(self, workspaces_root: Path, events_dir: Path, index_file: Path | None = None) -> None:
+    def __init__(self, workspaces_root: Path, events_dir: Path, index_file: Path) -> None:
         self.root = workspaces_root
         self.events = EventLog(events_dir / "events.jsonl")
         self.events_file = self.events.path
-        self.index = StatusIndex(index_file or workspaces_root.parent / "state" / "index.sqlite")
+        self.index = StatusIndex(index_file)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._held = threading.local()  # the workspaces this thread holds (the lock is reentrant)
+
+    @classmethod
+    def of(cls, paths: Paths) -> StatusStore:
+        """The store of a root, at the places :class:`~.config.Paths` names."""
+        return cls(paths.workspaces, paths.events, paths.index_file)
 
     # -- paths -----------------------------------------------------------------------------
     def paths(self, name: str) -> WorkspacePaths:

@@ -84,7 +84,7 @@ class Dispatcher:
         self._check_config()
         paths.ensure()
         self.catalog = AgentCatalog(settings, self.agents)
-        self.store = StatusStore(paths.workspaces, paths.events)
+        self.store = StatusStore.of(paths)
         self.mirrors = MirrorCache(paths.mirrors, settings.mirror_max_age_seconds)
         self.scheduler = Scheduler(self.catalog.effective_limits(), paths.state, self.store.events_file)
         self._stop = threading.Event()
@@ -92,7 +92,7 @@ class Dispatcher:
         self._threads: list[threading.Thread] = []
         finished = threading.Condition()
 
-        self.preflight = Preflight(runtime, self.catalog, paths.state)
+        self.preflight = Preflight(runtime, self.catalog, paths.cli_versions)
         self.delivery = ResultDelivery(settings.sync, paths, self.store)
         qa = QaGate(settings, runtime, self.catalog, paths.root_id)
         self.runs = RunLifecycle(self.store, runtime, self.scheduler, self.catalog, qa, self.delivery, finished)
@@ -117,7 +117,7 @@ class Dispatcher:
         self.watching = Watching(self.store, finished, self.reports)
         self.inspector = Inspector(self.store, self.catalog)
         self.stats = Insights(self.store)
-        self.recovery.remove_stale_staging(paths.state / "staging")
+        self.recovery.remove_stale_staging(paths.staging)
 
     def _check_config(self) -> None:
         known = ", ".join(sorted(self.agents))

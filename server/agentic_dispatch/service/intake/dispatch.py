@@ -119,7 +119,7 @@ class Intake:
 
     def _key_lock(self, key: str) -> contextlib.AbstractContextManager[None]:
         digest = hashlib.sha256(key.encode()).hexdigest()[:24]
-        return file_lock(self.paths.state / "keys" / f"{digest}.lock")
+        return file_lock(self.paths.key_locks / f"{digest}.lock")
 
     def _dispatch(self, req: DispatchRequest, spec: AgentSpec, template: str, timeout: int) -> DispatchResult:
         ref = resolve_repo(req.repo, req.org, self.settings.repo_url_template, self.paths.root)  # named first
@@ -133,7 +133,7 @@ class Intake:
                 f"{name} exists already. Call agentic_resume on it, or dispatch with another issue/pr/branch.",
             )
         mirror = self.mirrors.ensure(ref, req.branch)
-        staging = self.paths.state / "staging" / generated_id()
+        staging = self.paths.staging / generated_id()
         staging.mkdir(parents=True)
         try:
             record, prompt = self._stage(WorkspacePaths(staging), mirror, ref, req, name, spec, template, timeout)

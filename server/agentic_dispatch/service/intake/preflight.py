@@ -22,10 +22,10 @@ __all__ = ["Preflight"]
 class Preflight:
     """The checks before a run, and the doctor's report."""
 
-    def __init__(self, runtime: Runtime, catalog: AgentCatalog, state_dir: Path) -> None:
+    def __init__(self, runtime: Runtime, catalog: AgentCatalog, cache: Path) -> None:
         self.runtime = runtime
         self.catalog = catalog
-        self._cache = state_dir / "cli-versions.json"
+        self._cache = cache  # the CLI versions of unlabelled images, by image id
         self._lock = threading.Lock()
 
     def check(self, base: str | None = None) -> None:
