@@ -199,3 +199,46 @@ def test_no_function_is_too_long_to_read_at_once() -> None:
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and _own_lines(node) > MAX_FUNCTION_LINES:
                 problems.append(f"{name}: {node.name} has {_own_lines(node)} lines (at most {MAX_FUNCTION_LINES})")
     assert problems == []
+
+
+FRONT_ENDS = ("cli.py", "cli_views.py", "cli_watch.py", "mcp_server.py", "mcp_watch.py", "mcp_tools.py")
+
+
+def test_the_front_ends_use_only_the_facades_documented_methods() -> None:
+    """The facade is the boundary: every attribute a front end reads of the service is a public,
+    documented method of ``Dispatcher`` (with ``Raises:`` where it raises), never one of its parts."""
+    facade = ast.parse((PKG / "service" / "facade.py").read_text(encoding="utf-8"))
+    cls = next(n for n in facade.body if isinstance(n, ast.ClassDef) and n.name == "Dispatcher")
+    methods = {
+        n.name: ast.get_docstring(n) or ""
+        for n in cls.body
+        if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")
+    }
+    used: set[str] = set()
+    for name in FRONT_ENDS:
+        tree = ast.parse((PKG / name).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Attribute):
+                continue
+            base = node.value
+            if (isinstance(base, ast.Call) and (
+                getattr(base.func, "id", "") == "_svc" or getattr(base.func, "attr", "") == "dispatcher"
+            )) or (isinstance(base, ast.Name) and base.id in {"svc", "dispatcher"}):
+                used.add(node.attr)
+    assert used and used <= set(methods), sorted(used - set(methods))
+    undocumented = sorted(m for m in used if not methods[m])
+    assert undocumented == []
+
+
+def test_the_architecture_files_list_names_every_module_and_nothing_else() -> None:
+    doc = (PKG.parents[1] / "docs" / "architecture.md").read_text(encoding="utf-8")
+    section = doc.split("\n## Files\n", 1)[1]
+    listed = {
+        name
+        for line in section.splitlines()
+        if line.startswith("| `")
+        for name in (part.strip("`") for part in line.split("|")[1].replace(",", " ").split())
+    }
+    on_disk = {str(p.relative_to(PKG)) for p in PKG.rglob("*.py")}
+    assert sorted(on_disk - listed) == [], "add these to the Files list of docs/architecture.md"
+    assert sorted(listed - on_disk) == [], "these are listed in docs/architecture.md but are gone"

@@ -2,7 +2,7 @@
 ``agentic_insights``, the ``agentic://workspaces`` resources, and their change notifications.
 
 Thin like :mod:`.mcp_server`: argument plumbing over :class:`~agentic_dispatch.service.Dispatcher`
-(the logic is in :mod:`.service.watching` and :mod:`.service.inspect`). :class:`WatchFeed` holds the
+(the logic is in the service's views: ``service/views/``). :class:`WatchFeed` holds the
 subscription bus the server is built with and, while the server runs, follows the events log and
 publishes ``ResourceUpdated`` / ``ResourcesListChanged`` for ``subscriptions/listen`` clients
 (protocol 2026-07-28), and ``notifications/resources/updated`` to sessions that used the older
@@ -319,12 +319,12 @@ def _register_resources(server: MCPServer[Dispatcher], feed: WatchFeed) -> None:
     def workspaces() -> str:
         """Every workspace (name, status, agent, updated_at), most recently updated first; at most 200, with a
         note when there are more. Subscribe to hear when one changes or a new one appears."""
-        return _read(lambda: feed.dispatcher().watching.listing(MAX_LISTED)).model_dump_json(indent=1)
+        return _read(lambda: feed.dispatcher().workspace_list(MAX_LISTED)).model_dump_json(indent=1)
 
     @server.resource(_ONE + "/status", name="workspace-status", title="Workspace status", mime_type=json)
     def workspace_status(ctx: Ctx, org: str, repo: str, slug: str) -> str:
         """The workspace's status row (as agentic_status shows it). Subscribe to hear when it changes."""
-        return _read(lambda: _svc(ctx).watching.row(f"{org}/{repo}/{slug}")).model_dump_json(indent=1)
+        return _read(lambda: _svc(ctx).row(f"{org}/{repo}/{slug}")).model_dump_json(indent=1)
 
     @server.resource(_ONE + "/log", name="workspace-log", title="Agent log (tail)", mime_type="text/plain")
     def workspace_log(ctx: Ctx, org: str, repo: str, slug: str) -> str:
@@ -336,7 +336,7 @@ def _register_resources(server: MCPServer[Dispatcher], feed: WatchFeed) -> None:
     @server.resource(_ONE + "/prompt", name="workspace-prompt", title="Last run's prompt", mime_type="text/markdown")
     def workspace_prompt(ctx: Ctx, org: str, repo: str, slug: str) -> str:
         """The exact prompt the agent's last run was given (at most 60 KiB)."""
-        return _read(lambda: _svc(ctx).watching.prompt(f"{org}/{repo}/{slug}"))
+        return _read(lambda: _svc(ctx).prompt(f"{org}/{repo}/{slug}"))
 
     @server.resource(_ONE + "/diff", name="workspace-diff", title="Agent's changes", mime_type=json)
     def workspace_diff(ctx: Ctx, org: str, repo: str, slug: str) -> str:

@@ -56,7 +56,7 @@ from .runs.recovery import Recovery
 from .views.insights import Insights
 from .views.inspection import Inspector
 from .views.status import Reports
-from .views.watching import Watching
+from .views.watching import Watching, WorkspaceList
 
 __all__ = ["Dispatcher"]
 
@@ -193,20 +193,53 @@ class Dispatcher:
         rec = self.runs.apply(result.workspace, Waiting())  # still queued: say so in the events log
         return self.intake.result(rec) if rec is not None else self.intake.result(self.store.read(result.workspace))
 
-    # -- what the front ends call (each documented on the part that does it) --------------
+    # -- what the front ends call: the only way in ---------------------------------------------
     def dispatch(self, req: DispatchRequest) -> DispatchResult:
+        """Prepare a workspace for ``req`` and queue its run; start it if a slot is free. Returns at
+        once (``running`` or ``queued``; ``dry_run``: the prompt, nothing kept).
+
+        Raises:
+            InvalidInputError: a bad argument: an unknown agent or template, a key reused for other work.
+            RepoError: the repository cannot be found or fetched.
+            RuntimeUnavailableError: no container engine or no agent image.
+            AgentNotReadyError: the agent cannot run here (its CLI or credentials).
+            StateError: the workspace could not be recorded (nothing is kept).
+        """
         result = self.intake.dispatch(req)
         return result if result.dry_run else self._start_queued(result)
 
     def resume(self, workspace: str, answer: str | None = None, agent: str | None = None) -> DispatchResult:
+        """Queue the next run of a blocked, failed or completed workspace (same branch, same CLI
+        session when it still exists), with ``answer`` written to ``ANSWER.md``.
+
+        Raises:
+            WorkspaceNotFoundError: no such workspace.
+            CorruptRecordError: its status.json cannot be read.
+            StateError: it is queued, running or cancelled.
+            InvalidInputError: a bad agent or an over-long answer.
+            UnsafePathError: the agent left a link or a folder where ANSWER.md goes.
+            RuntimeUnavailableError, AgentNotReadyError: as :meth:`dispatch`.
+        """
         return self._start_queued(self.intake.resume(workspace, answer, agent))
 
     def status(
         self, workspace: str | None = None, status: str | None = None, limit: int = 50, log_lines: int = 0
     ) -> StatusReport:
+        """Counts per status and a row per workspace, newest first, with what holds the queue and
+        what the timer last saw of the engine. Never calls the engine.
+
+        Raises:
+            InvalidInputError: a bad workspace name, status or limit.
+            WorkspaceNotFoundError: ``workspace`` does not exist.
+        """
         return self.reports.status(workspace, status, limit, log_lines)
 
     def wait(self, workspace: str, timeout: float) -> WorkspaceRecord:
+        """Block until ``workspace`` leaves queued/running or ``timeout`` passes; its record then.
+
+        Raises:
+            WorkspaceNotFoundError: no such workspace.
+        """
         # Without an exit watcher in this process (a CLI call), look at the container ourselves.
         return self.reports.wait(workspace, timeout, poll=None if self._threads else self.recovery.reconcile)
 
@@ -217,6 +250,13 @@ class Dispatcher:
         cursor: str | None = None,
         on_change: Callable[[Change], None] = lambda _: None,
     ) -> WatchResult:
+        """Wait (at most ``timeout``) until a watched workspace changes; the changes since ``cursor``,
+        each also handed to ``on_change``.
+
+        Raises:
+            InvalidInputError: a bad timeout or cursor, or a malformed name.
+            WorkspaceNotFoundError: a named workspace does not exist.
+        """
         return self.watching.watch(
             workspaces, timeout, cursor, on_change, poll=None if self._threads else self.recovery.reconcile
         )
@@ -250,6 +290,29 @@ class Dispatcher:
         """The changes after byte ``since`` (``None``: from now on) and the offset to pass next time."""
         return self.watching.follow(since)
 
+    def workspace_list(self, limit: int) -> WorkspaceList:
+        """Name, status, agent and last update of the ``limit`` most recently updated workspaces."""
+        return self.watching.listing(limit)
+
+    def row(self, workspace: str) -> WorkspaceRow:
+        """One workspace's status row.
+
+        Raises:
+            InvalidInputError: a malformed name.
+            WorkspaceNotFoundError: no such workspace.
+        """
+        return self.watching.row(workspace)
+
+    def prompt(self, workspace: str) -> str:
+        """The exact prompt of the workspace's last run (bounded).
+
+        Raises:
+            InvalidInputError: a malformed name.
+            WorkspaceNotFoundError: no such workspace.
+            UnsafePathError: the prompt file is a link or not a regular file.
+        """
+        return self.watching.prompt(workspace)
+
     def record(self, workspace: str) -> WorkspaceRecord:
         """The workspace's record as it is now.
 
@@ -261,37 +324,89 @@ class Dispatcher:
         return self.store.read(workspace)
 
     def logs(self, workspace: str, tail: int = 200, since_bytes: int | None = None) -> LogsResult:
+        """A bounded piece of the agent's log, key values masked: the last ``tail`` lines, or what
+        follows ``since_bytes``.
+
+        Raises:
+            InvalidInputError: a bad name, tail or offset.
+            WorkspaceNotFoundError: no such workspace.
+        """
         return self.inspector.logs(workspace, tail, since_bytes)
 
     def diff(self, workspace: str, stat_only: bool = False, path: str | None = None) -> DiffResult:
+        """The branch against the commit it started from: the stat, then the patch, cut to fit.
+
+        Raises:
+            InvalidInputError: a bad name or path.
+            WorkspaceNotFoundError: no such workspace.
+        """
         return self.inspector.diff(workspace, stat_only, path)
 
     def insights(self, window_days: float = 7.0) -> InsightsReport:
+        """Per agent spec, the runs that finished in the window: outcomes, durations, tokens, cost.
+
+        Raises:
+            InvalidInputError: a window outside what is allowed.
+        """
         return self.stats.report(window_days)
 
     def doctor(self, agents: list[str] | None = None) -> DoctorReport:
+        """Whether each agent can run here (engine, image, CLI, credentials) and what to do if not.
+
+        Raises:
+            InvalidInputError: an unknown agent.
+        """
         return self.preflight.doctor(agents)
 
     def cancel(self, workspace: str) -> CancelResult:
+        """A queued workspace never starts; a running one is stopped (or, while the engine does not
+        answer, marked and stopped by the timer once it does); a finished one is left alone.
+
+        Raises:
+            WorkspaceNotFoundError: no such workspace.
+            CorruptRecordError: its status.json cannot be read.
+        """
         return self.control.cancel(workspace)
 
     def freeze(self, now: bool = False) -> QueueState:
+        """Stop starting work (persisted); with ``now``, also stop the running agents."""
         return self.control.freeze(now)
 
     def unfreeze(self) -> QueueState:
+        """Start work again: clear the frozen flag, lift the pools' pauses, start what has a slot."""
         return self.control.unfreeze()
 
     def reconcile(self) -> None:
+        """What the timer does, once: settle exited and vanished runs, timeouts, adoption, the engine
+        sweep, the drain. While the engine cannot be reached it decides nothing and says so in status."""
         self.recovery.reconcile()
 
     def drain(self) -> list[str]:
+        """Start every queued workspace that has a free slot now; the names started."""
         return self.drainer.drain()
 
     def orphans(self) -> list[str]:
+        """Containers labelled with this root that no record knows, from one look at the engine.
+
+        Raises:
+            RuntimeUnavailableError: the engine cannot be reached.
+        """
         return self.recovery.orphans()
 
     def cleanup(self) -> CleanupReport:
+        """Remove the orphaned containers :meth:`orphans` reports.
+
+        Raises:
+            RuntimeUnavailableError: the engine cannot be reached.
+        """
         return self.recovery.cleanup()
 
     def sync(self, workspace: str | None = None, force: bool = False, wait: float = 0.0) -> SyncReport:
+        """Bring finished runs home (of ``workspace``, when given) and report every delivery.
+
+        Raises:
+            WorkspaceNotFoundError: ``workspace`` does not exist.
+            InvalidInputError: ``force`` without a workspace, or a negative ``wait``.
+            StateError: ``force`` where the branch holds another workspace's delivery.
+        """
         return self.delivery.sync(workspace, force, wait)
