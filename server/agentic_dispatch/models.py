@@ -173,7 +173,6 @@ class WorkspaceRecord(BaseModel):
     resume_session: str | None = Field(
         default=None, description="the CLI session the queued run continues (native resume); None: a fresh session"
     )
-    delivery: Delivery | None = Field(default=None, description="the last delivery of the branch (sync)")
     qa_enabled: bool = Field(default=False, description="run the QA gate after the agent ends completed")
     phase: Literal["agent", "qa"] = Field(default="agent", description="what the running container does")
     qa: QaResult | None = None

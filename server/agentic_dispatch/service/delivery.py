@@ -70,21 +70,13 @@ class ResultDelivery:
             return Outcome.permanent(f"the workspace {entry.workspace} is gone", "nothing is left to deliver")
         except CorruptRecordError as e:
             return Outcome.permanent(str(e), "repair or remove the workspace's status.json, then call agentic_sync")
-        if entry.kind == "record":
-            return self.poster.deliver(entry, rec.delivery)
-        outcome = self.git.deliver(rec, self.store.paths(rec.name).repo, force=entry.force, run=entry.run)
-        if outcome.delivery is not None:
-            self._note_delivery(rec.name, rec.runs, outcome.delivery)
-        return outcome
+        if entry.kind == "record":  # it carries where the run's branch went, as the ledger has it now
+            return self.poster.deliver(entry, self.outbox.delivery_of(entry.workspace, entry.run))
+        return self.git.deliver(rec, self.store.paths(rec.name).repo, force=entry.force, run=entry.run)
 
-    def _note_delivery(self, name: str, run: int, delivery: Delivery) -> None:
-        def apply(rec: WorkspaceRecord) -> bool:
-            if rec.runs != run:  # a later run owns the record now; its own delivery will say
-                return False
-            rec.delivery = delivery
-            return True
-
-        self.store.update(name, apply)
+    def delivery_of(self, rec: WorkspaceRecord) -> Delivery | None:
+        """Where ``rec``'s branch last went (the outbox's ledger is the one record of it)."""
+        return self.outbox.delivery_of(rec.name, rec.runs)
 
     def _event(self, kind: str, entry: OutboxEntry, reason: str | None) -> None:
         try:
@@ -220,12 +212,12 @@ class ResultDelivery:
         return out
 
     @staticmethod
-    def view_commands(rec: WorkspaceRecord) -> list[str]:
+    def view_commands(rec: WorkspaceRecord, delivery: Delivery | None) -> list[str]:
         """Commands (and a review link) to look at ``rec``'s delivered branch where it went."""
-        if rec.delivery is None:
+        if delivery is None:
             return []
         try:
             _, local = delivery_target(rec)
         except InvalidInputError:
             return []
-        return delivery_view_commands(rec, rec.delivery, local)
+        return delivery_view_commands(rec, delivery, local)

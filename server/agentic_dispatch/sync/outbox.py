@@ -24,10 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from ..config import SyncSettings
 from ..errors import CorruptRecordError, DispatchError
 from ..fileio import exclusive_lock, try_exclusive_lock
-from ..models import OutboxEntryRow, SyncReport, utcnow
+from ..models import Delivery, OutboxEntryRow, SyncReport, utcnow
 from . import files
 from .entry import EnqueueResult, EventSink, FlushResult, Kind, OutboxEntry, entry_id
 from .outcome import Outcome
@@ -107,6 +109,24 @@ class Outbox:
     def is_delivered(self, workspace: str, run: int, kind: Kind) -> bool:
         """Whether the ledger holds that delivery."""
         return self._ledger_path(entry_id(workspace, run, kind)).exists()
+
+    def delivery_of(self, workspace: str, run: int) -> Delivery | None:
+        """Where the branch of ``workspace`` last went, as of run ``run``: the ledger of its newest
+        delivered branch (the one record of a delivery; status and the endpoint's records read it)."""
+        for n in range(run, 0, -1):
+            path = self._ledger_path(entry_id(workspace, n, "git"))
+            try:
+                data = files.read_json(path)
+            except (ValueError, OSError) as e:
+                log.warning("the ledger file %s cannot be read: %s", path, e)
+                continue
+            found = data.get("delivery") if data is not None else None
+            if found:
+                try:
+                    return Delivery.model_validate(found)
+                except ValidationError as e:
+                    log.warning("the ledger file %s holds no delivery: %s", path, e)
+        return None
 
     def entries(self, workspace: str | None = None) -> list[OutboxEntry]:
         """The entries still to deliver (pending or needing attention), oldest first."""

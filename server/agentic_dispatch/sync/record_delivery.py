@@ -36,7 +36,7 @@ def record_payload(record: WorkspaceRecord, agent_id: str) -> dict[str, Any]:
         "exit_code": record.exit_code,
         "runs": record.runs,
         "summary": record.summary.model_dump(mode="json") if record.summary else None,
-        "delivery": record.delivery.model_dump(mode="json") if record.delivery else None,
+        "delivery": None,  # where the branch went: filled in from the ledger when it is posted
         "started_at": record.started_at,
         "finished_at": record.finished_at,
     }

@@ -106,6 +106,7 @@ class Reports:
         if log_lines > 0:
             base = agent_base(rec.agent)
             tail = redact(log_tail(self.store.paths(rec.name), base, log_lines), self.catalog.secrets(base))
+        delivered = self.delivery.delivery_of(rec)
         return WorkspaceRow(
             name=rec.name,
             repo=rec.repo,
@@ -122,9 +123,9 @@ class Reports:
             summary=rec.summary,
             log_tail=tail,
             qa=rec.qa,
-            delivery=rec.delivery,
+            delivery=delivered,
             sync=sync,
-            delivery_commands=self.delivery.view_commands(rec),
+            delivery_commands=self.delivery.view_commands(rec, delivered),
         )
 
     def _report(self, counts: dict[str, int], rows: list[WorkspaceRow]) -> StatusReport:
