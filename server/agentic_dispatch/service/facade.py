@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from ..agents import AGENTS, Agent, agent_base
 from ..config import Paths, Settings, config_file_path
-from ..errors import ConfigError
+from ..errors import ConfigError, DispatchError
 from ..mirrors import MirrorCache
 from ..models import (
     CancelResult,
@@ -190,8 +190,12 @@ class Dispatcher:
             self.drainer.drain()
         except Exception:
             log.exception("cannot drain the queue after %s; the timer tries again", result.workspace)
-        rec = self.runs.apply(result.workspace, Waiting())  # still queued: say so in the events log
-        return self.intake.result(rec) if rec is not None else self.intake.result(self.store.read(result.workspace))
+        try:
+            rec = self.runs.apply(result.workspace, Waiting())  # still queued: say so in the events log
+        except (DispatchError, OSError) as e:  # the run is recorded; a missing "queued" line is not an error
+            log.warning("cannot note that %s waits for a slot: %s", result.workspace, e)
+            rec = None
+        return self.intake.result(rec if rec is not None else self.store.read(result.workspace))
 
     # -- what the front ends call: the only way in ---------------------------------------------
     def dispatch(self, req: DispatchRequest) -> DispatchResult:

@@ -15,8 +15,10 @@ report one exit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -126,8 +128,9 @@ class RunLifecycle:
                 self.store.write(out.record)
                 self._log_events(out, strict=True)
             except OSError as e:
-                self.store.forget(record.name)
                 shutil.rmtree(ws.dir, ignore_errors=True)
+                with contextlib.suppress(OSError, sqlite3.Error):  # the index catches up with the folder gone
+                    self.store.forget(record.name)
                 raise StateError(
                     f"the dispatch of {record.name} could not be recorded ({e.strerror or e}); nothing was kept. "
                     "Free disk space or fix the permissions of the root, then dispatch again."
