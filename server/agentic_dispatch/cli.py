@@ -20,8 +20,8 @@ from typing import Any, TypeAlias
 
 from pydantic import TypeAdapter, ValidationError
 
-from .cli_views import emit, print_status
-from .cli_watch import add_watch_commands
+from .cli_views import emit, print_status, print_sync
+from .cli_watch import cmd_events, cmd_insights, cmd_logs, cmd_watch
 from .config import load_settings
 from .errors import ConfigError, DispatchError, InvalidInputError, WorkspaceNotFoundError, describe_state_failure
 from .http_auth import plan_http
@@ -36,7 +36,7 @@ from .models import (
     problems,
 )
 from .runtime.docker import DockerRuntime
-from .service import Dispatcher
+from .service import MAX_TAIL_LINES, MAX_WATCH_SECONDS, MAX_WINDOW_DAYS, Dispatcher
 
 __all__ = ["main"]
 
@@ -201,7 +201,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     report = _dispatcher(args).sync(args.workspace, args.force, args.wait)
-    _emit(report, args.json)
+    print_sync(report, args.json)
     return 1 if report.attention or report.dead_lettered else 0
 
 
@@ -246,18 +246,44 @@ def cmd_image_tag(args: argparse.Namespace) -> int:
     return 0
 
 
+# Written for a person reading --help (the module's docstring is for whoever reads the code);
+# wrapped here, since argparse would break "agentic-dispatch" at its hyphen.
+_DESCRIPTION = """\
+Hand coding tasks to coding agents (OpenAI Codex, Claude Code, Gemini CLI, or a
+plain shell script) and get the results back safely: each task runs in its own
+Docker container, on its own branch of its own clone of the repository, never
+in your checkout. The same service the MCP server offers (see serve), for a
+person at a terminal or for a script."""
+_EPILOG = """\
+Results go to stdout (with --json, as JSON); logs and errors go to stderr.
+Exit codes: 0 success, 1 failure, 2 bad input or configuration.
+Run agentic-dispatch COMMAND --help for what a command does and its options."""
+_JSON_HELP = "print the result as JSON (the fields the MCP tool returns) instead of text"
+_WORKSPACE_HELP = "the workspace's name, as dispatch and status print it (org/repo/name)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="agentic-dispatch", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="agentic-dispatch",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", help="config file (default: AGENTIC_DISPATCH_CONFIG or config.toml in the config dir)")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     _add_serve(sub)
     _add_dispatch(sub)
     _add_workspace_commands(sub)
     _add_queue_commands(sub)
     _add_setup_commands(sub)
-    add_watch_commands(sub, _dispatcher)
+    _add_watch_commands(sub)
     _text_is_utf8(p)
     return p
+
+
+def _command(sub: _Sub, name: str, summary: str, description: str = "") -> argparse.ArgumentParser:
+    """A subcommand: ``summary`` in the list of commands; ``--help`` shows it with ``description``."""
+    return sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}. {description}".strip())
 
 
 def _text_is_utf8(parser: argparse.ArgumentParser) -> None:
@@ -286,13 +312,15 @@ def _utf8(text: str) -> str:
     return text
 
 
-def _whole_number(text: str, least: int) -> int:
+def _whole_number(text: str, least: int, most: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < least:
         raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+    if most is not None and value > most:
+        raise argparse.ArgumentTypeError(f"must be {least} to {most}, got {value}")
     return value
 
 
@@ -317,6 +345,10 @@ def _count(text: str) -> int:
     return _whole_number(text, 0)
 
 
+def _log_lines(text: str) -> int:
+    return _whole_number(text, 1, MAX_TAIL_LINES)  # the most a look at a log returns
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -327,11 +359,42 @@ def _seconds(text: str) -> float:
     return value
 
 
+# A shorter wait between refreshes would only spin; a longer one is more than one watch call waits.
+_WATCH_INTERVAL_LEAST = 0.1
+
+
+def _watch_interval(text: str) -> float:
+    value = _seconds(text)
+    if not _WATCH_INTERVAL_LEAST <= value <= MAX_WATCH_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"must be {_WATCH_INTERVAL_LEAST:g} to {MAX_WATCH_SECONDS} seconds, got {text!r}"
+        )
+    return value
+
+
+def _days(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
+    if not 0 < value <= MAX_WINDOW_DAYS:  # false for nan too
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most {MAX_WINDOW_DAYS} days, got {text!r}")
+    return value
+
+
 def _add_serve(sub: _Sub) -> None:
-    s = sub.add_parser("serve", help="run the MCP server")
-    s.add_argument("--transport", choices=["stdio", "http"], default="stdio")
+    s = _command(
+        sub,
+        "serve",
+        "run the MCP server",
+        "An MCP host (Claude Code, Cursor, ...) starts it and talks to it over stdio; with --transport http it "
+        "serves streamable HTTP on 127.0.0.1 instead. SIGTERM or SIGINT stops it; running agents keep running.",
+    )
+    s.add_argument(
+        "--transport", choices=["stdio", "http"], default="stdio", help="how hosts reach it (default: stdio)"
+    )
     s.add_argument("--host", default="127.0.0.1", help="address for --transport http (default: 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--port", type=int, default=8765, help="port for --transport http (default: 8765)")
     s.add_argument(
         "--allow-remote",
         action="store_true",
@@ -347,25 +410,35 @@ def _add_serve(sub: _Sub) -> None:
 
 
 def _add_dispatch(sub: _Sub) -> None:
-    d = sub.add_parser("dispatch", help="dispatch an agent on a repository")
-    d.add_argument("repo")
+    d = _command(
+        sub,
+        "dispatch",
+        "dispatch an agent on a repository",
+        "The task gets a workspace (a clone of the repository on its own agent/... branch), a prompt and a "
+        "container of its own; this prints the workspace at once, or with --wait its status once the run ends.",
+    )
+    d.add_argument("repo", help="the repository: a local path, a git URL, or org/repo")
     d.add_argument("task", help="the task text ('-' reads it from stdin)")
-    d.add_argument("--agent")
-    d.add_argument("--org")
-    d.add_argument("--template")
-    d.add_argument("--plan")
-    d.add_argument("--var", action="append", metavar="NAME=VALUE")
-    d.add_argument("--persona")
-    d.add_argument("--issue", type=_request_field(PositiveNumber))
-    d.add_argument("--pr", type=_request_field(PositiveNumber))
-    d.add_argument("--branch", type=_request_field(BranchName))
-    d.add_argument("--tag", type=_request_field(Tag))
-    d.add_argument("--priority", choices=[p.value for p in Priority], default="normal")
+    d.add_argument("--agent", help="codex, claude, gemini or shell, optionally with a model: claude:opus")
+    d.add_argument("--org", help="the organisation in the workspace's name (default: from the repository)")
+    d.add_argument("--template", help="the prompt template: coding, conventions, security, review, verify, ...")
+    d.add_argument("--plan", help="a plan template to add to the prompt")
+    d.add_argument("--var", action="append", metavar="NAME=VALUE", help="a plan template variable (repeatable)")
+    d.add_argument("--persona", help="a persona to add to the prompt")
+    d.add_argument("--issue", type=_request_field(PositiveNumber), help="the issue the task is about")
+    d.add_argument("--pr", type=_request_field(PositiveNumber), help="the pull request the task is about")
+    d.add_argument("--branch", type=_request_field(BranchName), help="start from this branch")
+    d.add_argument("--tag", type=_request_field(Tag), help="a label for the workspace")
+    d.add_argument("--priority", choices=[p.value for p in Priority], default="normal", help="queue order")
     d.add_argument(
         "--timeout", type=_request_field(PositiveNumber), help="seconds (default: timeout_seconds in the config)"
     )
-    d.add_argument("--idempotency-key", type=_request_field(IdempotencyKey))
-    d.add_argument("--dry-run", action="store_true")
+    d.add_argument(
+        "--idempotency-key",
+        type=_request_field(IdempotencyKey),
+        help="the same key again returns the existing workspace instead of a second run",
+    )
+    d.add_argument("--dry-run", action="store_true", help="print the prompt; launch and keep nothing")
     d.add_argument(
         "--qa",
         action=argparse.BooleanOptionalAction,
@@ -373,73 +446,158 @@ def _add_dispatch(sub: _Sub) -> None:
         help="run the repository's tests after the agent ends completed (default: [qa] enabled in the config)",
     )
     d.add_argument("--wait", type=_seconds, metavar="SECONDS", help="wait up to this long for the run to finish")
-    d.add_argument("--json", action="store_true")
+    d.add_argument("--json", action="store_true", help=_JSON_HELP)
     d.set_defaults(func=cmd_dispatch)
 
 
 def _add_workspace_commands(sub: _Sub) -> None:
-    st = sub.add_parser("status", help="show workspaces")
-    st.add_argument("workspace", nargs="?")
-    st.add_argument("--status")
-    st.add_argument("--limit", type=_positive, default=50)
-    st.add_argument("--log-lines", type=_count, default=0)
-    st.add_argument("--json", action="store_true")
+    st = _command(
+        sub,
+        "status",
+        "show workspaces",
+        "Counts per status, then one line per workspace, newest first: age, agent, status, runs, and the "
+        "question, failure reason or last word; with one workspace, also its figures and log tail.",
+    )
+    st.add_argument("workspace", nargs="?", help=f"{_WORKSPACE_HELP}; default: all")
+    st.add_argument("--status", help="only workspaces in this status (running, blocked, failed, ...)")
+    st.add_argument("--limit", type=_positive, default=50, help="at most this many workspaces (default: 50)")
+    st.add_argument("--log-lines", type=_count, default=0, help="the last this many log lines of each (default: 0)")
+    st.add_argument("--json", action="store_true", help=_JSON_HELP)
     st.set_defaults(func=cmd_status)
 
-    r = sub.add_parser("resume", help="run a blocked, failed or completed workspace again")
-    r.add_argument("workspace")
-    r.add_argument("--answer")
-    r.add_argument("--agent")
-    r.add_argument("--json", action="store_true")
+    r = _command(
+        sub,
+        "resume",
+        "run a blocked, failed or completed workspace again",
+        "In the same workspace: the agent continues its own session with the answer as the next message.",
+    )
+    r.add_argument("workspace", help=_WORKSPACE_HELP)
+    r.add_argument("--answer", help="the answer to the agent's question (written to ANSWER.md)")
+    r.add_argument("--agent", help="another agent for this run (default: the workspace's)")
+    r.add_argument("--json", action="store_true", help=_JSON_HELP)
     r.set_defaults(func=cmd_resume)
 
-    c = sub.add_parser("cancel", help="cancel a queued or running workspace")
-    c.add_argument("workspace")
-    c.add_argument("--json", action="store_true")
+    c = _command(
+        sub,
+        "cancel",
+        "cancel a queued or running workspace",
+        "A queued one never starts; a running one's container is stopped; a finished one is left alone.",
+    )
+    c.add_argument("workspace", help=_WORKSPACE_HELP)
+    c.add_argument("--json", action="store_true", help=_JSON_HELP)
     c.set_defaults(func=cmd_cancel)
 
 
 def _add_queue_commands(sub: _Sub) -> None:
-    fr = sub.add_parser("freeze", help="freeze the queue (new dispatches queue, nothing starts)")
+    fr = _command(
+        sub,
+        "freeze",
+        "freeze the queue (new dispatches queue, nothing starts)",
+        "The queue stays frozen across restarts until unfreeze.",
+    )
     fr.add_argument("--now", action="store_true", help="also stop running agents")
-    fr.add_argument("--json", action="store_true")
+    fr.add_argument("--json", action="store_true", help=_JSON_HELP)
     fr.set_defaults(func=cmd_freeze)
 
-    un = sub.add_parser("unfreeze", help="unfreeze the queue")
-    un.add_argument("--json", action="store_true")
+    un = _command(sub, "unfreeze", "unfreeze the queue", "Starts what has a slot and lifts any pool's pause.")
+    un.add_argument("--json", action="store_true", help=_JSON_HELP)
     un.set_defaults(func=cmd_unfreeze)
 
-    cl = sub.add_parser("cleanup", help="remove labelled containers no record knows (agentic_status lists them)")
-    cl.add_argument("--json", action="store_true")
+    cl = _command(
+        sub,
+        "cleanup",
+        "remove labelled containers no record knows",
+        "status lists them as orphaned containers; nothing else removes them.",
+    )
+    cl.add_argument("--json", action="store_true", help=_JSON_HELP)
     cl.set_defaults(func=cmd_cleanup)
 
-    sy = sub.add_parser("sync", help="deliver results home (exit 1 when a delivery needs attention)")
-    sy.add_argument("workspace", nargs="?")
+    sy = _command(
+        sub,
+        "sync",
+        "deliver results home (exit 1 when a delivery needs attention)",
+        "A completed run's branch goes to the repository it was dispatched from, and its record to the "
+        "configured endpoint; prints a line per delivery and what to do where one needs a person.",
+    )
+    sy.add_argument("workspace", nargs="?", help=f"{_WORKSPACE_HELP}; default: every finished run")
     sy.add_argument("--force", action="store_true", help="the branch may overwrite a different one of its name")
     sy.add_argument(
         "--wait", type=_seconds, default=0.0, metavar="SECONDS", help="keep retrying what is pending up to this long"
     )
-    sy.add_argument("--json", action="store_true")
+    sy.add_argument("--json", action="store_true", help=_JSON_HELP)
     sy.set_defaults(func=cmd_sync)
 
 
 def _add_setup_commands(sub: _Sub) -> None:
-    dr = sub.add_parser(
-        "doctor", help="check each agent can run: engine, image, CLI version, credentials (never printed)"
+    dr = _command(
+        sub,
+        "doctor",
+        "check each agent can run: engine, image, CLI version, credentials (never printed)",
+        "Exit 1 when one cannot, with what to set or build.",
     )
     dr.add_argument("agent", nargs="*", help="agents to check (default: all)")
-    dr.add_argument("--json", action="store_true")
+    dr.add_argument("--json", action="store_true", help=_JSON_HELP)
     dr.set_defaults(func=cmd_doctor)
 
-    im = sub.add_parser("image", help="the agent image")
-    im_sub = im.add_subparsers(dest="image_command", required=True)
-    b = im_sub.add_parser("build", help="build the agent image (skipped when it is up to date)")
+    im = _command(sub, "image", "the agent image", "Build it, or print the tag the current recipe builds.")
+    im_sub = im.add_subparsers(dest="image_command", required=True, title="commands", metavar="COMMAND")
+    b = _command(
+        im_sub,
+        "build",
+        "build the agent image (skipped when it is up to date)",
+        "Progress goes to stderr; the tag built goes to stdout.",
+    )
     b.add_argument("--base", help="base image (default: debian:bookworm-slim, else a locally bootstrapped one)")
     b.add_argument("--tag", help="image tag (default: agentic-dispatch-agent:<recipe hash>)")
     b.add_argument("--force", action="store_true", help="rebuild even when the tag exists")
     b.set_defaults(func=cmd_image_build)
-    t = im_sub.add_parser("tag", help="print the tag the current recipe builds")
+    t = _command(im_sub, "tag", "print the tag the current recipe builds")
     t.set_defaults(func=cmd_image_tag)
+
+
+def _add_watch_commands(sub: _Sub) -> None:
+    w = _command(
+        sub,
+        "watch",
+        "the status table, updated live as runs change (Ctrl-C to stop)",
+        "Into a pipe, one line per change instead.",
+    )
+    w.add_argument("workspace", nargs="*", help="workspaces to watch (default: everything queued or running)")
+    w.add_argument(
+        "--interval",
+        type=_watch_interval,
+        default=10.0,
+        metavar="SECONDS",
+        help=f"longest wait between refreshes ({_WATCH_INTERVAL_LEAST:g} to {MAX_WATCH_SECONDS}; default: 10)",
+    )
+    w.add_argument(
+        "--limit", type=_positive, default=30, help="at most this many workspaces in the table (default: 30)"
+    )
+    w.set_defaults(func=lambda a: cmd_watch(a, _dispatcher))
+
+    lg = _command(sub, "logs", "an agent's log (masked); -f follows it until the run ends")
+    lg.add_argument("workspace", help=_WORKSPACE_HELP)
+    lg.add_argument("-f", "--follow", action="store_true", help="print what follows as it comes, until the run ends")
+    lg.add_argument(
+        "--tail", type=_log_lines, default=200, help=f"lines to show first (1 to {MAX_TAIL_LINES}; default: 200)"
+    )
+    lg.set_defaults(func=lambda a: cmd_logs(a, _dispatcher))
+
+    ev = _command(sub, "events", "the transitions of every run (dispatched, started, blocked, ...)")
+    ev.add_argument("--workspace", help="only this workspace's")
+    ev.add_argument("--last", type=_count, default=0, metavar="N", help="only the last N (default: 0, all)")
+    ev.add_argument("-f", "--follow", action="store_true", help="wait for more")
+    ev.set_defaults(func=lambda a: cmd_events(a, _dispatcher))
+
+    ins = _command(sub, "insights", "per agent: runs, success rate, durations, tokens, cost, failures")
+    ins.add_argument(
+        "--days",
+        type=_days,
+        default=7.0,
+        help=f"the runs that finished in the last this many days (at most {MAX_WINDOW_DAYS}; default: 7)",
+    )
+    ins.add_argument("--json", action="store_true", help=_JSON_HELP)
+    ins.set_defaults(func=lambda a: cmd_insights(a, _dispatcher))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""What the command line prints: the status table at a glance, changes, insights (``rich``).
+"""What the command line prints: the status table at a glance, changes, insights, deliveries
+(``rich``), and every other result as labelled lines.
 
 Plain text when stdout is not a terminal (scripts, pipes), with the same columns; ``--json``
 prints the model instead.
@@ -6,17 +7,17 @@ prints the model instead.
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import BaseModel
 from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .models import Change, InsightsReport, StatusReport, WorkspaceRow
+from .models import Change, InsightsReport, OutboxEntryRow, StatusReport, SyncReport, WorkspaceRow
 
-__all__ = ["age", "emit", "print_change", "print_insights", "print_status", "status_view"]
+__all__ = ["age", "emit", "print_change", "print_insights", "print_status", "print_sync", "status_view"]
 
 _STYLE = {
     "running": "bold cyan",
@@ -30,20 +31,50 @@ _STYLE = {
 
 
 def emit(obj: BaseModel, as_json: bool, console: Console | None = None) -> None:
-    """A result as JSON, or one ``key: value`` line per field."""
+    """A result as JSON, or for a person: its ``message`` first, then one ``label  value`` line per
+    field that says something (a default, ``None`` or an empty list is left out), lists and
+    multi-line text indented under their label."""
     out = console or Console(highlight=False, soft_wrap=True)
     if as_json:
         out.print_json(obj.model_dump_json()) if out.is_terminal else print(obj.model_dump_json(indent=2))
         return
-    for key, value in obj.model_dump(exclude_none=True).items():
-        if isinstance(value, list):
-            out.print(f"{key}:", markup=False)
-            for v in value:
-                out.print(f"  {v}", markup=False)
-        elif isinstance(value, dict):
-            out.print(f"{key}: {json.dumps(value)}", markup=False)
+    fields = obj.model_dump(exclude_defaults=True, exclude_none=True)
+    message = fields.pop("message", None)
+    if isinstance(message, str) and message:
+        out.print(message, markup=False)
+    _print_fields(out, fields, "")
+
+
+def _words(value: Any) -> str:
+    """A value as a person reads it: ``yes``/``no`` for booleans, ``-`` for nothing."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k.replace('_', ' ')} {_words(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(_words(v) for v in value)
+    return str(value)
+
+
+def _print_fields(out: Console, fields: dict[str, Any], indent: str) -> None:
+    """Scalars aligned as ``label  value`` lines, then each list, mapping or multi-line text under
+    its label; empty ones are left out."""
+    scalars = {k: v for k, v in fields.items() if not isinstance(v, list | dict) and "\n" not in str(v)}
+    width = max((len(k) for k in scalars), default=0)
+    for key, value in scalars.items():
+        out.print(f"{indent}{key.replace('_', ' '):<{width}}  {_words(value)}", markup=False)
+    for key, value in fields.items():
+        if key in scalars or not value:
+            continue
+        out.print(f"{indent}{key.replace('_', ' ')}:", markup=False)
+        if isinstance(value, dict):
+            _print_fields(out, value, indent + "  ")
         else:
-            out.print(f"{key}: {value}", markup=False)
+            lines = [_words(v) for v in value] if isinstance(value, list) else str(value).splitlines()
+            for line in lines:
+                out.print(f"{indent}  {line}".rstrip(), markup=False)
 
 
 def age(ts: str | None, now: datetime | None = None) -> str:
@@ -168,3 +199,47 @@ def print_insights(report: InsightsReport, console: Console | None = None) -> No
     for r in report.agents:
         for failure in r.top_failures:
             out.print(f"  {r.agent} failed: {failure}", markup=False)
+
+
+_DELIVERY_STYLE = {"delivered": "green", "pending": "cyan", "attention": "bold yellow", "dead-lettered": "bold red"}
+
+
+def _where_it_stands(row: OutboxEntryRow) -> str:
+    """The sync table's last column: what was delivered where, or when the next try is and why."""
+    if row.state == "delivered":
+        return row.detail or f"at {row.delivered_at}"
+    if row.state == "pending":
+        return f"next try {row.next_attempt_at or 'now'}" + (f": {row.last_error}" if row.last_error else "")
+    reason = (row.last_error or "").strip()
+    return reason.splitlines()[0] if reason else row.state
+
+
+def print_sync(report: SyncReport, as_json: bool, console: Console | None = None) -> None:
+    """The sync report: the counts, one line per delivery (workspace, run, branch or record, state,
+    tries, where it stands, cut to the terminal's width), then in full what needs a person."""
+    out = console or Console(highlight=False)
+    if as_json:
+        print(report.model_dump_json(indent=2))
+        return
+    counts, *explained = report.message.splitlines() or [""]
+    out.print(counts, markup=False)
+    if report.entries:
+        table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold", expand=True)
+        widths = {"workspace": max(len(r.workspace) for r in report.entries), "run": 3, "kind": 6, "state": 13}
+        for column, width in {**widths, "tries": 5}.items():
+            table.add_column(
+                column, no_wrap=True, min_width=width, justify="right" if column in ("run", "tries") else "left"
+            )
+        table.add_column("where it stands", no_wrap=True, overflow="ellipsis", ratio=1, min_width=1)
+        for row in report.entries:
+            table.add_row(
+                row.workspace,
+                str(row.run),
+                "branch" if row.kind == "git" else row.kind,
+                Text(row.state, style=_DELIVERY_STYLE.get(row.state, "")),
+                str(row.attempts),
+                _where_it_stands(row),
+            )
+        out.print(table)
+    for line in explained:  # the full reason and what to do, for each delivery a person must see to
+        out.print(line, markup=False, soft_wrap=True)

@@ -1,4 +1,8 @@
-"""The command line's live commands: ``watch``, ``logs [-f]``, ``events [--follow]``, ``insights``."""
+"""The command line's live commands: ``watch``, ``logs [-f]``, ``events [--follow]``, ``insights``.
+
+Their arguments are declared (and checked, by their types) with the others in :mod:`.cli`; each
+command here takes the parsed arguments and ``make``, which builds the service from them.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +10,17 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from typing import TypeAlias
 
 from rich.console import Console
 from rich.live import Live
 
 from .cli_views import emit, print_change, print_insights, status_view
-from .errors import InvalidInputError
 from .models import ACTIVE_STATUSES
 from .service import Dispatcher
 
-__all__ = ["add_watch_commands"]
+__all__ = ["Make", "cmd_events", "cmd_insights", "cmd_logs", "cmd_watch"]
 
 Make = Callable[[argparse.Namespace], Dispatcher]
-_Sub: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 FOLLOW_POLL_SECONDS = 0.5
 
 
@@ -76,42 +77,10 @@ def cmd_events(args: argparse.Namespace, make: Make) -> int:
 
 
 def cmd_insights(args: argparse.Namespace, make: Make) -> int:
+    """Per agent, the runs that finished in the last ``--days``: a table, or the report as JSON."""
     report = make(args).insights(args.days)
     if args.json:
         emit(report, True)
     else:
         print_insights(report)
     return 0
-
-
-def add_watch_commands(sub: _Sub, make: Make) -> None:
-    """Register the live commands; ``make`` builds the service from the parsed arguments."""
-    w = sub.add_parser("watch", help="the status table, updated live as runs change (Ctrl-C to stop)")
-    w.add_argument("workspace", nargs="*", help="workspaces to watch (default: everything queued or running)")
-    w.add_argument("--interval", type=float, default=10.0, help="longest wait between refreshes, seconds")
-    w.add_argument("--limit", type=int, default=30)
-    w.set_defaults(func=lambda a: cmd_watch(_checked(a, "interval", 0.1, 50), make))
-
-    lg = sub.add_parser("logs", help="an agent's log (masked); -f follows it until the run ends")
-    lg.add_argument("workspace")
-    lg.add_argument("-f", "--follow", action="store_true")
-    lg.add_argument("--tail", type=int, default=200, help="lines to show first")
-    lg.set_defaults(func=lambda a: cmd_logs(a, make))
-
-    ev = sub.add_parser("events", help="the transitions of every run (dispatched, started, blocked, ...)")
-    ev.add_argument("--workspace")
-    ev.add_argument("--last", type=int, default=0, help="only the last N")
-    ev.add_argument("-f", "--follow", action="store_true", help="wait for more")
-    ev.set_defaults(func=lambda a: cmd_events(a, make))
-
-    ins = sub.add_parser("insights", help="per agent: runs, success rate, durations, tokens, cost, failures")
-    ins.add_argument("--days", type=float, default=7.0)
-    ins.add_argument("--json", action="store_true")
-    ins.set_defaults(func=lambda a: cmd_insights(a, make))
-
-
-def _checked(args: argparse.Namespace, name: str, low: float, high: float) -> argparse.Namespace:
-    value = getattr(args, name)
-    if not low <= value <= high:
-        raise InvalidInputError(name, f"must be {low:g} to {high:g}.")
-    return args
