@@ -229,7 +229,7 @@ def test_every_command_has_a_description_and_every_argument_a_help_text_in_plain
 
 
 # ---------------------------------------------------------------------------------------------
-# bad numbers for the live commands: exit 2 at the boundary, before anything is read or built
+# bad values (numbers, a status): exit 2 at the boundary, before anything is read or built
 
 
 @pytest.mark.parametrize(
@@ -248,9 +248,10 @@ def test_every_command_has_a_description_and_every_argument_a_help_text_in_plain
         (["insights", "--days", "-1"], "--days"),
         (["insights", "--days", "367"], "--days"),
         (["insights", "--days", "inf"], "--days"),
+        (["status", "--status", "finished"], "--status"),
     ],
 )
-def test_a_bad_number_for_a_live_command_exits_2_naming_the_option_before_anything_is_built(
+def test_a_bad_value_for_a_command_exits_2_naming_the_option_before_anything_is_built(
     argv: list[str], option: str, no_engine: str, isolated_home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, out, err = run(argv, capsys)

@@ -31,6 +31,7 @@ from .models import (
     IdempotencyKey,
     PositiveNumber,
     Priority,
+    Status,
     StatusReport,
     Tag,
     problems,
@@ -258,6 +259,7 @@ _EPILOG = """\
 Results go to stdout (with --json, as JSON); logs and errors go to stderr.
 Exit codes: 0 success, 1 failure, 2 bad input or configuration.
 Run agentic-dispatch COMMAND --help for what a command does and its options."""
+_STATUSES = ", ".join(s.value for s in Status)
 _JSON_HELP = "print the result as JSON (the fields the MCP tool returns) instead of text"
 _WORKSPACE_HELP = "the workspace's name, as dispatch and status print it (org/repo/name)"
 
@@ -459,7 +461,12 @@ def _add_workspace_commands(sub: _Sub) -> None:
         "question, failure reason or last word; with one workspace, also its figures and log tail.",
     )
     st.add_argument("workspace", nargs="?", help=f"{_WORKSPACE_HELP}; default: all")
-    st.add_argument("--status", help="only workspaces in this status (running, blocked, failed, ...)")
+    st.add_argument(
+        "--status",
+        choices=[s.value for s in Status],
+        metavar="STATUS",
+        help=f"only workspaces in this status: {_STATUSES}",
+    )
     st.add_argument("--limit", type=_positive, default=50, help="at most this many workspaces (default: 50)")
     st.add_argument("--log-lines", type=_count, default=0, help="the last this many log lines of each (default: 0)")
     st.add_argument("--json", action="store_true", help=_JSON_HELP)
