@@ -18,31 +18,23 @@ with the clone as its repository, and nothing in it is read as configuration:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import re
 import shutil
-import stat
-import tempfile
-import time
 from pathlib import Path
 
-from .. import safefs
 from ..errors import InvalidInputError, UnsafePathError
 from ..gitops import file_lock
 from ..models import ACTIVE_STATUSES, Delivery, WorkspaceRecord
 from ..naming import check_git_ref
 from .gitrun import FETCH_CONFIG, PUSH_CONFIG, GitResult, classify_push, git_error, run_git
 from .outcome import Outcome, redact_url
+from .shim import NOT_A_FOLDER, check_objects, read_ref_value, remove_stale_shims, shim_repository
 
 __all__ = ["GitDeliverer", "delivery_target"]
 
 _SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 _URL = re.compile(r"^(?:(?:https?|ssh|git|file)://\S+|[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:[^:\s]\S*)$")
-_REF_LIMIT = 4096
-_STALE_SHIM_SECONDS = 86_400
-_PACKED_REFS_LIMIT = 64 << 20
 # The receive-pack a local repository gets: its hooks stay off, objects are checked, the branch
 # checked out there (in any worktree) is never updated, and nothing else runs afterwards.
 _LOCAL_RECEIVE_PACK = (
@@ -50,18 +42,6 @@ _LOCAL_RECEIVE_PACK = (
     " -c receive.denyCurrentBranch=refuse -c receive.denyDeleteCurrent=refuse -c receive.autogc=false"
     " -c receive.updateServerInfo=false -c gc.auto=0 -c maintenance.auto=false receive-pack"
 )
-_SHIM_CONFIG = """[core]
-\trepositoryformatversion = 0
-\tbare = true
-\thooksPath = /dev/null
-\tfsmonitor = false
-\tcommitGraph = false
-\tmultiPackIndex = false
-[pack]
-\tuseBitmaps = false
-[gc]
-\tauto = 0
-"""
 
 
 class _Refused(Exception):
@@ -97,14 +77,9 @@ def _read_ref(clone: Path, ref: str) -> str | None:
         UnsafePathError: a link or a non-file on the way.
         _Refused: the ref is symbolic or does not hold an object id.
     """
-    git_dir = clone / ".git"
-    value = safefs.read_text(clone, git_dir.joinpath(*ref.split("/")), _REF_LIMIT)
-    if value is None:
-        packed = safefs.read_text(clone, git_dir / "packed-refs", _PACKED_REFS_LIMIT) or ""
-        value = next((ln.split(" ", 1)[0] for ln in packed.splitlines() if ln.endswith(" " + ref)), None)
+    value = read_ref_value(clone, ref)
     if value is None:
         return None
-    value = value.strip()
     if not _SHA.match(value):
         raise _Refused(
             f"{ref} in the workspace's clone is not a plain branch (it holds {value[:60]!r})",
@@ -130,19 +105,13 @@ def _check_objects(clone: Path) -> Path:
     Raises:
         _Refused: a link, a special file, or ``objects/info/alternates`` (pointers out of the clone).
     """
-    objects = clone / ".git" / "objects"
-    for path in (clone / ".git", objects):
-        if not stat.S_ISDIR(os.lstat(path).st_mode):
-            raise _Refused(f"{path} is not a folder (a link?)", "restore the clone's .git folder, then retry")
-    fix = "remove it (agentic-dispatch never follows pointers an agent made out of its workspace), then retry"
-    if os.path.lexists(objects / "info" / "alternates"):
-        raise _Refused(f"{objects / 'info' / 'alternates'} points at objects outside the clone", fix)
-    for folder, dirs, names in os.walk(objects):
-        for name in dirs + names:
-            mode = os.lstat(Path(folder) / name).st_mode
-            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
-                raise _Refused(f"{Path(folder) / name} is a link or a special file", fix)
-    return objects.absolute()
+    try:
+        return check_objects(clone)
+    except UnsafePathError as e:
+        if e.problem == NOT_A_FOLDER:
+            raise _Refused(f"{e.path} {e.problem}", "restore the clone's .git folder, then retry") from e
+        fix = "remove it (agentic-dispatch never follows pointers an agent made out of its workspace), then retry"
+        raise _Refused(f"{e.path} {e.problem}", fix) from e
 
 
 class GitDeliverer:
@@ -184,7 +153,7 @@ class GitDeliverer:
         except FileNotFoundError as e:
             return Outcome.permanent(f"{e.filename} is missing", "the workspace's clone is incomplete; restore it")
         self.root.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_shims()
+        remove_stale_shims(self.root)
         key = hashlib.sha256(target.encode()).hexdigest()[:16]
         with file_lock(self.root / f"{key}.lock"):
             return self._deliver_locked(record, self._outgoing(key), objects, tip, base, target, local, force)
@@ -221,14 +190,6 @@ class GitDeliverer:
         delivery = Delivery(remote=remote, branch=record.branch, commit=tip)
         return Outcome.delivered(f"{record.branch} at {tip[:12]} in {remote} ({summary.strip('[]')})", delivery)
 
-    def _remove_stale_shims(self) -> None:
-        """Shims a killed server left behind (a live one lasts seconds; a day old is surely stale)."""
-        cutoff = time.time() - _STALE_SHIM_SECONDS
-        for shim in self.root.glob("shim-*"):
-            with contextlib.suppress(FileNotFoundError):
-                if shim.stat().st_mtime < cutoff:
-                    shutil.rmtree(shim, ignore_errors=True)
-
     def _git(self, repo: Path, args: list[str], config: tuple[str, ...]) -> GitResult:
         return run_git(["--git-dir", str(repo), *args], config, self.timeout)
 
@@ -249,14 +210,7 @@ class GitDeliverer:
     def _fetch(self, outgoing: Path, objects: Path, tip: str, stash: str) -> Outcome | None:
         """Copy ``tip`` and its history from the clone's objects into ``outgoing`` (under ``stash``),
         every object checked; ``None`` on success, else why it was refused (permanent)."""
-        shim = Path(tempfile.mkdtemp(prefix="shim-", dir=self.root))
-        try:
-            init = run_git(["init", "--quiet", "--bare", "--template=", str(shim)], FETCH_CONFIG, self.timeout)
-            if not init.ok:
-                raise OSError(f"cannot create {shim}: {git_error(init)}")
-            (shim / "config").write_text(_SHIM_CONFIG, encoding="utf-8")
-            (shim / "objects" / "info").mkdir(parents=True, exist_ok=True)
-            (shim / "objects" / "info" / "alternates").write_text(f"{objects}\n", encoding="utf-8")
+        with shim_repository(self.root, objects, self.timeout) as shim:
             (shim / "refs" / "heads" / "deliver").write_text(f"{tip}\n", encoding="utf-8")
             check = self._git(shim, ["cat-file", "-e", f"{tip}^{{commit}}"], FETCH_CONFIG)
             if not check.ok:
@@ -276,8 +230,6 @@ class GitDeliverer:
                     "then retry",
                 )
             return None
-        finally:
-            shutil.rmtree(shim, ignore_errors=True)
 
     def _has_new_commits(self, outgoing: Path, tip: str, base: str) -> bool:
         """Whether ``tip`` has commits ``base`` lacks (``True`` when that cannot be told)."""

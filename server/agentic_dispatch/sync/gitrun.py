@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..gitops import GIT_ENV, HOST_GIT_OVERRIDES, dubious_ownership
@@ -80,8 +81,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_git(args: list[str], config: tuple[str, ...], timeout: float) -> GitResult:
-    """Run ``git -c <config>... <args>`` (no shell) and wait at most ``timeout`` seconds.
+def run_git(
+    args: list[str], config: tuple[str, ...], timeout: float, *, env: Mapping[str, str] | None = None
+) -> GitResult:
+    """Run ``git -c <config>... <args>`` (no shell) and wait at most ``timeout`` seconds; ``env``
+    is set on top of the clean environment (a checkpoint's identity, no global configuration).
 
     Raises:
         OSError: git cannot be started.
@@ -94,7 +98,7 @@ def run_git(args: list[str], config: tuple[str, ...], timeout: float) -> GitResu
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=_env(),
+        env={**_env(), **(env or {})},
         start_new_session=True,  # its own process group: ssh or a remote helper is killed with it
     ) as proc:
         try:
