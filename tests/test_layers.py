@@ -32,6 +32,7 @@ LAYER = {
     "events": 2,
     "index": 2,
     "sync": 2,
+    "checkpoints": 2,
     "runtime": 1,
     "config": 0,
     "http_auth": 0,

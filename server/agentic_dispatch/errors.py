@@ -9,6 +9,7 @@ translated at the module that calls the library, with ``raise ... from e``.
     ├── InvalidInputError        a caller-supplied value is malformed (bad name, empty task, unknown agent)
     │   └── MissingVariablesError    a plan template needs variables that were not given
     ├── RepoError                the repository cannot be resolved, fetched or cloned
+    ├── CheckpointError          git could not keep a stopped run's uncommitted work as a commit
     ├── WorkspaceNotFoundError   no workspace by that name
     ├── StateError               the operation does not fit the workspace's status (resume a running one)
     ├── CorruptRecordError       a status.json that cannot be read back; it is reported, never overwritten
@@ -25,6 +26,7 @@ from pathlib import Path
 
 __all__ = [
     "AgentNotReadyError",
+    "CheckpointError",
     "ConfigError",
     "CorruptRecordError",
     "DispatchError",
@@ -73,6 +75,24 @@ class MissingVariablesError(InvalidInputError):
 
 class RepoError(DispatchError):
     """The repository cannot be resolved, fetched or cloned."""
+
+
+class CheckpointError(DispatchError):
+    """The uncommitted work in a clone could not be kept as a checkpoint commit (git failed or ran
+    out of time, or the branch is not what a checkpoint can build on). Nothing in the clone changed.
+
+    Attributes:
+        clone: the clone (a workspace's ``repo/`` folder).
+        reason: what went wrong.
+    """
+
+    def __init__(self, clone: Path, reason: str) -> None:
+        super().__init__(
+            f"cannot keep the uncommitted work in {clone} as a checkpoint: {reason}. The work is still in its "
+            "work tree: look at it there (git status), commit it by hand or fix what the reason names, then try again."
+        )
+        self.clone = clone
+        self.reason = reason
 
 
 class WorkspaceNotFoundError(DispatchError):
