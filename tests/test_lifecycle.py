@@ -13,6 +13,7 @@ import pytest
 from agentic_dispatch.models import EventKind, QaResult, RunSummary, Status, WorkspaceRecord
 from agentic_dispatch.service.runs.lifecycle import (
     Cancelled,
+    Checkpoint,
     CountFailure,
     Dispatched,
     Exited,
@@ -74,22 +75,22 @@ TABLE: list[tuple[str, WorkspaceRecord, Happening, Status, str, list[EventKind],
      Status.BLOCKED, "agent", [EventKind.BLOCKED], ["RemoveContainer", "Settled"],
      {"question": "Which database?", "reason": None, "exit_code": 0}),
     ("exit 3 fails the run with a reason naming the code and no question", running(), Exited(CID, 3),
-     Status.FAILED, "agent", [EventKind.FAILED], ["RemoveContainer", "Settled", "CountFailure"],
+     Status.FAILED, "agent", [EventKind.FAILED], ["RemoveContainer", "Checkpoint", "Settled", "CountFailure"],
      {"reason": "the agent exited with code 3", "question": None, "exit_code": 3}),
     ("exit 0 completes the run", running(), Exited(CID, 0), Status.COMPLETED, "agent", [EventKind.COMPLETED],
      ["RemoveContainer", "Settled"], {"reason": None, "question": None}),
     ("a cancel wins over BLOCKED.md", running(stop_status=Status.CANCELLED, stop_reason="cancelled while running"),
      Exited(CID, 143, question="?"), Status.CANCELLED, "agent", [EventKind.CANCELLED],
-     ["RemoveContainer", "Settled"], {"reason": "cancelled while running", "stop_status": None}),
+     ["RemoveContainer", "Checkpoint", "Settled"], {"reason": "cancelled while running", "stop_status": None}),
     ("a timeout the server asked for fails the run with its reason, uncounted",
      running(stop_status=Status.FAILED, stop_reason="timed out after 5 s"), Exited(CID, 143), Status.FAILED,
-     "agent", [EventKind.FAILED], ["RemoveContainer", "Settled"], {"reason": "timed out after 5 s"}),
+     "agent", [EventKind.FAILED], ["RemoveContainer", "Checkpoint", "Settled"], {"reason": "timed out after 5 s"}),
     ("SIGTERM from outside (an engine restart) names the signal and is not counted", running(), Exited(CID, 143),
-     Status.FAILED, "agent", [EventKind.FAILED], ["RemoveContainer", "Settled"], {}),
+     Status.FAILED, "agent", [EventKind.FAILED], ["RemoveContainer", "Checkpoint", "Settled"], {}),
     ("out of memory is the run's own failure and counts", running(), Exited(CID, 137, oom_killed=True),
-     Status.FAILED, "agent", [EventKind.FAILED], ["RemoveContainer", "Settled", "CountFailure"], {}),
+     Status.FAILED, "agent", [EventKind.FAILED], ["RemoveContainer", "Checkpoint", "Settled", "CountFailure"], {}),
     ("an unreadable BLOCKED.md fails the run", running(), Exited(CID, 0, unsafe_question="is a symbolic link"),
-     Status.FAILED, "agent", [EventKind.FAILED], ["RemoveContainer", "Settled"], {}),
+     Status.FAILED, "agent", [EventKind.FAILED], ["RemoveContainer", "Checkpoint", "Settled"], {}),
     ("exit 0 with the QA gate on and a command starts the gate", running(qa_enabled=True),
      Exited(CID, 0, qa_command=("pytest", "pyproject.toml")), Status.RUNNING, "qa", [],
      ["RemoveContainer", "StartQa"], {}),
@@ -104,7 +105,7 @@ TABLE: list[tuple[str, WorkspaceRecord, Happening, Status, str, list[EventKind],
     ("tests fail: failed with the summary, uncounted", qa_running(), QaExited(CID, 1, "1 failed", "1 failed"),
      Status.FAILED, "agent", [EventKind.FAILED], ["RemoveContainer", "Settled"], {}),
     ("a vanished container fails the run", running(), Vanished(CID), Status.FAILED, "agent", [EventKind.FAILED],
-     ["Settled"], {}),
+     ["Checkpoint", "Settled"], {}),
     ("a failed run is resumed", _rec(Status.FAILED, reason="exit 3", exit_code=3, finished_at=NOW),
      Resumed("claude", "use sqlite", None, 7), Status.QUEUED, "agent", [EventKind.RESUMED], [],
      {"runs": 2, "agent": "claude", "answer": "use sqlite", "reason": None, "exit_code": None, "finished_at": None}),
@@ -175,6 +176,15 @@ def test_the_effects_of_a_fast_failure_name_the_agent_and_when_it_started() -> N
     assert out is not None
     assert CountFailure("codex", "2026-12-06T09:59:00Z") in out.effects
     assert out.effects[0] == RemoveContainer(CID)
+
+
+def test_a_run_stopped_before_its_agent_was_done_keeps_its_work_as_a_checkpoint_saying_why() -> None:
+    timed_out = running(stop_status=Status.FAILED, stop_reason="timed out after 5 s; the container was stopped")
+    out = transition(timed_out, Exited(CID, 143), NOW)
+    assert out is not None and Checkpoint("timed out after 5 s") in out.effects
+    for done in (Exited(CID, 0), Exited(CID, 0, question="Which DB?")):  # completed, blocked: the agent's own end
+        out = transition(running(), done, NOW)
+        assert out is not None and not [e for e in out.effects if isinstance(e, Checkpoint)]
 
 
 def test_starting_the_qa_gate_asks_for_its_command_and_keeps_the_run_running() -> None:

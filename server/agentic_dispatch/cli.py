@@ -201,7 +201,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    report = _dispatcher(args).sync(args.workspace, args.force, args.wait)
+    report = _dispatcher(args).sync(args.workspace, args.force, args.wait, args.include_checkpoints)
     print_sync(report, args.json)
     return 1 if report.attention or report.dead_lettered else 0
 
@@ -528,6 +528,11 @@ def _add_queue_commands(sub: _Sub) -> None:
     )
     sy.add_argument("workspace", nargs="?", help=f"{_WORKSPACE_HELP}; default: every finished run")
     sy.add_argument("--force", action="store_true", help="the branch may overwrite a different one of its name")
+    sy.add_argument(
+        "--include-checkpoints",
+        action="store_true",
+        help="also deliver branches that end in an automatic checkpoint of a stopped run",
+    )
     sy.add_argument(
         "--wait", type=_seconds, default=0.0, metavar="SECONDS", help="keep retrying what is pending up to this long"
     )

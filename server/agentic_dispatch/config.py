@@ -312,6 +312,11 @@ class Paths:
         return self.state / "index.sqlite"
 
     @property
+    def checkpoints(self) -> Path:
+        """Where the server builds automatic checkpoint commits (throw-away repositories)."""
+        return self.state / "checkpoints"
+
+    @property
     def cli_versions(self) -> Path:
         """The CLI versions of images without the label, by image id."""
         return self.state / "cli-versions.json"

@@ -289,14 +289,19 @@ def build_server(
             bool,
             Field(description="with a workspace: its branch may overwrite a different branch of the same name"),
         ] = False,
+        include_checkpoints: Annotated[
+            bool,
+            Field(description="also deliver branches that end in an automatic checkpoint of a stopped run"),
+        ] = False,
     ) -> SyncReport:
         """Bring results home: each completed run's branch `agent/...` goes into the repository it was dispatched
         from (a local repository gets only that ref; a remote gets a push to the origin recorded at dispatch), and,
         when an endpoint is configured, each finished run's record is posted there. Delivers what is due now and
         returns what was delivered, what is pending (attempts, next try, last error), what needs a person's
         attention (why, what to do) and what was given up. Naming a workspace also retries its deliveries that
-        needed attention. Safe to call again: nothing is delivered twice."""
-        return _svc(ctx).sync(workspace, force)
+        needed attention. A branch that ends in an automatic checkpoint (the uncommitted work of a stopped
+        run) is held back unless `include_checkpoints`. Safe to call again: nothing is delivered twice."""
+        return _svc(ctx).sync(workspace, force, include_checkpoints=include_checkpoints)
 
     @tool(
         name="agentic_cancel",

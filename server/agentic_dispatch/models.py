@@ -22,6 +22,7 @@ __all__ = [
     "BranchName",
     "CancelResult",
     "Change",
+    "CheckpointInfo",
     "CleanupReport",
     "Delivery",
     "DiffResult",
@@ -109,6 +110,15 @@ class Delivery(BaseModel):
     at: str = Field(default_factory=utcnow)
 
 
+class CheckpointInfo(BaseModel):
+    """An automatic checkpoint: the uncommitted work a stopped run left, kept as a commit on its branch."""
+
+    commit: str
+    why: str = Field(description="how the run ended: timed out, cancelled, stopped, ...")
+    at: str = Field(default_factory=utcnow)
+    files: int = Field(default=0, description="how many paths it changed")
+
+
 class QaResult(BaseModel):
     """The QA gate of one run: the repository's tests, run after the agent ended ``completed``."""
 
@@ -176,6 +186,9 @@ class WorkspaceRecord(BaseModel):
     qa_enabled: bool = Field(default=False, description="run the QA gate after the agent ends completed")
     phase: Literal["agent", "qa"] = Field(default="agent", description="what the running container does")
     qa: QaResult | None = None
+    checkpoint: CheckpointInfo | None = Field(
+        default=None, description="the last automatic checkpoint of a stopped run's uncommitted work"
+    )
 
     @model_validator(mode="after")
     def _question_is_only_a_question(self) -> WorkspaceRecord:
@@ -285,6 +298,9 @@ class WorkspaceRow(BaseModel):
     log_tail: str | None = None
     qa: QaResult | None = Field(default=None, description="the QA gate of the last run, when it is on")
     delivery: Delivery | None = Field(default=None, description="where sync delivered the branch")
+    checkpoint: CheckpointInfo | None = Field(
+        default=None, description="uncommitted work a stopped run left, kept as a commit on its branch"
+    )
     sync: str | None = Field(default=None, description="deliveries still to make, and where they stand")
     delivery_commands: list[str] = Field(default_factory=list, description="commands to look at the delivered branch")
     error: str | None = Field(default=None, description="set when the record itself could not be read")

@@ -14,7 +14,7 @@ import threading
 import time
 
 from ..config import Paths, SyncSettings
-from ..errors import CorruptRecordError, InvalidInputError, StateError, WorkspaceNotFoundError
+from ..errors import CorruptRecordError, DispatchError, InvalidInputError, StateError, WorkspaceNotFoundError
 from ..models import ACTIVE_STATUSES, Delivery, Event, EventKind, Status, SyncReport, WorkspaceRecord
 from ..store import StatusStore
 from ..sync import (
@@ -28,6 +28,7 @@ from ..sync import (
     redact_url,
 )
 from ..sync import view_commands as delivery_view_commands
+from ..sync.shim import read_ref_value
 
 __all__ = ["ResultDelivery"]
 
@@ -47,15 +48,34 @@ class ResultDelivery:
         self._wake = threading.Event()
 
     # -- what goes in ------------------------------------------------------------------------
-    def enqueue_run(self, rec: WorkspaceRecord, force: bool = False) -> None:
-        """Queue what is to be delivered of ``rec``'s last run (no-op for what the ledger has)."""
+    def enqueue_run(self, rec: WorkspaceRecord, force: bool = False, include_checkpoints: bool = False) -> None:
+        """Queue what is to be delivered of ``rec``'s last run (no-op for what the ledger has).
+
+        The branch goes when the run completed and its tip is not an automatic checkpoint, or, with
+        ``include_checkpoints``, also when the run was stopped and its work kept as a checkpoint."""
         if rec.status in ACTIVE_STATUSES:
             return
-        if self.settings.push and rec.status == Status.COMPLETED:
+        if self.settings.push and self._branch_goes(rec, include_checkpoints):
             self.outbox.enqueue(rec.name, rec.runs, "git", force=force)
         if self.settings.endpoint:
             self.outbox.enqueue(rec.name, rec.runs, "record", payload=record_payload(rec, self.settings.agent_id))
         self._wake.set()
+
+    def _branch_goes(self, rec: WorkspaceRecord, include_checkpoints: bool) -> bool:
+        if include_checkpoints:
+            return rec.status == Status.COMPLETED or rec.checkpoint is not None
+        return rec.status == Status.COMPLETED and not self._ends_in_checkpoint(rec)
+
+    def _ends_in_checkpoint(self, rec: WorkspaceRecord) -> bool:
+        """Whether the branch's tip is still the run's automatic checkpoint (a resumed run that
+        completed without a commit of its own)."""
+        if rec.checkpoint is None:
+            return False
+        try:
+            tip = read_ref_value(self.store.paths(rec.name).repo, f"refs/heads/{rec.branch}")
+        except (DispatchError, OSError):
+            return False  # the delivery itself will say what is wrong with the clone
+        return tip == rec.checkpoint.commit
 
     def after_run(self, rec: WorkspaceRecord) -> None:
         """A run ended for good: with ``[sync] auto``, its delivery starts now."""
@@ -124,13 +144,17 @@ class ResultDelivery:
         self._wake.set()
 
     # -- agentic_sync ------------------------------------------------------------------------
-    def sync(self, workspace: str | None = None, force: bool = False, wait: float = 0.0) -> SyncReport:
+    def sync(
+        self, workspace: str | None = None, force: bool = False, wait: float = 0.0, include_checkpoints: bool = False
+    ) -> SyncReport:
         """Queue every finished run not yet delivered (of ``workspace``, when given), retry that
         workspace's entries that needed attention, deliver what is due now, and report. With
         ``wait``, keep delivering what is pending as it comes due, up to that many seconds.
 
         ``force`` (one workspace only) lets the branch overwrite one of the same name that is not
         an ancestor of it, in a retry of an entry refused as non-fast-forward too.
+        ``include_checkpoints`` delivers also branches that end in an automatic checkpoint (the
+        uncommitted work of a stopped run), which are otherwise held back.
 
         Raises:
             WorkspaceNotFoundError: ``workspace`` does not exist.
@@ -145,7 +169,7 @@ class ResultDelivery:
         if force:
             self._check_force(records[0])
         for rec in records:
-            self.enqueue_run(rec, force=force)
+            self.enqueue_run(rec, force=force, include_checkpoints=include_checkpoints)
         if workspace is not None:
             for entry in self.outbox.entries(workspace):
                 if entry.state == "attention":
@@ -160,7 +184,23 @@ class ResultDelivery:
             rec = records[0]
             why = "it is still running" if rec.status in ACTIVE_STATUSES else self._nothing_to_deliver(rec)
             report.message = f"{workspace}: nothing to deliver ({why})."
+        held = [] if include_checkpoints else [r for r in records if self._held_checkpoint(r)]
+        for rec in held[:5]:
+            assert rec.checkpoint is not None
+            report.message += (
+                f" {rec.name}: its branch ends in an automatic checkpoint ({rec.checkpoint.why}, "
+                f"{rec.checkpoint.commit[:12]}) and is held back: look at it with agentic_diff, resume the agent, "
+                "or sync with include_checkpoints=true to deliver it."
+            )
         return report
+
+    def _held_checkpoint(self, rec: WorkspaceRecord) -> bool:
+        """A finished run whose branch is held back only because it ends in an automatic checkpoint."""
+        if not self.settings.push or rec.checkpoint is None or rec.status in ACTIVE_STATUSES:
+            return False
+        if self.outbox.is_delivered(rec.name, rec.runs, "git"):
+            return False
+        return rec.status != Status.COMPLETED or self._ends_in_checkpoint(rec)
 
     def _check_force(self, rec: WorkspaceRecord) -> None:
         """A force may overwrite a branch of the user's, never one this server delivered for another

@@ -95,7 +95,9 @@ class Dispatcher:
         self.preflight = Preflight(runtime, self.catalog, paths.cli_versions)
         self.delivery = ResultDelivery(settings.sync, paths, self.store)
         qa = QaGate(settings, runtime, self.catalog, paths.root_id)
-        self.runs = RunLifecycle(self.store, runtime, self.scheduler, self.catalog, qa, self.delivery, finished)
+        self.runs = RunLifecycle(
+            self.store, runtime, self.scheduler, self.catalog, qa, self.delivery, finished, paths.checkpoints
+        )
         self.drainer = QueueDrainer(
             settings, self.store, self.scheduler, runtime, self.catalog, self.runs, paths.root_id, self._wake
         )
@@ -405,12 +407,15 @@ class Dispatcher:
         """
         return self.recovery.cleanup()
 
-    def sync(self, workspace: str | None = None, force: bool = False, wait: float = 0.0) -> SyncReport:
-        """Bring finished runs home (of ``workspace``, when given) and report every delivery.
+    def sync(
+        self, workspace: str | None = None, force: bool = False, wait: float = 0.0, include_checkpoints: bool = False
+    ) -> SyncReport:
+        """Bring finished runs home (of ``workspace``, when given) and report every delivery. A branch
+        that ends in an automatic checkpoint goes only with ``include_checkpoints``.
 
         Raises:
             WorkspaceNotFoundError: ``workspace`` does not exist.
             InvalidInputError: ``force`` without a workspace, or a negative ``wait``.
             StateError: ``force`` where the branch holds another workspace's delivery.
         """
-        return self.delivery.sync(workspace, force, wait)
+        return self.delivery.sync(workspace, force, wait, include_checkpoints)

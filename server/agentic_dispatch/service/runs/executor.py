@@ -22,19 +22,22 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Literal
 
 from ... import safefs
 from ...agents import RUN_HEADER, agent_base
+from ...checkpoints import checkpoint as keep_checkpoint
 from ...credentials import redact
 from ...errors import DispatchError, LaunchError, RuntimeUnavailableError, StateError, UnsafePathError
-from ...models import Event, RunSummary, Status, WorkspaceRecord, parse_time, utcnow
+from ...models import CheckpointInfo, Event, RunSummary, Status, WorkspaceRecord, parse_time, utcnow
 from ...runtime.base import Runtime
 from ...scheduler import Scheduler
 from ...store import StatusStore, WorkspacePaths, log_tail
 from ..catalog import AgentCatalog
 from ..delivery import ResultDelivery
 from .lifecycle import (
+    Checkpoint,
     CountFailure,
     Dispatched,
     Effect,
@@ -75,6 +78,7 @@ class RunLifecycle:
         qa: QaGate,
         delivery: ResultDelivery,
         finished: threading.Condition,
+        checkpoints: Path,
     ) -> None:
         self.store = store
         self.runtime = runtime
@@ -83,6 +87,7 @@ class RunLifecycle:
         self.qa = qa
         self.delivery = delivery
         self._finished = finished  # notified after each run that ends (waiters re-read their record)
+        self._checkpoints = checkpoints  # where checkpoint commits are built
 
     # -- the one way in ----------------------------------------------------------------------
     def apply(
@@ -229,7 +234,11 @@ class RunLifecycle:
 
     # -- effects ----------------------------------------------------------------------------------
     def _during(self, ws: WorkspacePaths, out: Outcome) -> Outcome:
-        """Effects that are part of the change: start the QA gate, and fold in how that went."""
+        """Effects that are part of the change: keep a stopped run's uncommitted work as a checkpoint;
+        start the QA gate, and fold in how that went."""
+        for effect in out.effects:
+            if isinstance(effect, Checkpoint):
+                self._checkpoint(ws, out.record, effect.why)
         for effect in out.effects:
             if not isinstance(effect, StartQa):
                 continue
@@ -244,6 +253,18 @@ class RunLifecycle:
                 return out
             return Outcome(then.record, out.events + then.events, rest + then.effects)
         return out
+
+    def _checkpoint(self, ws: WorkspacePaths, rec: WorkspaceRecord, why: str) -> None:
+        """Commit what the work tree holds beyond the branch (server-side git only, never in the
+        agent's repository); the record says so. A checkpoint that cannot be made is logged: the
+        run ends as it would, its work tree left as it is."""
+        try:
+            made = keep_checkpoint(ws.repo, rec.branch, why, self._checkpoints)
+        except (DispatchError, OSError) as e:
+            log.warning("%s: its uncommitted work could not be kept as a checkpoint: %s", rec.name, e)
+            return
+        if made is not None:
+            rec.checkpoint = CheckpointInfo(commit=made.commit, why=why, files=made.files)
 
     def _log_events(self, out: Outcome, strict: bool = False) -> None:
         rec = out.record
@@ -285,3 +306,5 @@ class RunLifecycle:
                 self.runtime.remove(cid)
             case StopContainer():
                 pass  # the caller of :meth:`stop` stops it, and says when it could not
+            case Checkpoint():
+                pass  # made under the lock, before the record was written (_during)

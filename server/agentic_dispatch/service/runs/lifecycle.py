@@ -15,15 +15,15 @@ carries the effects out against the engine, the store, the scheduler and the out
     queued             Cancelled                     → cancelled        event cancelled
     running            StopRequested                 → running (marked) stop the container
     running, agent     Exited: BLOCKED.md            → blocked          remove, settled
-    running, agent     Exited: a stop we asked for   → its status       remove, settled
-    running, agent     Exited: non-zero              → failed           remove, settled, count*
+    running, agent     Exited: a stop we asked for   → its status       remove, checkpoint, settled
+    running, agent     Exited: non-zero              → failed           remove, checkpoint, settled, count*
     running, agent     Exited: 0, no QA              → completed        remove, settled
     running, agent     Exited: 0, QA, no command     → completed (qa skipped)
     running, agent     Exited: 0, QA, a command      → running, qa      remove, start the gate
     running, qa        QaStarted                     → running, qa      —
     running, qa        QaLaunchFailed                → failed           settled
     running, qa        Exited                        → completed|failed remove, settled
-    running            Vanished                      → failed           settled
+    running            Vanished                      → failed           checkpoint (agent), settled
 
     * a failure counts towards pausing the pool only when it is the agent's or its provider's:
       not a stop the server asked for, not a QA verdict, not a signal from outside (an engine
@@ -46,6 +46,7 @@ from ...models import (
 
 __all__ = [
     "Cancelled",
+    "Checkpoint",
     "CountFailure",
     "Dispatched",
     "Effect",
@@ -207,6 +208,14 @@ class StartQa:
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """Keep the uncommitted work of a run that ended before its agent was done as a commit on its
+    branch (before the record is written; its outcome is part of the record)."""
+
+    why: str
+
+
+@dataclass(frozen=True)
 class CountFailure:
     """A fast failure of the agent's own counts towards pausing its pool."""
 
@@ -219,7 +228,7 @@ class Settled:
     """The run ended for good: waiters wake, and its delivery is enqueued (``[sync] auto``)."""
 
 
-Effect = RemoveContainer | StopContainer | StartQa | CountFailure | Settled
+Effect = RemoveContainer | StopContainer | StartQa | Checkpoint | CountFailure | Settled
 
 
 @dataclass
@@ -331,7 +340,10 @@ def _vanished(new: WorkspaceRecord, h: Vanished, now: str) -> Outcome:
         f"the {what} container {h.container_id[:12]} vanished (removed outside agentic-dispatch); "
         "its work so far is in the workspace. Resume to run again."
     )
-    return _end(new, Status.FAILED, reason, now)
+    out = _end(new, Status.FAILED, reason, now)
+    if what == "agent":
+        out.effects.insert(0, Checkpoint(_short(reason)))
+    return out
 
 
 def _resumed(new: WorkspaceRecord, h: Resumed) -> Outcome | None:
@@ -371,8 +383,15 @@ def _agent_exited(new: WorkspaceRecord, h: Exited, now: str) -> Outcome:
         out = _end(new, Status.COMPLETED, None, now)
         if new.qa_enabled:
             new.qa = QaResult(state="skipped", reason="no test command configured or recognised in the repository")
+    if out.record.status in (Status.FAILED, Status.CANCELLED):  # ended before the agent was done
+        out.effects.insert(0, Checkpoint(_short(out.record.reason)))
     out.effects.insert(0, remove)
     return out
+
+
+def _short(reason: str | None) -> str:
+    """The first clause of a reason, for a checkpoint's commit message."""
+    return (reason or "the run ended").split(";")[0].split(". ")[0][:200]
 
 
 def _signalled_from_outside(h: Exited) -> bool:

@@ -124,6 +124,7 @@ class Reports:
             log_tail=tail,
             qa=rec.qa,
             delivery=delivered,
+            checkpoint=rec.checkpoint,
             sync=sync,
             delivery_commands=self.delivery.view_commands(rec, delivered),
         )
