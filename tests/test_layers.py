@@ -222,9 +222,10 @@ def test_the_front_ends_use_only_the_facades_documented_methods() -> None:
             if not isinstance(node, ast.Attribute):
                 continue
             base = node.value
-            if (isinstance(base, ast.Call) and (
-                getattr(base.func, "id", "") == "_svc" or getattr(base.func, "attr", "") == "dispatcher"
-            )) or (isinstance(base, ast.Name) and base.id in {"svc", "dispatcher"}):
+            if (
+                isinstance(base, ast.Call)
+                and (getattr(base.func, "id", "") == "_svc" or getattr(base.func, "attr", "") == "dispatcher")
+            ) or (isinstance(base, ast.Name) and base.id in {"svc", "dispatcher"}):
                 used.add(node.attr)
     assert used and used <= set(methods), sorted(used - set(methods))
     undocumented = sorted(m for m in used if not methods[m])

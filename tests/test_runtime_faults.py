@@ -46,6 +46,7 @@ def _collect_docker_py_sockets() -> Iterator[None]:
     yield
     gc.collect()
 
+
 # The calls that must answer promptly (on a short bound) whatever the engine does.
 ORDINARY_CALLS: dict[str, Call] = {
     "check": lambda rt, cid, image: rt.check(),

@@ -78,7 +78,7 @@ def test_a_record_that_is_a_folder_or_a_fifo_gives_clear_errors_from_every_tool_
     for tool, (is_error, text, _) in seen.items():
         assert is_error, tool
         assert "not a valid workspace record" in text and "not a regular file" in text, (tool, text)
-    assert (path.is_dir() if kind == "folder" else path.is_fifo()), "left as it was"
+    assert path.is_dir() if kind == "folder" else path.is_fifo(), "left as it was"
 
 
 def test_cli_status_of_a_record_that_is_a_folder_reports_it_and_exits_0(
