@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agentic_dispatch.config import Limits
-from agentic_dispatch.models import Status, WorkspaceRecord, utcnow
+from agentic_dispatch.models import Priority, Status, WorkspaceRecord, utcnow
 from agentic_dispatch.scheduler import ALL_POOLS, Scheduler
 
 BOUND = 10.0  # seconds a thread gets before the test calls it a deadlock
@@ -101,6 +101,56 @@ def test_daily_limit_within_one_pick_counts_per_pool_and_leaves_other_pools_alon
 
     assert sum(r.agent.startswith("claude") for r in chosen) == 2  # both models share the claude pool's limit
     assert sum(r.agent == "shell" for r in chosen) == 3
+
+
+# -- lock keys ----------------------------------------------------------------------------------
+def keyed(slug: str, key: str | None, status: Status = Status.QUEUED, **fields: object) -> WorkspaceRecord:
+    return record(slug, status=status).model_copy(update={"lock_key": key, **fields})
+
+
+def test_pick_starts_no_run_whose_lock_key_is_running_and_the_runs_behind_it_start_in_order(
+    tmp_path: Path,
+) -> None:
+    sched = new_scheduler(tmp_path, total=8)
+    records = [
+        keyed("holder", "db", Status.RUNNING),
+        keyed("waits", "db", priority=Priority.CRITICAL),  # first in order, and still held
+        keyed("other-key", "cache", created_at="2025-01-01T00:00:01Z"),
+        keyed("second-of-cache", "cache", created_at="2025-01-01T00:00:02Z"),
+        keyed("unkeyed", None, created_at="2025-01-01T00:00:03Z"),
+    ]
+
+    with sched.admission():
+        chosen = sched.pick(records)
+
+    # One run per key: "waits" is skipped (not a barrier), "cache" starts its oldest run only.
+    assert [r.name for r in chosen] == ["org/repo/other-key", "org/repo/unkeyed"]
+    assert sched.lock_waits(records) == {"org/repo/waits": "lock db held by org/repo/holder"}
+
+
+def test_pick_starts_a_keyed_run_once_its_holder_has_finished(tmp_path: Path) -> None:
+    sched = new_scheduler(tmp_path, total=8)
+    records = [
+        keyed("done", "db", Status.COMPLETED),
+        keyed("next", "db", queued_ns=1),
+        keyed("after", "db", queued_ns=2),
+    ]
+
+    with sched.admission():
+        chosen = sched.pick([r for r in records if r.status in (Status.QUEUED, Status.RUNNING)])
+
+    assert [r.name for r in chosen] == ["org/repo/next"]
+    assert sched.lock_waits(records) == {}  # queued behind "next", not held by a running run yet
+
+
+def test_a_waiting_keyed_run_takes_no_slot_from_the_runs_behind_it(tmp_path: Path) -> None:
+    sched = new_scheduler(tmp_path, total=2)
+    records = [keyed("holder", "db", Status.RUNNING), keyed("waits", "db"), keyed("free", None)]
+
+    with sched.admission():
+        chosen = sched.pick(records)
+
+    assert [r.name for r in chosen] == ["org/repo/free"]
 
 
 # -- the state file -----------------------------------------------------------------------------

@@ -84,9 +84,10 @@ CONSTRAINED = [
     ("branch", "-x", "must not start with '-'"),
     ("tag", "a/b", "is not a valid name"),
     ("idempotency_key", " ", "must be 1 to 200 characters"),
+    ("lock", "db\nmigrations", "lock: must be 1 to 100 printable characters"),
 ]
 CLI_FLAG = {"issue": "--issue", "timeout_seconds": "--timeout", "branch": "--branch", "tag": "--tag",
-            "idempotency_key": "--idempotency-key"}  # fmt: skip
+            "idempotency_key": "--idempotency-key", "lock": "--lock"}  # fmt: skip
 
 
 @pytest.mark.parametrize(("field", "value", "says"), CONSTRAINED, ids=[c[0] for c in CONSTRAINED])

@@ -29,6 +29,7 @@ from .models import (
     BranchName,
     DispatchRequest,
     IdempotencyKey,
+    LockKey,
     PositiveNumber,
     Priority,
     Status,
@@ -132,6 +133,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
         priority=Priority(args.priority),
         timeout_seconds=args.timeout,
         idempotency_key=args.idempotency_key,
+        lock=args.lock,
         dry_run=args.dry_run,
         qa=args.qa,
     )
@@ -439,6 +441,12 @@ def _add_dispatch(sub: _Sub) -> None:
         "--idempotency-key",
         type=_request_field(IdempotencyKey),
         help="the same key again returns the existing workspace instead of a second run",
+    )
+    d.add_argument(
+        "--lock",
+        type=_request_field(LockKey),
+        metavar="KEY",
+        help="runs with the same lock key never overlap (also across servers on one root); a queued one waits",
     )
     d.add_argument("--dry-run", action="store_true", help="print the prompt; launch and keep nothing")
     d.add_argument(

@@ -93,9 +93,12 @@ def age(ts: str | None, now: datetime | None = None) -> str:
 
 
 def _what(row: WorkspaceRow) -> str:
-    """The line's last column: the question, the failure reason, the delivery, or what the agent said."""
+    """The line's last column: the question, the failure reason, what a queued run waits for, the
+    delivery, or what the agent said."""
     if row.error:
         return f"unreadable: {row.error}"
+    if row.waiting_for:
+        return f"waiting for {row.waiting_for}"
     why = row.question or row.reason
     if why:
         return why.strip().splitlines()[0] if why.strip() else ""

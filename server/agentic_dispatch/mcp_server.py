@@ -34,6 +34,7 @@ from .models import (
     DispatchResult,
     DoctorReport,
     IdempotencyKey,
+    LockKey,
     PositiveNumber,
     Priority,
     QueueState,
@@ -197,6 +198,13 @@ def build_server(
             IdempotencyKey | None,
             Field(description="the same key again returns the existing workspace instead of a new run"),
         ] = None,
+        lock: Annotated[
+            LockKey | None,
+            Field(
+                description="runs with the same lock key never overlap (e.g. one shared database); "
+                "a queued one waits and agentic_status says for which"
+            ),
+        ] = None,
         dry_run: Annotated[bool, Field(description="prepare and return the prompt without launching")] = False,
         qa: Annotated[
             bool | None,
@@ -224,6 +232,7 @@ def build_server(
             priority=Priority(priority),
             timeout_seconds=timeout_seconds,
             idempotency_key=idempotency_key,
+            lock=lock,
             dry_run=dry_run,
             qa=qa,
         )

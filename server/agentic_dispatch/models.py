@@ -16,6 +16,7 @@ __all__ = [
     "ACTIVE_STATUSES",
     "FINAL_STATUSES",
     "MAX_KEY_CHARS",
+    "MAX_LOCK_CHARS",
     "MAX_TASK_CHARS",
     "RESUMABLE_STATUSES",
     "AgentCheck",
@@ -34,6 +35,7 @@ __all__ = [
     "IdempotencyKey",
     "InsightRow",
     "InsightsReport",
+    "LockKey",
     "LogsResult",
     "OutboxEntryRow",
     "PoolHoldRow",
@@ -189,6 +191,9 @@ class WorkspaceRecord(BaseModel):
     checkpoint: CheckpointInfo | None = Field(
         default=None, description="the last automatic checkpoint of a stopped run's uncommitted work"
     )
+    lock_key: str | None = Field(
+        default=None, description="runs with the same lock key never overlap (every run of this workspace)"
+    )
 
     @model_validator(mode="after")
     def _question_is_only_a_question(self) -> WorkspaceRecord:
@@ -201,6 +206,7 @@ class WorkspaceRecord(BaseModel):
 
 MAX_TASK_CHARS = 100_000
 MAX_KEY_CHARS = 200
+MAX_LOCK_CHARS = 100
 
 
 def _task(text: str) -> str:
@@ -218,6 +224,17 @@ def _key(key: str) -> str:
     return key
 
 
+def _lock_key(key: str) -> str:
+    key = key.strip()  # "db " and "db" are one lock
+    if not key or len(key) > MAX_LOCK_CHARS or not key.isprintable():
+        raise InvalidInputError(
+            "lock",
+            f"must be 1 to {MAX_LOCK_CHARS} printable characters (letters, digits, punctuation, spaces); "
+            "no control characters such as newlines or tabs.",
+        )
+    return key
+
+
 # The constraints of a dispatch, declared once: the request model, the MCP tool's parameters and the
 # command line's argument types are all made from these.
 Task = Annotated[str, AfterValidator(_task)]
@@ -225,6 +242,7 @@ PositiveNumber = Annotated[int, Field(gt=0)]
 BranchName = Annotated[str, AfterValidator(lambda v: check_git_ref("branch", v))]
 Tag = Annotated[str, AfterValidator(lambda v: check_component("tag", v))]
 IdempotencyKey = Annotated[str, AfterValidator(_key)]
+LockKey = Annotated[str, AfterValidator(_lock_key)]
 
 
 class DispatchRequest(BaseModel):
@@ -247,6 +265,7 @@ class DispatchRequest(BaseModel):
     priority: Priority = Priority.NORMAL
     timeout_seconds: PositiveNumber | None = None
     idempotency_key: IdempotencyKey | None = None
+    lock: LockKey | None = None
     dry_run: bool = False
     qa: bool | None = None
 
@@ -304,6 +323,9 @@ class WorkspaceRow(BaseModel):
     sync: str | None = Field(default=None, description="deliveries still to make, and where they stand")
     delivery_commands: list[str] = Field(default_factory=list, description="commands to look at the delivered branch")
     error: str | None = Field(default=None, description="set when the record itself could not be read")
+    waiting_for: str | None = Field(
+        default=None, description="queued: what it waits for besides a slot, e.g. 'lock <key> held by <workspace>'"
+    )
 
 
 class StatusReport(BaseModel):

@@ -1,11 +1,12 @@
 """Scheduling: which queued workspace may start now.
 
 Pools are agent bases. A workspace may start when the global cap, its pool's cap and
-its model's cap all have room and the queue is not frozen; queued work starts in
-priority order (critical > high > normal > low), then oldest first. Decisions are
+its model's cap all have room, no running workspace holds its lock key, and the queue
+is not frozen; queued work starts in priority order (critical > high > normal > low),
+then oldest first (a run waiting for its lock holds back no other). Decisions are
 taken under an admission lock that spans processes (``flock`` on
 ``<root>/state/admission.lock``), so two servers sharing a root never start the same
-workspace twice.
+workspace twice, nor two runs with one lock key at once.
 
 The persisted state (``<root>/state/scheduler.json``) fails closed: while it cannot be read
 the queue counts as frozen, :attr:`Scheduler.state_problem` says why, and the file is left
@@ -250,8 +251,27 @@ class Scheduler:
     def order(queued: list[WorkspaceRecord]) -> list[WorkspaceRecord]:
         return sorted(queued, key=lambda r: (_PRIORITY_RANK[r.priority], r.created_at, r.queued_ns or 0, r.name))
 
+    @staticmethod
+    def lock_holders(records: list[WorkspaceRecord]) -> dict[str, str]:
+        """Lock key -> the running workspace that holds it, among ``records``."""
+        return {r.lock_key: r.name for r in records if r.status == Status.RUNNING and r.lock_key is not None}
+
+    @classmethod
+    def lock_waits(cls, records: list[WorkspaceRecord]) -> dict[str, str]:
+        """Queued workspace -> the lock it waits for (``lock <key> held by <workspace>``), among ``records``
+        (pass every queued and running record of the root: a holder may be another server's run)."""
+        holders = cls.lock_holders(records)
+        return {
+            r.name: f"lock {r.lock_key} held by {holders[r.lock_key]}"
+            for r in records
+            if r.status == Status.QUEUED and r.lock_key is not None and r.lock_key in holders
+        }
+
     def pick(self, records: list[WorkspaceRecord]) -> list[WorkspaceRecord]:
-        """The queued records that may start now, in start order (call under :meth:`admission`)."""
+        """The queued records that may start now, in start order (call under :meth:`admission`).
+
+        ``records`` are the queued and running records of every server on the root: no two runs
+        with one lock key are ever running, and a run waiting for its lock is skipped, not a barrier."""
         state, problem = self._load()
         if state.frozen or problem is not None:
             return []
@@ -265,18 +285,21 @@ class Scheduler:
         total = len(running)
         pools = Counter(_base(r.agent) for r in running)
         models = Counter(r.agent for r in running)
+        locks = self.lock_holders(running)
         chosen: list[WorkspaceRecord] = []
         for rec in self.order([r for r in records if r.status == Status.QUEUED]):
             base = _base(rec.agent)
             if total >= self.limits.total:
                 break
-            if base in held:
+            if base in held or (rec.lock_key is not None and rec.lock_key in locks):
                 continue
             if base in self.limits.pools and pools[base] >= self.limits.pools[base]:
                 continue
             if rec.agent in self.limits.models and models[rec.agent] >= self.limits.models[rec.agent]:
                 continue
             chosen.append(rec)
+            if rec.lock_key is not None:
+                locks[rec.lock_key] = rec.name  # a second run with this key waits for this one
             if pacing.get(base):
                 held.add(base)  # one start per pacing interval
             started_today[base] += 1

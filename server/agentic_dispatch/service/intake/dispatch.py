@@ -203,6 +203,7 @@ class Intake:
             runs=1,
             queued_ns=time.time_ns(),
             idempotency_key=None if req.dry_run else req.idempotency_key,
+            lock_key=req.lock,
             qa_enabled=self.settings.qa.enabled if req.qa is None else req.qa,
         )
         return record, self.run_files.prepare(ws, record, req.variables)

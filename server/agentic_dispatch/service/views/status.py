@@ -72,19 +72,34 @@ class Reports:
                 rows.append(self._unreadable_row(item))
             elif status is None or item.record.status.value == status:
                 rows.append(self._row(item.record, log_lines, syncing.get(item.name)))
+        self._add_lock_waits(rows, [i.record for i in listed if i.record is not None])
         return self._report(counts, rows[:limit])
 
     def rows(self, names: list[str]) -> list[WorkspaceRow]:
         """The status rows of ``names`` (a workspace gone since is left out), without the table's extras."""
         syncing = self.delivery.states()
         out = []
+        records: list[WorkspaceRecord] = []
         for name in names:
             try:
                 item = self._one(name)
             except WorkspaceNotFoundError:
                 continue
             out.append(self._row(item.record, 0, syncing.get(name)) if item.record else self._unreadable_row(item))
+            if item.record is not None:
+                records.append(item.record)
+        self._add_lock_waits(out, records)
         return out
+
+    def _add_lock_waits(self, rows: list[WorkspaceRow], records: list[WorkspaceRecord]) -> None:
+        """Say on each queued row whose lock key a running run holds which one it waits for. The
+        holder may be any server's run: the root's active records are read only when a listed
+        queued run has a key."""
+        if not any(r.status == Status.QUEUED and r.lock_key is not None for r in records):
+            return
+        waits = self.scheduler.lock_waits([i.record for i in self.store.active() if i.record is not None])
+        for row in rows:
+            row.waiting_for = waits.get(row.name)
 
     def _one(self, workspace: str) -> Listed:
         """Raises:
