@@ -48,7 +48,16 @@ LAYER = {
 # facade, and imports between jobs (and between the modules of one job) point downward.
 SERVICE_JOBS = {"catalog": 0, "containers": 0, "delivery": 1, "runs": 2, "intake": 3, "views": 3, "facade": 4}
 SERVICE_MODULES = {
-    "runs": {"lifecycle": 0, "qa_gate": 0, "disk_cap": 0, "executor": 1, "launch": 2, "recovery": 3, "control": 3},
+    "runs": {
+        "lifecycle": 0,
+        "qa_gate": 0,
+        "disk_cap": 0,
+        "stalls": 1,
+        "executor": 1,
+        "launch": 2,
+        "recovery": 3,
+        "control": 3,
+    },
     "intake": {"run_files": 0, "preflight": 0, "dispatch": 1},
     "views": {"status": 0, "inspection": 0, "insights": 0, "watching": 1},
 }

@@ -25,6 +25,8 @@ from agentic_dispatch.service.runs.lifecycle import (
     RemoveContainer,
     Resumed,
     Settled,
+    Stalled,
+    StallEnded,
     Started,
     StartQa,
     StopContainer,
@@ -109,6 +111,21 @@ TABLE: list[tuple[str, WorkspaceRecord, Happening, Status, str, list[EventKind],
     ("a failed run is resumed", _rec(Status.FAILED, reason="exit 3", exit_code=3, finished_at=NOW),
      Resumed("claude", "use sqlite", None, 7), Status.QUEUED, "agent", [EventKind.RESUMED], [],
      {"runs": 2, "agent": "claude", "answer": "use sqlite", "reason": None, "exit_code": None, "finished_at": None}),
+    ("a silent agent is shown stalled, with one event line", running(), Stalled(CID, NOW, 600), Status.RUNNING,
+     "agent", [EventKind.STALLED], [], {"stalled_since": NOW, "stop_status": None}),
+    ("a silent agent with stall_action stop is marked to fail and stopped", running(), Stalled(CID, NOW, 600, True),
+     Status.RUNNING, "agent", [EventKind.STALLED], ["StopContainer"],
+     {"stalled_since": NOW, "stop_status": Status.FAILED}),
+    ("a stalled agent stopped later (the action changed) gets no second event", running(stalled_since=NOW),
+     Stalled(CID, NOW, 900, True), Status.RUNNING, "agent", [], ["StopContainer"], {"stop_status": Status.FAILED}),
+    ("activity again clears the stall", running(stalled_since=NOW), StallEnded(CID), Status.RUNNING, "agent", [], [],
+     {"stalled_since": None}),
+    ("a stalled run stopped for its stall fails with the reason and keeps its work",
+     running(stalled_since=NOW, stop_status=Status.FAILED, stop_reason="the agent stalled for 600 s"),
+     Exited(CID, 143), Status.FAILED, "agent", [EventKind.FAILED], ["RemoveContainer", "Checkpoint", "Settled"],
+     {"reason": "the agent stalled for 600 s", "stalled_since": None}),
+    ("a stalled run that ends on its own is no longer stalled", running(stalled_since=NOW), Exited(CID, 0),
+     Status.COMPLETED, "agent", [EventKind.COMPLETED], ["RemoveContainer", "Settled"], {"stalled_since": None}),
 ]  # fmt: skip
 
 
@@ -149,6 +166,12 @@ IGNORED: list[tuple[str, WorkspaceRecord, Happening]] = [
     ("an agent exit reported while the gate runs", qa_running(), Exited(CID, 0)),
     ("a vanished container of another run", running(), Vanished("other")),
     ("no slot for a run that started meanwhile", running(), Waiting()),
+    ("a second stall report of one stall", running(stalled_since=NOW), Stalled(CID, NOW, 700)),
+    ("a stall of another run's container", running(), Stalled("other", NOW, 600)),
+    ("a stall of the QA gate (it has its own timeout)", qa_running(), Stalled(CID, NOW, 600)),
+    ("a stall of a finished run", _rec(Status.FAILED, container_id=CID), Stalled(CID, NOW, 600)),
+    ("a stall of a stopping run", running(stalled_since=NOW, stop_status=Status.CANCELLED), Stalled(CID, NOW, 6, True)),
+    ("activity of a run that was not stalled", running(), StallEnded(CID)),
 ]
 
 
@@ -191,6 +214,14 @@ def test_starting_the_qa_gate_asks_for_its_command_and_keeps_the_run_running() -
     out = transition(running(qa_enabled=True), Exited(CID, 0, qa_command=("make test", "Makefile")), NOW)
     assert out is not None and StartQa("make test") in out.effects
     assert out.record.qa is not None and out.record.qa.source == "Makefile" and out.record.finished_at is None
+
+
+def test_a_stall_stop_says_the_agent_stalled_for_how_long_and_what_to_do() -> None:
+    out = transition(running(), Stalled(CID, "2026-12-06T09:49:00Z", 612, stop=True), NOW)
+    assert out is not None and out.effects == [StopContainer(CID)]
+    reason = out.record.stop_reason or ""
+    assert reason.startswith("the agent stalled for 612 s") and "2026-12-06T09:49:00Z" in reason and "resume" in reason
+    assert out.events == [(EventKind.STALLED, {"container_id": CID, "reason": "no activity for 612 s"})]
 
 
 def test_a_stop_names_the_container_it_stops() -> None:

@@ -99,6 +99,8 @@ def _what(row: WorkspaceRow) -> str:
         return f"unreadable: {row.error}"
     if row.waiting_for:
         return f"waiting for {row.waiting_for}"
+    if row.stalled_since:
+        return f"stalled: no activity for {age(row.stalled_since)} (since {row.stalled_since})"
     why = row.question or row.reason
     if why:
         return why.strip().splitlines()[0] if why.strip() else ""

@@ -107,6 +107,17 @@ class Limits(_Model):
     fast_fail_count: Annotated[int, Field(ge=1)] = 3
     fast_fail_window_seconds: Annotated[float, Field(gt=0)] = 60.0
     fast_fail_pause_seconds: Annotated[float, Field(ge=0)] = 1800.0
+    stall_seconds: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="a running agent whose log and work tree have not changed for this long is shown as "
+            "stalled; 0 turns the check off",
+        ),
+    ] = 600
+    stall_action: Literal["warn", "stop"] = Field(
+        default="warn", description="warn: show it and write one `stalled` event; stop: also stop it (it fails)"
+    )
 
 
 class Resources(_Model):

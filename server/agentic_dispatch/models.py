@@ -188,6 +188,9 @@ class WorkspaceRecord(BaseModel):
     qa_enabled: bool = Field(default=False, description="run the QA gate after the agent ends completed")
     phase: Literal["agent", "qa"] = Field(default="agent", description="what the running container does")
     qa: QaResult | None = None
+    stalled_since: str | None = Field(
+        default=None, description="running: the agent's last activity seen, when none since for limits.stall_seconds"
+    )
     checkpoint: CheckpointInfo | None = Field(
         default=None, description="the last automatic checkpoint of a stopped run's uncommitted work"
     )
@@ -315,6 +318,10 @@ class WorkspaceRow(BaseModel):
     exit_code: int | None = None
     summary: RunSummary | None = None
     log_tail: str | None = None
+    stalled_since: str | None = Field(
+        default=None,
+        description="running: no output in its log and no change in its work tree since then (limits.stall_seconds)",
+    )
     qa: QaResult | None = Field(default=None, description="the QA gate of the last run, when it is on")
     delivery: Delivery | None = Field(default=None, description="where sync delivered the branch")
     checkpoint: CheckpointInfo | None = Field(
@@ -429,6 +436,7 @@ class EventKind(StrEnum):
     QUEUED = "queued"  # dispatched or resumed, and no slot yet
     STARTED = "started"
     RESUMED = "resumed"
+    STALLED = "stalled"  # a running agent showed no activity for ``limits.stall_seconds`` (once per stall)
     # a run's status changed to one of these (the line carries ``previous``)
     RUNNING = "running"
     COMPLETED = "completed"

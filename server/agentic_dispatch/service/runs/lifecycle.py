@@ -24,6 +24,9 @@ carries the effects out against the engine, the store, the scheduler and the out
     running, qa        QaLaunchFailed                → failed           settled
     running, qa        Exited                        → completed|failed remove, settled
     running            Vanished                      → failed           checkpoint (agent), settled
+    running, not stalled  Stalled                    → running, stalled_since   event stalled
+                          Stalled, stop              → running, stalled, marked stop the container (ends failed)
+    running, stalled   StallEnded (activity again)   → running          —
 
     * a failure counts towards pausing the pool only when it is the agent's or its provider's:
       not a stop the server asked for, not a QA verdict, not a signal from outside (an engine
@@ -60,6 +63,8 @@ __all__ = [
     "RemoveContainer",
     "Resumed",
     "Settled",
+    "StallEnded",
+    "Stalled",
     "StartQa",
     "Started",
     "StopContainer",
@@ -173,6 +178,25 @@ class Vanished:
     container_id: str
 
 
+@dataclass(frozen=True)
+class Stalled:
+    """The running agent showed no activity (its log, its work tree) since ``since`` for ``seconds``
+    (``limits.stall_seconds`` or more). With ``stop`` (``limits.stall_action = "stop"``) it is also
+    marked to stop, as :class:`StopRequested` would, and ends ``failed``."""
+
+    container_id: str
+    since: str
+    seconds: int
+    stop: bool = False
+
+
+@dataclass(frozen=True)
+class StallEnded:
+    """A stalled agent shows activity again."""
+
+    container_id: str
+
+
 Happening = (
     Dispatched
     | Waiting
@@ -186,6 +210,8 @@ Happening = (
     | QaLaunchFailed
     | QaExited
     | Vanished
+    | Stalled
+    | StallEnded
 )
 
 
@@ -297,6 +323,13 @@ def transition(rec: WorkspaceRecord, happening: Happening, now: str) -> Outcome 
             return _qa_exited(new, happening, now)
         case Vanished():
             return _vanished(new, happening, now) if _runs(rec, happening.container_id) else None
+        case Stalled():
+            return _stalled(new, happening) if _runs(rec, happening.container_id) and rec.phase == "agent" else None
+        case StallEnded():
+            if not _runs(rec, happening.container_id) or rec.stalled_since is None:
+                return None
+            new.stalled_since = None
+            return Outcome(new)
     return None  # pragma: no cover (the match is exhaustive)
 
 
@@ -310,15 +343,34 @@ def _end(new: WorkspaceRecord, status: Status, reason: str | None, now: str, que
     previous = new.status
     new.status, new.finished_at = status, now
     new.reason, new.question = reason, question
-    new.stop_status = new.stop_reason = None
+    new.stop_status = new.stop_reason = new.stalled_since = None
     return Outcome(new, [(EventKind(status.value), {"previous": previous.value})], [Settled()])
 
 
 def _started(new: WorkspaceRecord, h: Started, now: str) -> Outcome:
     new.status, new.phase = Status.RUNNING, "agent"
     new.container_id, new.started_at = h.container_id, now
-    new.finished_at = new.exit_code = new.reason = new.question = None
+    new.finished_at = new.exit_code = new.reason = new.question = new.stalled_since = None
     return Outcome(new, [(EventKind.STARTED, {"container_id": h.container_id})])
+
+
+def _stalled(new: WorkspaceRecord, h: Stalled) -> Outcome | None:
+    """One ``stalled`` line per stall; with ``stop``, the stop mark too (once: a run already marked
+    to stop, for this or any reason, is left to that stop)."""
+    out = Outcome(new)
+    if new.stalled_since is None:
+        new.stalled_since = h.since
+        line: dict[str, str | int | None] = {"container_id": h.container_id, "reason": f"no activity for {h.seconds} s"}
+        out.events.append((EventKind.STALLED, line))
+    if h.stop and new.stop_status is None:
+        new.stop_status = Status.FAILED
+        new.stop_reason = (
+            f"the agent stalled for {h.seconds} s: no output in its log and no change in its work tree since "
+            f'{h.since} (limits.stall_seconds, stall_action = "stop"); the container was stopped and its work kept. '
+            "Look at its log, then resume with what it was waiting for."
+        )
+        out.effects.append(StopContainer(h.container_id))
+    return out if out.events or out.effects else None
 
 
 def _qa_started(new: WorkspaceRecord, h: QaStarted | QaLaunchFailed, now: str) -> Outcome:

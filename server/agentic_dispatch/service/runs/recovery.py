@@ -23,7 +23,8 @@ from ...store import Listed, StatusStore
 from . import disk_cap
 from .executor import RunLifecycle
 from .launch import QueueDrainer
-from .lifecycle import Vanished, run_deadline
+from .lifecycle import Stalled, Vanished, run_deadline
+from .stalls import StallWatch
 
 __all__ = ["EngineView", "Recovery"]
 
@@ -64,6 +65,7 @@ class Recovery:
         self.root_labels = drainer.root_labels
         self._refreshed = -INDEX_REFRESH_SECONDS  # the first reconcile (at start) checks the index
         self.engine = EngineView()
+        self.stalls = StallWatch(drainer.settings, store)
 
     def reconcile(self) -> None:
         """Match every running record with its container; enforce timeouts; adopt; sweep what the
@@ -82,6 +84,7 @@ class Recovery:
             for item in listed:
                 if item.record is not None and item.record.status == Status.RUNNING and item.record.container_id:
                     self._check(item.record, item.record.container_id)
+            self.stalls.retain({i.record.container_id for i in listed if i.record and i.record.container_id})
             self._sweep(listed)
         except RuntimeUnavailableError as e:
             self._engine_away(str(e))
@@ -102,6 +105,10 @@ class Recovery:
             self.runs.stop(rec.name, Status.FAILED, deadline[1], container_id)
         elif (reason := disk_cap.over_cap(self.drainer.settings, self.store, rec)) is not None:
             self.runs.stop(rec.name, Status.FAILED, reason, container_id)
+        elif (stall := self.stalls.observe(rec)) is not None:
+            after = self.runs.apply(rec.name, stall)
+            if isinstance(stall, Stalled) and after is not None and after.stop_status is not None:
+                self.runs.stop_marked(rec.name, container_id)  # ends failed, its work kept as a checkpoint
 
     def _engine_away(self, problem: str) -> None:
         if self.engine.problem != problem:  # one line per change, not one per tick
@@ -129,6 +136,8 @@ class Recovery:
             deadline = run_deadline(rec)
             if deadline is not None:
                 wait = min(wait, max(0.2, deadline[0] - now + 0.1))
+        if (stall := self.stalls.next_due()) is not None:
+            wait = min(wait, max(0.2, stall + 0.1))
         return wait
 
     @staticmethod

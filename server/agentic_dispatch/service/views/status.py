@@ -137,6 +137,7 @@ class Reports:
             exit_code=rec.exit_code,
             summary=rec.summary,
             log_tail=tail,
+            stalled_since=rec.stalled_since if rec.status == Status.RUNNING else None,
             qa=rec.qa,
             delivery=delivered,
             checkpoint=rec.checkpoint,
