@@ -278,6 +278,7 @@ def _pools(h: FuzzHarness) -> Pools:
         "org": ["acme"],
         "tag": ["t1"],
         "idempotency_key": ["k1", "k2"],
+        "lock": ["db", "db "],  # one key, written two ways
         "timeout_seconds": [0, 0.1, 1],  # a number only for a wait (agentic_watch): keep calls short
         "workspaces": [names, names[:1], []],
         "path": ["README.md", "pyproject.toml", "."],
