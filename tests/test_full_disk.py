@@ -29,6 +29,8 @@ def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], check=True)
     try:
         monkeypatch.setenv("AGENTIC_DISPATCH_HOME", str(disk / "root"))
+        (disk / "root").mkdir()  # the disk floor off: this test fills the disk on purpose
+        (disk / "root" / "config.toml").write_text("[retention]\nmin_free_gib = 0\n", encoding="utf-8")
         yield disk
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=True)

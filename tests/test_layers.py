@@ -52,6 +52,7 @@ SERVICE_MODULES = {
         "lifecycle": 0,
         "qa_gate": 0,
         "disk_cap": 0,
+        "retention": 1,
         "stalls": 1,
         "executor": 1,
         "launch": 2,

@@ -20,7 +20,7 @@ from typing import Any, TypeAlias
 
 from pydantic import TypeAdapter, ValidationError
 
-from .cli_views import emit, print_status, print_sync
+from .cli_views import emit, print_clean, print_status, print_sync
 from .cli_watch import cmd_events, cmd_insights, cmd_logs, cmd_watch
 from .config import load_settings
 from .errors import ConfigError, DispatchError, InvalidInputError, WorkspaceNotFoundError, describe_state_failure
@@ -202,6 +202,12 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_clean(args: argparse.Namespace) -> int:
+    report = _dispatcher(args).clean(args.older_than, args.keep, args.dry_run, args.force)
+    print_clean(report, args.json)
+    return 0
+
+
 def cmd_sync(args: argparse.Namespace) -> int:
     report = _dispatcher(args).sync(args.workspace, args.force, args.wait, args.include_checkpoints)
     print_sync(report, args.json)
@@ -281,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_queue_commands(sub)
     _add_setup_commands(sub)
     _add_watch_commands(sub)
+    _add_clean(sub)
     _text_is_utf8(p)
     return p
 
@@ -384,6 +391,42 @@ def _days(text: str) -> float:
     if not 0 < value <= MAX_WINDOW_DAYS:  # false for nan too
         raise argparse.ArgumentTypeError(f"must be more than 0 and at most {MAX_WINDOW_DAYS} days, got {text!r}")
     return value
+
+
+_AGE_UNITS = {"d": 86_400.0, "h": 3600.0, "m": 60.0}
+
+
+def _age_days(text: str) -> float:
+    """``7d``, ``12h``, ``30m`` or a plain number of days, as days."""
+    unit = _AGE_UNITS.get(text[-1:].lower())
+    try:
+        value = float(text[:-1] if unit else text) * (unit or 86_400.0) / 86_400.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age such as 7d, 12h or 30m") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return value
+
+
+def _add_clean(sub: _Sub) -> None:
+    cn = _command(
+        sub,
+        "clean",
+        "remove finished workspaces whose work went home, oldest first",
+        "A workspace goes when its branch was delivered (sync) or it has nothing to deliver; never a queued, "
+        "running or blocked one. Prints each removal and the space freed. The events log, mirrors and "
+        "insights stay. With neither --older-than nor --keep: [retention]'s values, else --older-than 7d.",
+    )
+    cn.add_argument(
+        "--older-than", type=_age_days, metavar="AGE", help="only what finished longer ago (7d, 12h, 30m; 0: any)"
+    )
+    cn.add_argument("--keep", type=_count, metavar="N", help="always keep the N most recently finished")
+    cn.add_argument("--dry-run", action="store_true", help="remove nothing; print what would go")
+    cn.add_argument(
+        "--force", action="store_true", help="also remove finished work that was not delivered (never active work)"
+    )
+    cn.add_argument("--json", action="store_true", help=_JSON_HELP)
+    cn.set_defaults(func=cmd_clean)
 
 
 def _add_serve(sub: _Sub) -> None:

@@ -15,9 +15,9 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .models import Change, InsightsReport, OutboxEntryRow, StatusReport, SyncReport, WorkspaceRow
+from .models import Change, CleanReport, InsightsReport, OutboxEntryRow, StatusReport, SyncReport, WorkspaceRow
 
-__all__ = ["age", "emit", "print_change", "print_insights", "print_status", "print_sync", "status_view"]
+__all__ = ["age", "emit", "print_change", "print_clean", "print_insights", "print_status", "print_sync", "status_view"]
 
 _STYLE = {
     "running": "bold cyan",
@@ -217,6 +217,31 @@ def _where_it_stands(row: OutboxEntryRow) -> str:
         return f"next try {row.next_attempt_at or 'now'}" + (f": {row.last_error}" if row.last_error else "")
     reason = (row.last_error or "").strip()
     return reason.splitlines()[0] if reason else row.state
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def print_clean(report: CleanReport, as_json: bool, console: Console | None = None) -> None:
+    """The clean report: one line per workspace removed (or, in a dry run, that would be) with its
+    size and why it could go, one per workspace kept with why, then the total."""
+    out = console or Console(highlight=False)
+    if as_json:
+        print(report.model_dump_json(indent=2))
+        return
+    verb = "would remove" if report.dry_run else "removed"
+    for r in report.removed:
+        finished = f", finished {r.finished_at}" if r.finished_at else ""
+        out.print(
+            f"{verb} {r.workspace} ({r.status}{finished}): {_bytes(r.bytes)}; {r.why}", markup=False, soft_wrap=True
+        )
+    for name, why in report.kept.items():
+        out.print(f"kept {name}: {why}", markup=False, soft_wrap=True)
+    out.print(report.message, markup=False, soft_wrap=True)
 
 
 def print_sync(report: SyncReport, as_json: bool, console: Console | None = None) -> None:

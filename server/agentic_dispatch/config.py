@@ -33,6 +33,7 @@ __all__ = [
     "Paths",
     "QaSettings",
     "Resources",
+    "RetentionSettings",
     "Settings",
     "SyncSettings",
     "builtin_dir",
@@ -239,6 +240,20 @@ class QaSettings(_Model):
     image: str | None = Field(default=None, description="image with the test toolchain; default: the agent image")
 
 
+class RetentionSettings(_Model):
+    """Removing finished workspaces whose work went home (``agentic-dispatch clean``), and the disk floor."""
+
+    older_than_days: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="the timer (hourly) removes what finished longer ago; unset: the timer removes none"
+    )
+    keep: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="the newest finished workspaces the timer always keeps; unset: no count"
+    )
+    min_free_gib: Annotated[float, Field(ge=0)] = Field(
+        default=2.0, description="a dispatch is refused while the root has less free space; 0 turns it off"
+    )
+
+
 class Settings(_Model):
     """The contents of the config file, with defaults for every key."""
 
@@ -256,6 +271,7 @@ class Settings(_Model):
     sync: SyncSettings = Field(default_factory=SyncSettings)
     qa: QaSettings = Field(default_factory=QaSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("repo_url_template")
@@ -326,6 +342,11 @@ class Paths:
     def checkpoints(self) -> Path:
         """Where the server builds automatic checkpoint commits (throw-away repositories)."""
         return self.state / "checkpoints"
+
+    @property
+    def retired(self) -> Path:
+        """One line per workspace ``clean`` removed: its last record, which insights still count."""
+        return self.state / "retired.jsonl"
 
     @property
     def cli_versions(self) -> Path:

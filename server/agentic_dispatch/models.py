@@ -24,6 +24,7 @@ __all__ = [
     "CancelResult",
     "Change",
     "CheckpointInfo",
+    "CleanReport",
     "CleanupReport",
     "Delivery",
     "DiffResult",
@@ -43,6 +44,7 @@ __all__ = [
     "Priority",
     "QaResult",
     "QueueState",
+    "RemovedWorkspace",
     "RunSummary",
     "Status",
     "StatusReport",
@@ -373,6 +375,26 @@ class QueueState(BaseModel):
 
 class CleanupReport(BaseModel):
     removed: list[str] = Field(default_factory=list)
+    message: str
+
+
+class RemovedWorkspace(BaseModel):
+    """A finished workspace that ``clean`` removed (or, in a dry run, would remove)."""
+
+    workspace: str
+    status: str
+    finished_at: str | None = None
+    bytes: int = Field(description="what its folder took on disk")
+    why: str = Field(description="why it could go: delivered, nothing to deliver, or forced")
+
+
+class CleanReport(BaseModel):
+    """What ``clean`` removed (or would), what it kept and why, and the bytes freed."""
+
+    dry_run: bool = False
+    removed: list[RemovedWorkspace] = Field(default_factory=list)
+    kept: dict[str, str] = Field(default_factory=dict, description="workspace -> why it stays")
+    bytes_freed: int = 0
     message: str
 
 

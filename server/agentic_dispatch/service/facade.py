@@ -24,6 +24,7 @@ from ..mirrors import MirrorCache
 from ..models import (
     CancelResult,
     Change,
+    CleanReport,
     CleanupReport,
     DiffResult,
     DispatchRequest,
@@ -53,6 +54,7 @@ from .runs.launch import QueueDrainer
 from .runs.lifecycle import Waiting
 from .runs.qa_gate import QaGate
 from .runs.recovery import Recovery
+from .runs.retention import Retention
 from .views.insights import Insights
 from .views.inspection import Inspector
 from .views.status import Reports
@@ -101,7 +103,8 @@ class Dispatcher:
         self.drainer = QueueDrainer(
             settings, self.store, self.scheduler, runtime, self.catalog, self.runs, paths.root_id, self._wake
         )
-        self.recovery = Recovery(self.store, runtime, self.scheduler, self.drainer, self.runs)
+        self.retention = Retention(settings.retention, paths, self.store, self.delivery)
+        self.recovery = Recovery(self.store, runtime, self.scheduler, self.drainer, self.runs, self.retention)
         self.reports = Reports(
             self.store, self.scheduler, self.catalog, self.drainer, self.recovery, self.delivery, finished
         )
@@ -118,7 +121,7 @@ class Dispatcher:
         self.control = Control(self.store, self.scheduler, self.drainer, self.runs)
         self.watching = Watching(self.store, finished, self.reports)
         self.inspector = Inspector(self.store, self.catalog)
-        self.stats = Insights(self.store)
+        self.stats = Insights(self.store, paths.retired)
         self.recovery.remove_stale_staging(paths.staging)
 
     def _check_config(self) -> None:
@@ -209,7 +212,8 @@ class Dispatcher:
             RepoError: the repository cannot be found or fetched.
             RuntimeUnavailableError: no container engine or no agent image.
             AgentNotReadyError: the agent cannot run here (its CLI or credentials).
-            StateError: the workspace could not be recorded (nothing is kept).
+            StateError: the workspace could not be recorded, or the disk has less free space than
+                ``[retention] min_free_gib`` (nothing is kept).
         """
         result = self.intake.dispatch(req)
         return result if result.dry_run else self._start_queued(result)
@@ -419,3 +423,17 @@ class Dispatcher:
             StateError: ``force`` where the branch holds another workspace's delivery.
         """
         return self.delivery.sync(workspace, force, wait, include_checkpoints)
+
+    def clean(
+        self, older_than_days: float | None = None, keep: int | None = None, dry_run: bool = False, force: bool = False
+    ) -> CleanReport:
+        """Remove, oldest first, finished workspaces (older than ``older_than_days``, beyond the ``keep``
+        newest; neither given: ``[retention]``'s values, else 7 days) whose work went home: their branch
+        delivered, or nothing to deliver. Never a queued, running or blocked one; with ``force`` also
+        undelivered ones. Each removal and the bytes freed are reported; ``dry_run`` removes nothing.
+        The events log, the mirrors and the ledger stay; insights still count removed runs.
+
+        Raises:
+            InvalidInputError: a negative age or count.
+        """
+        return self.retention.clean(older_than_days, keep, dry_run, force)

@@ -38,6 +38,7 @@ from ..catalog import AgentCatalog
 from ..containers import git_in
 from ..runs.executor import RunLifecycle
 from ..runs.lifecycle import Resumed, new_record
+from ..runs.retention import check_disk_floor
 from .preflight import Preflight
 from .run_files import RunFiles
 
@@ -123,6 +124,7 @@ class Intake:
 
     def _dispatch(self, req: DispatchRequest, spec: AgentSpec, template: str, timeout: int) -> DispatchResult:
         ref = resolve_repo(req.repo, req.org, self.settings.repo_url_template, self.paths.root)  # named first
+        check_disk_floor(self.paths.root, self.settings.retention.min_free_gib)  # before anything is cloned
         if not req.dry_run:
             self.preflight.check(spec.base)
         name = f"{ref.org}/{ref.name}/{self._slug(req)}"

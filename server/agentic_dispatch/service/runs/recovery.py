@@ -15,7 +15,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...errors import CorruptRecordError, InvalidInputError, RuntimeUnavailableError, WorkspaceNotFoundError
+from ...errors import (
+    CorruptRecordError,
+    DispatchError,
+    InvalidInputError,
+    RuntimeUnavailableError,
+    WorkspaceNotFoundError,
+)
 from ...models import ACTIVE_STATUSES, CleanupReport, Status, WorkspaceRecord, utcnow
 from ...runtime.base import LABEL_RUN, LABEL_WORKSPACE, ContainerInfo, Runtime
 from ...scheduler import Scheduler
@@ -24,6 +30,7 @@ from . import disk_cap
 from .executor import RunLifecycle
 from .launch import QueueDrainer
 from .lifecycle import Stalled, Vanished, run_deadline
+from .retention import Retention
 from .stalls import StallWatch
 
 __all__ = ["EngineView", "Recovery"]
@@ -56,12 +63,14 @@ class Recovery:
         scheduler: Scheduler,
         drainer: QueueDrainer,
         runs: RunLifecycle,
+        retention: Retention | None = None,
     ) -> None:
         self.store = store
         self.runtime = runtime
         self.scheduler = scheduler
         self.drainer = drainer
         self.runs = runs
+        self.retention = retention  # [retention]: the timer cleans, at most once an hour
         self.root_labels = drainer.root_labels
         self._refreshed = -INDEX_REFRESH_SECONDS  # the first reconcile (at start) checks the index
         self.engine = EngineView()
@@ -91,6 +100,11 @@ class Recovery:
             return
         self._engine_back()
         self.drainer.drain()
+        if self.retention is not None:
+            try:
+                self.retention.tick()
+            except (OSError, DispatchError) as e:  # the next hour tries again; the runs come first
+                log.warning("retention could not clean: %s", e)
 
     def _check(self, rec: WorkspaceRecord, container_id: str) -> None:
         """One running record against its container."""

@@ -1,7 +1,8 @@
 """Insights: how each agent spec did over a window — runs, success rate, durations, tokens and cost
 where the CLI reports them, and the most common failure reasons.
 
-Only the records that finished inside the window are read (the status index finds them).
+Only the records that finished inside the window are read (the status index finds them), and
+those of removed workspaces (``agentic-dispatch clean`` keeps their last record in ``state/retired.jsonl``).
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import re
 import statistics
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from ...errors import CorruptRecordError, InvalidInputError, WorkspaceNotFoundError
 from ...models import InsightRow, InsightsReport, Status, WorkspaceRecord, parse_time
 from ...store import StatusStore
+from ..runs.retention import read_retired
 
 __all__ = [
     "MAX_WINDOW_DAYS",
@@ -26,8 +29,9 @@ _VARIABLE = re.compile(r"\b[0-9a-f]{7,}\b|\d+(\.\d+)?|/\S+")
 
 
 class Insights:
-    def __init__(self, store: StatusStore) -> None:
+    def __init__(self, store: StatusStore, retired: Path | None = None) -> None:
         self.store = store
+        self.retired = retired
 
     def report(self, window_days: float = 7.0) -> InsightsReport:
         """Per agent spec, the runs that finished in the last ``window_days``.
@@ -40,12 +44,18 @@ class Insights:
         since = (datetime.now(UTC) - timedelta(days=window_days)).isoformat(timespec="seconds").replace("+00:00", "Z")
         self.store.catch_up()
         by_agent: dict[str, list[WorkspaceRecord]] = {}
+        seen: set[tuple[str, str]] = set()
         for name in self.store.index.finished_since(since):
             try:
                 rec = self.store.read(name)
             except (WorkspaceNotFoundError, CorruptRecordError):
                 continue
             if rec.status not in (Status.QUEUED, Status.RUNNING):
+                by_agent.setdefault(rec.agent, []).append(rec)
+                seen.add((rec.name, rec.created_at))
+        for rec in read_retired(self.retired) if self.retired else []:  # a removal cut off: counted once
+            if (rec.name, rec.created_at) not in seen and (rec.finished_at or "") >= since:
+                seen.add((rec.name, rec.created_at))
                 by_agent.setdefault(rec.agent, []).append(rec)
         rows = [self._row(agent, recs) for agent, recs in sorted(by_agent.items())]
         return InsightsReport(window_days=window_days, since=since, agents=rows)

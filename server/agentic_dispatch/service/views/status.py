@@ -18,6 +18,7 @@ from ..catalog import AgentCatalog
 from ..delivery import ResultDelivery
 from ..runs.launch import QueueDrainer
 from ..runs.recovery import Recovery
+from ..runs.retention import disk_note
 
 __all__ = ["Reports"]
 
@@ -164,6 +165,8 @@ class Reports:
             )
             for h in self.scheduler.holds()
         ]
+        if (disk := disk_note(self.store.root)) is not None:  # one statvfs
+            notes.append(disk)
         orphans = engine.orphans
         if orphans:
             notes.append(
