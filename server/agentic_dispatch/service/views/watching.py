@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pydantic import BaseModel, Field
 
 from ...errors import InvalidInputError, WorkspaceNotFoundError
-from ...models import ACTIVE_STATUSES, Change, Status, WatchResult, WorkspaceRow
+from ...models import ACTIVE_STATUSES, Change, EventKind, Status, WatchResult, WorkspaceRow
 from ...safefs import read_range
 from ...store import StatusStore
 from .status import Reports
@@ -82,7 +82,14 @@ class Watching:
         offset after the last whole line read."""
         events, end = self.store.events.read(since)
         out = [
-            Change(at=e.at, workspace=e.workspace, kind=e.kind.value, status=e.status, runs=e.runs)
+            Change(
+                at=e.at,
+                workspace=e.workspace,
+                kind=e.kind.value,
+                status=e.status,
+                runs=e.runs,
+                reason=e.reason if e.kind == EventKind.STALLED else None,  # "no activity for N s"
+            )
             for e in events
             if names is None or e.workspace in names
         ]
