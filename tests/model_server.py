@@ -16,7 +16,10 @@ A test scripts the conversation in a provider-neutral way::
 Every *model call* (a request that asks the model for its next turn) consumes the next
 scripted turn: ``Shell(cmd)`` answers with a call of the provider's own shell tool
 (``exec_command``/``shell`` for codex, ``Bash`` for claude, ``run_shell_command`` for
-gemini), ``Say(text)`` with a final assistant message, ``Fail(status)`` with an HTTP error.
+gemini), ``Call(name, arguments)`` with a call of another tool the CLI offers, such as an
+MCP server's (found under the host's prefix; codex's ``tool_search`` is made first when the
+tool is deferred behind it), ``Say(text)`` with a final assistant message, ``Fail(status)``
+with an HTTP error.
 Once the script is exhausted the server answers ``Say("(script exhausted)")`` (or the
 ``then=`` turn given to :meth:`ModelServer.script`). Side requests the CLIs make besides
 the agent loop (token counting, model lists, claude's title/quota calls without tools,
@@ -46,6 +49,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 __all__ = [
+    "Call",
     "Fail",
     "ModelServer",
     "RecordedRequest",
@@ -85,7 +89,20 @@ class Fail:
     message: str = "scripted failure"
 
 
-Turn = Shell | Say | Fail
+@dataclass(frozen=True)
+class Call:
+    """Answer with a call of the tool the CLI offers as ``name``: an MCP tool by its own name, which
+    hosts prefix with their server's (Codex ``mcp__<server>__NAME``, Gemini ``mcp_<server>_NAME``).
+    A CLI that keeps the tool behind a tool search (Codex's ``tool_search``) is first answered with
+    that search, which does not consume the turn. A tool not offered at all is answered with the
+    text ``(no tool NAME was offered)``, so the CLI ends its turn and the test can see why."""
+
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    usage: tuple[int, int] | None = None
+
+
+Turn = Shell | Say | Fail | Call
 
 
 @dataclass
@@ -132,6 +149,7 @@ class ModelServer:
         self._lock = threading.Lock()
         self._turns: list[Turn] = []
         self._then: Turn = Say(EXHAUSTED_TEXT)
+        self._searched: Turn | None = None  # the Call turn a tool search was answered for
         self._ids = itertools.count(1)
         self._httpd = _QuietServer((host, port), _make_handler(self))
         self._httpd.daemon_threads = True
@@ -206,6 +224,16 @@ class ModelServer:
         with self._lock:
             return self._turns.pop(0) if self._turns else self._then
 
+    def _put_back_after_search(self, turn: Call) -> None:
+        """Return a turn that a model call took to answer with a tool search instead; one search per turn."""
+        with self._lock:
+            self._turns.insert(0, turn)
+            self._searched = turn
+
+    def _searched_for(self, turn: Call) -> bool:
+        with self._lock:
+            return self._searched is turn
+
     def _record(self, rec: RecordedRequest) -> None:
         with self._lock:
             self.requests.append(rec)
@@ -214,7 +242,7 @@ class ModelServer:
         return f"{prefix}_{next(self._ids):06d}"
 
     def _usage(self, turn: Turn | None) -> tuple[int, int]:
-        if isinstance(turn, Shell | Say) and turn.usage is not None:
+        if isinstance(turn, Shell | Say | Call) and turn.usage is not None:
             return turn.usage
         return self.usage
 
@@ -249,6 +277,15 @@ def _decode_body(raw: bytes, encoding: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
+
+def _not_offered(turn: Call) -> Say:
+    return Say(f"(no tool {turn.name} was offered)", usage=turn.usage)
+
+
+def _is_tool(offered: str, name: str) -> bool:
+    """``offered`` is ``name`` or ``name`` under a host's MCP prefix (``mcp__srv__name``, ``mcp_srv_name``)."""
+    return offered == name or (offered.startswith("mcp_") and offered.endswith("_" + name))
 
 
 def _text_of(content: Any) -> str:
@@ -472,6 +509,28 @@ class _OpenAI(_Provider):
             return "shell", json.dumps({"command": ["bash", "-lc", command]})
         return "exec_command", json.dumps({"cmd": command})
 
+    def offered_tool(self, name: str) -> tuple[str | None, str] | None:
+        """(namespace, name) of the function the request offers as ``name``. Codex sends MCP tools
+        found by a tool search as a ``namespace`` of functions, in ``tools`` or in the search's output."""
+        found: list[Any] = list(self.body.get("tools") or [])
+        for item in self.body.get("input") or []:
+            if isinstance(item, dict) and item.get("type") == "tool_search_output":
+                found.extend(item.get("tools") or [])
+        for tool in found:
+            if not isinstance(tool, dict):
+                continue
+            if tool.get("type") == "namespace":
+                space = str(tool.get("name"))
+                for inner in tool.get("tools") or []:
+                    if isinstance(inner, dict) and _is_tool(f"{space}__{inner.get('name')}", name):
+                        return space, str(inner.get("name"))
+            elif tool.get("type") == "function" and _is_tool(str(tool.get("name")), name):
+                return None, str(tool.get("name"))
+        return None
+
+    def offers_tool_search(self) -> bool:
+        return any(isinstance(t, dict) and t.get("type") == "tool_search" for t in self.body.get("tools") or [])
+
     def respond(self) -> None:
         turn = self.take_turn()
         if isinstance(turn, Fail):
@@ -480,6 +539,15 @@ class _OpenAI(_Provider):
                 {"error": {"message": turn.message, "type": "server_error", "code": None}},
             )
             return
+        target: tuple[str | None, str] | None = None
+        search = False
+        if isinstance(turn, Call):
+            target = self.offered_tool(turn.name)
+            if target is None and self.offers_tool_search() and not self.s._searched_for(turn):
+                self.s._put_back_after_search(turn)
+                search = True
+            elif target is None:
+                turn = _not_offered(turn)
         s = self.s
         model = str(self.body.get("model") or "test-model")
         resp_id = s._id("resp")
@@ -507,13 +575,31 @@ class _OpenAI(_Provider):
         ev("response.in_progress", response={**base, "status": "in_progress", "output": []})
         pending: dict[str, Any]
         item: dict[str, Any]
-        if isinstance(turn, Shell):
-            name, args = self.shell_call(turn.command)
+        if search:
+            assert isinstance(turn, Call)
+            item = {
+                "type": "tool_search_call",
+                "id": s._id("ts"),
+                "call_id": s._id("call"),
+                "status": "completed",
+                "execution": "client",
+                "arguments": {"query": turn.name, "limit": 8},
+            }
+            ev("response.output_item.added", output_index=0, item=item)
+        elif isinstance(turn, Shell | Call):
+            namespace: dict[str, str] = {}
+            if isinstance(turn, Shell):
+                name, args = self.shell_call(turn.command)
+            else:
+                assert target is not None
+                namespace = {"namespace": target[0]} if target[0] else {}
+                name, args = target[1], json.dumps(turn.arguments)
             item_id, call_id = s._id("fc"), s._id("call")
             pending = {
                 "type": "function_call",
                 "id": item_id,
                 "call_id": call_id,
+                **namespace,
                 "name": name,
                 "arguments": "",
                 "status": "in_progress",
@@ -579,6 +665,14 @@ class _Anthropic(_Provider):
         """Claude's non-agent requests (titles, quota probes, topic checks) carry no tools."""
         return not self.body.get("tools")
 
+    def offered_tool(self, name: str) -> str | None:
+        """The tool offered as ``name`` with its schema (Claude Code names MCP tools ``mcp__<server>__<tool>``;
+        one deferred behind its tool search is sent with ``defer_loading`` and cannot be called yet)."""
+        for tool in self.body.get("tools") or []:
+            if isinstance(tool, dict) and not tool.get("defer_loading") and _is_tool(str(tool.get("name")), name):
+                return str(tool.get("name"))
+        return None
+
     def respond(self, turn: Turn, consume: bool) -> None:
         s, h = self.s, self.h
         if isinstance(turn, Fail):
@@ -590,14 +684,17 @@ class _Anthropic(_Provider):
         model = str(self.body.get("model") or "test-model")
         inp, out = s._usage(turn)
         msg_id = s._id("msg")
-        if isinstance(turn, Shell):
-            tool_id = s._id("toolu")
-            tool_input = {"command": turn.command, "description": "Run a shell command"}
+        name = self.offered_tool(turn.name) if isinstance(turn, Call) else None
+        if isinstance(turn, Call) and name is None:
+            turn = _not_offered(turn)
+        if isinstance(turn, Shell | Call):
             block: dict[str, Any] = {
                 "type": "tool_use",
-                "id": tool_id,
-                "name": "Bash",
-                "input": tool_input,
+                "id": s._id("toolu"),
+                "name": name or "Bash",
+                "input": turn.arguments
+                if isinstance(turn, Call)
+                else {"command": turn.command, "description": "Run a shell command"},
             }
             stop_reason = "tool_use"
         else:
@@ -746,6 +843,10 @@ class _Gemini(_Provider):
                 {"error": {"code": turn.status, "message": turn.message, "status": status_name}},
             )
             return
+        if isinstance(turn, Call):
+            name = self.offered_tool(turn.name)
+            if name is None:
+                turn = _not_offered(turn)
         if isinstance(turn, Shell):
             parts: list[dict[str, Any]] = [
                 {
@@ -755,6 +856,16 @@ class _Gemini(_Provider):
                     }
                 }
             ]
+        elif isinstance(turn, Call):
+            parts = [{"functionCall": {"name": name, "args": turn.arguments}}]
         else:
             parts = [{"text": turn.text}]
         self.reply(stream, parts, model, turn)
+
+    def offered_tool(self, name: str) -> str | None:
+        """The declared function that is ``name`` (Gemini CLI offers MCP tools as ``mcp_<server>_<tool>``)."""
+        for group in self.body.get("tools") or []:
+            for decl in (group.get("functionDeclarations") or []) if isinstance(group, dict) else []:
+                if isinstance(decl, dict) and _is_tool(str(decl.get("name")), name):
+                    return str(decl.get("name"))
+        return None
