@@ -76,3 +76,51 @@ ensure_node() {
   if command -v npx >/dev/null; then return; fi
   if is_debian_root; then apt_install nodejs npm; else say "Node.js (npx) is needed for the MCP Inspector test"; fi
 }
+
+# The MCP hosts whose set-up the README prints, at the versions it was checked with (tests/test_hosts.py
+# runs them): Codex CLI and Gemini CLI from npm, in .host-clis/ (never a global install of the user's).
+# Gemini CLI needs Node >= 20; where the node on PATH is older (Debian bookworm's is 18) or missing, the
+# official Node 22 binary comes from npm's node-linux-<arch> package, with npm 10 to run on it, as in the
+# agent image. A stamp naming the versions skips it all on the next run.
+HOST_CLIS="$ROOT/.host-clis"
+HOST_CODEX_VERSION=0.169.0
+HOST_GEMINI_VERSION=0.61.0
+HOST_NODE_VERSION=22.23.3
+HOST_NPM_VERSION=10.9.9
+
+node_major() { "${1:-node}" --version 2>/dev/null | sed -n 's/^v\([0-9]*\)\..*/\1/p'; }
+
+ensure_host_clis() {
+  local stamp="$HOST_CLIS/.installed" want arch
+  want="codex@$HOST_CODEX_VERSION gemini@$HOST_GEMINI_VERSION"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$HOST_CLIS/bin/codex" ] \
+     && [ -x "$HOST_CLIS/bin/gemini" ] && [ "$(PATH="$HOST_CLIS/bin:$PATH" node_major)" -ge 20 ] 2>/dev/null; then
+    return
+  fi
+  if ! command -v npm >/dev/null; then
+    if is_debian_root; then apt_install nodejs npm
+    else say "npm is needed to install the host CLIs the tests drive (e.g. apt install nodejs npm)."; return 1; fi
+  fi
+  say "installing the MCP hosts Codex CLI $HOST_CODEX_VERSION and Gemini CLI $HOST_GEMINI_VERSION into .host-clis"
+  mkdir -p "$HOST_CLIS"
+  export npm_config_fund=false npm_config_audit=false npm_config_update_notifier=false
+  if [ "$(node_major)" -lt 20 ] 2>/dev/null || ! command -v node >/dev/null; then
+    case "$(uname -m)" in x86_64) arch=x64 ;; aarch64 | arm64) arch=arm64 ;;
+      *) say "no Node 22 package for $(uname -m): install Node >= 20 yourself"; return 1 ;; esac
+    say "node on PATH is older than 20: adding Node $HOST_NODE_VERSION and npm $HOST_NPM_VERSION to .host-clis"
+    npm install --global --prefix "$HOST_CLIS" "node-linux-$arch@$HOST_NODE_VERSION" </dev/null >&2
+    PATH="$HOST_CLIS/bin:$PATH" npm install --global --prefix "$HOST_CLIS" "npm@$HOST_NPM_VERSION" </dev/null >&2
+  fi
+  # No install scripts: only Gemini CLI's optional native modules (a pty, a keychain) have any, and a
+  # headless run needs neither; npm 11 skips them anyway, npm 10 would compile them.
+  PATH="$HOST_CLIS/bin:$PATH" npm install --global --prefix "$HOST_CLIS" --ignore-scripts \
+    "@openai/codex@$HOST_CODEX_VERSION" "@google/gemini-cli@$HOST_GEMINI_VERSION" </dev/null >&2
+  check_host_cli codex "codex-cli $HOST_CODEX_VERSION" && check_host_cli gemini "$HOST_GEMINI_VERSION" || return 1
+  echo "$want" > "$stamp"
+}
+
+check_host_cli() {
+  local got
+  got="$(PATH="$HOST_CLIS/bin:$PATH" "$1" --version </dev/null 2>&1)" || true
+  if [ "$got" != "$2" ]; then say "$1 --version printed '$got', expected '$2'"; return 1; fi
+}
