@@ -15,6 +15,8 @@ from mcp import Client
 from agentic_dispatch import cli
 from agentic_dispatch.config import load_settings
 from agentic_dispatch.models import Status, WorkspaceRecord
+from agentic_dispatch.runtime.docker import DockerRuntime
+from agentic_dispatch.service import Dispatcher
 from agentic_dispatch.store import StatusStore
 from tests.conftest import call, server_params
 
@@ -94,3 +96,15 @@ def test_agentic_status_with_the_engine_unreachable_answers_with_every_record_an
     assert any("cannot be reached" in n for n in report["notes"]), report["notes"]
     failed = next(w for w in report["workspaces"] if w["status"] == "failed")
     assert failed["reason"] == "the agent exited with code 3" and failed["question"] is None
+
+
+def test_a_pool_paused_after_fast_failures_is_released_by_unfreeze(no_engine: str) -> None:
+    """Before: agentic_dispatch_start cleared only the frozen flag; a pause (30 minutes by default)
+    could not be lifted by any tool or command."""
+    svc = Dispatcher(*load_settings(), DockerRuntime())
+    for _ in range(svc.settings.limits.fast_fail_count):
+        svc.scheduler.note_failure("shell", 1.0)
+    assert [h.pool for h in svc.status().holds if "fast failures" in h.reason] == ["shell"]
+    state = svc.unfreeze()
+    assert "lifted the pause of pool(s) shell" in state.message, state.message
+    assert not [h for h in svc.status().holds if "fast failures" in h.reason]
