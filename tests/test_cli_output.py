@@ -267,3 +267,30 @@ def test_the_bounds_themselves_are_accepted(two_deliveries: Path, capsys: pytest
     assert code == 0, err
     code, out, err = run(["insights", "--days", "366"], capsys)
     assert code == 0 and "366 days" in out, err
+
+
+def test_an_agents_question_is_shown_as_written_never_read_as_table_markup(
+    no_engine: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The status table's last column holds the agent's own words: ``[red]`` or ``[/]`` in them is text."""
+    _, paths = load_settings()
+    question = "Use [red]PG[/]?"
+    StatusStore.of(paths).create(
+        WorkspaceRecord(
+            name="acme/app/task-1",
+            status=Status.BLOCKED,
+            agent="shell",
+            repo="acme/app",
+            org="acme",
+            repo_name="app",
+            origin_url="https://example.invalid/a.git",
+            task="t",
+            branch="agent/task-1-t",
+            template="coding",
+            timeout_seconds=60,
+            runs=1,
+            question=question,
+        )
+    )
+    assert cli.main(["status"]) == 0
+    assert question in capsys.readouterr().out

@@ -146,7 +146,7 @@ def status_view(report: StatusReport, now: datetime | None = None) -> Renderable
             Text(status, style=_STYLE.get(status, "")),
             str(row.runs),
             row.name,
-            _what(row),
+            Text(_what(row)),  # the agent's words: never read as markup
         )
     return Group(counts, *notes, table)
 
@@ -268,7 +268,7 @@ def print_sync(report: SyncReport, as_json: bool, console: Console | None = None
                 "branch" if row.kind == "git" else row.kind,
                 Text(row.state, style=_DELIVERY_STYLE.get(row.state, "")),
                 str(row.attempts),
-                _where_it_stands(row),
+                Text(_where_it_stands(row)),  # git's and the endpoint's words: never read as markup
             )
         out.print(table)
     for line in explained:  # the full reason and what to do, for each delivery a person must see to
