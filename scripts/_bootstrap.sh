@@ -6,16 +6,17 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 STATE="$ROOT/.state"
-mkdir -p "$STATE"
+[ -d "$STATE" ] || mkdir -p "$STATE"
 
 say() { printf '[setup] %s\n' "$*" >&2; }
 
 is_debian_root() { [ "$(id -u)" = 0 ] && [ -f /etc/debian_version ] && command -v apt-get >/dev/null; }
 
 ensure_python() {
-  local stamp="$VENV/.installed" want
-  want="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return; fi
+  local stamp="$VENV/.installed" want have=""
+  want="$(sha256sum "$ROOT/pyproject.toml")" && want="${want:0:16}"
+  if [ -f "$stamp" ]; then read -r have <"$stamp" || true; fi
+  if [ "$have" = "$want" ]; then return; fi
   # A bare Debian has neither git nor venv support; python3-venv brings ensurepip.
   if ! command -v git >/dev/null || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
     if is_debian_root; then
@@ -62,14 +63,45 @@ ensure_docker() {
   fi
 }
 
+# The agent image's tag names a hash of its recipe and the host's extra CA certificates; working it out
+# (`agentic-dispatch image tag`) starts Python, most of a second. .state/agent-image keeps the tag last
+# found with a fingerprint of every file that goes into it (and of the code that hashes them): while that
+# is unchanged, the tag is known without Python.
+IMAGE_STAMP="$STATE/agent-image"
+
+image_inputs_fingerprint() {
+  local sum
+  sum="$(
+    shopt -s globstar nullglob
+    files=(/dev/null)  # never none: sha256sum without a file would read stdin, the host's MCP channel
+    for f in "$ROOT"/images/agent/** "$ROOT"/server/agentic_dispatch/runtime/images.py \
+      /usr/local/share/ca-certificates/**/*.crt; do
+      if [ -f "$f" ]; then files+=("$f"); fi
+    done
+    { sha256sum "${files[@]}" </dev/null 2>/dev/null || true; } | sha256sum
+  )"
+  echo "${sum:0:16}"
+}
+
+# A machine set up already: the stamp's tag is current and its image is there, which also shows the engine
+# answers. One `docker image inspect`, so that a host starting the server waits for nothing else.
+image_is_ready() {
+  local fingerprint tag
+  [ -f "$IMAGE_STAMP" ] && read -r fingerprint tag <"$IMAGE_STAMP" || return 1
+  [ -n "$tag" ] && [ "$fingerprint" = "$(image_inputs_fingerprint)" ] && docker image inspect "$tag" >/dev/null 2>&1
+}
+
 ensure_image() {
-  local tag
+  local tag fingerprint
+  fingerprint="$(image_inputs_fingerprint)"
   tag="$("$VENV/bin/agentic-dispatch" image tag)"
-  if docker image inspect "$tag" >/dev/null 2>&1; then return; fi
-  # Where no registry is reachable the base is bootstrapped from Debian's packages.
-  if ! command -v debootstrap >/dev/null && is_debian_root; then apt_install debootstrap; fi
-  say "building the agent image $tag (first time only)"
-  "$VENV/bin/agentic-dispatch" image build >&2
+  if ! docker image inspect "$tag" >/dev/null 2>&1; then
+    # Where no registry is reachable the base is bootstrapped from Debian's packages.
+    if ! command -v debootstrap >/dev/null && is_debian_root; then apt_install debootstrap; fi
+    say "building the agent image $tag (first time only)"
+    "$VENV/bin/agentic-dispatch" image build >&2
+  fi
+  echo "$fingerprint $tag" >"$IMAGE_STAMP.$$" && mv -f "$IMAGE_STAMP.$$" "$IMAGE_STAMP"
 }
 
 ensure_node() {

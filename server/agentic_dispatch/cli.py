@@ -16,15 +16,11 @@ import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from pydantic import TypeAdapter, ValidationError
 
-from .cli_views import emit, print_clean, print_status, print_sync
-from .cli_watch import cmd_events, cmd_insights, cmd_logs, cmd_watch
-from .config import load_settings
 from .errors import ConfigError, DispatchError, InvalidInputError, WorkspaceNotFoundError, describe_state_failure
-from .http_auth import plan_http
 from .models import (
     BranchName,
     DispatchRequest,
@@ -37,8 +33,14 @@ from .models import (
     Tag,
     problems,
 )
-from .runtime.docker import DockerRuntime
-from .service import MAX_TAIL_LINES, MAX_WATCH_SECONDS, MAX_WINDOW_DAYS, Dispatcher
+
+# The settings, the service (with the engine's client and GitPython) and the views (with rich) are imported
+# by the commands that use them: `serve` answers its host before it reads or builds any of them.
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from .models import CleanReport, SyncReport
+    from .service import Dispatcher
 
 __all__ = ["main"]
 
@@ -46,21 +48,42 @@ log = logging.getLogger("agentic_dispatch")
 
 
 def _dispatcher(args: argparse.Namespace) -> Dispatcher:
+    from .config import load_settings
+    from .runtime.docker import DockerRuntime
+    from .service import Dispatcher
+
     settings, paths = load_settings(Path(args.config) if args.config else None)
     logging.getLogger().setLevel(settings.log_level)
     return Dispatcher(settings, paths, DockerRuntime())
 
 
-_emit = emit
+def _emit(result: BaseModel, as_json: bool) -> None:
+    from .cli_views import emit  # (the views load rich: only the commands that print need them)
+
+    emit(result, as_json)
 
 
 def _print_status(report: StatusReport, as_json: bool) -> None:
+    from .cli_views import print_status
+
     print_status(report, as_json)
 
 
+def print_sync(report: SyncReport, as_json: bool) -> None:
+    from .cli_views import print_sync as show
+
+    show(report, as_json)
+
+
+def print_clean(report: CleanReport, as_json: bool) -> None:
+    from .cli_views import print_clean as show
+
+    show(report, as_json)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    # The stop signals are handled first, before the MCP SDK's import and the settings: a signal that
-    # arrives while the server starts ends it cleanly too (exit 0), with no service to close yet.
+    # The stop signals are handled first, before the MCP SDK's import: a signal that arrives while the
+    # server starts ends it cleanly too (exit 0), with no service to close yet.
     made: list[Dispatcher] = []
 
     def shutdown(signum: int, frame: object) -> None:
@@ -81,9 +104,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .mcp_server import build_server, run_http  # only this command needs the MCP SDK
 
-    settings, paths = load_settings(Path(args.config) if args.config else None)  # fail fast on a bad config
+    def make() -> Dispatcher:  # on a worker thread, once the host has the tools (see mcp_server)
+        made.append(_dispatcher(args))  # reads the settings (a bad one: each tool call says what is wrong)
+        return made[-1]  # (a build that failed to start is tried again)
+
     http = None
-    if args.transport == "http":
+    if args.transport == "http":  # its plan needs the settings first: a bad config stops it here (exit 2)
+        from .config import load_settings
+        from .http_auth import plan_http
+
+        settings, paths = load_settings(Path(args.config) if args.config else None)
         http = plan_http(
             args.host,
             args.port,
@@ -93,12 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             state_dir=paths.state,
             config_file=paths.config_file,
         )
-    logging.getLogger().setLevel(settings.log_level)
-
-    def make() -> Dispatcher:
-        made.append(_dispatcher(args))
-        return made[0]
-
+        logging.getLogger().setLevel(settings.log_level)
     server = build_server(make) if http is None else build_server(make, token=http.token, issuer_url=http.url)
     # Readiness, for whoever started the server (tests wait for this line rather than guess).
     log.info("serving MCP over %s; SIGTERM or SIGINT stops the server", args.transport)
@@ -233,6 +258,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
+    from .runtime.docker import DockerRuntime
     from .runtime.images import build_image
 
     runtime = DockerRuntime()
@@ -272,7 +298,9 @@ _JSON_HELP = "print the result as JSON (the fields the MCP tool returns) instead
 _WORKSPACE_HELP = "the workspace's name, as dispatch and status print it (org/repo/name)"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, serve_only: bool = False) -> argparse.ArgumentParser:
+    """The command line's parser; with ``serve_only``, only the `serve` command (the others' checks and help
+    read the service's bounds: an import that a host waiting for the server's first answer must not wait for)."""
     p = argparse.ArgumentParser(
         prog="agentic-dispatch",
         description=_DESCRIPTION,
@@ -282,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config file (default: AGENTIC_DISPATCH_CONFIG or config.toml in the config dir)")
     sub = p.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     _add_serve(sub)
+    if serve_only:
+        _text_is_utf8(p)
+        return p
     _add_dispatch(sub)
     _add_workspace_commands(sub)
     _add_queue_commands(sub)
@@ -290,6 +321,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_clean(sub)
     _text_is_utf8(p)
     return p
+
+
+def _is_serve(argv: Sequence[str] | None) -> bool:
+    """Whether the command line runs `serve` (after any ``--config``; not a ``--help``), read without the
+    whole parser: anything unusual goes to the whole parser, which says what is wrong."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    first = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    first.add_argument("--config")
+    first.add_argument("command", nargs="?")
+    try:
+        command = first.parse_known_args(words)[0].command
+    except argparse.ArgumentError:
+        return False
+    return command == "serve" and not {"-h", "--help"} & set(words)
 
 
 def _command(sub: _Sub, name: str, summary: str, description: str = "") -> argparse.ArgumentParser:
@@ -357,6 +402,8 @@ def _count(text: str) -> int:
 
 
 def _log_lines(text: str) -> int:
+    from .service import MAX_TAIL_LINES
+
     return _whole_number(text, 1, MAX_TAIL_LINES)  # the most a look at a log returns
 
 
@@ -375,6 +422,8 @@ _WATCH_INTERVAL_LEAST = 0.1
 
 
 def _watch_interval(text: str) -> float:
+    from .service import MAX_WATCH_SECONDS
+
     value = _seconds(text)
     if not _WATCH_INTERVAL_LEAST <= value <= MAX_WATCH_SECONDS:
         raise argparse.ArgumentTypeError(
@@ -384,6 +433,8 @@ def _watch_interval(text: str) -> float:
 
 
 def _days(text: str) -> float:
+    from .service import MAX_WINDOW_DAYS
+
     try:
         value = float(text)
     except ValueError:
@@ -619,6 +670,9 @@ def _add_setup_commands(sub: _Sub) -> None:
 
 
 def _add_watch_commands(sub: _Sub) -> None:
+    from .cli_watch import cmd_events, cmd_insights, cmd_logs, cmd_watch
+    from .service import MAX_TAIL_LINES, MAX_WATCH_SECONDS, MAX_WINDOW_DAYS
+
     w = _command(
         sub,
         "watch",
@@ -666,7 +720,7 @@ def _add_watch_commands(sub: _Sub) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(serve_only=_is_serve(argv)).parse_args(argv)
     except SystemExit as e:  # --help (0), or a bad argument (2; argparse has said why on stderr)
         return e.code if isinstance(e.code, int) else 2
     try:

@@ -5,6 +5,11 @@ typed signature: it forwards to the service and turns the service's
 :class:`~agentic_dispatch.errors.DispatchError` into a tool error the model can act on.
 Tools are plain functions: the SDK runs them on a worker thread, which keeps the
 blocking Docker and git calls off the event loop.
+
+Start-up is what a host waits for: the answers to ``initialize`` and ``tools/list`` need the
+SDK and the tools' signatures (``models``), nothing of the service. The service
+(:class:`~.mcp_tools.LazyDispatcher`) is built on a worker thread once the tools have been listed
+(or :data:`START_AFTER_SECONDS` after the server starts, or at the first call that needs it).
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal, TypeVar
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, cast
 
 import anyio
 from mcp.server.auth.provider import AccessToken
@@ -22,10 +28,11 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import CallToolResult, InputRequiredResult, ToolAnnotations
+from mcp_types import Tool as McpTool
 from pydantic import AnyHttpUrl, Field
 
-from .http_auth import HttpPlan
-from .mcp_tools import register_tool
+from .errors import DispatchError
+from .mcp_tools import LazyDispatcher, register_tool
 from .mcp_watch import WatchFeed, register_watch
 from .models import (
     BranchName,
@@ -43,7 +50,14 @@ from .models import (
     Tag,
     Task,
 )
-from .service import Dispatcher
+
+if TYPE_CHECKING:
+    from .http_auth import HttpPlan
+    from .service import Dispatcher
+else:
+    # At run time the tools' context holds a LazyDispatcher (every Dispatcher method, waiting for the service
+    # first); the SDK only reads that a tool's first parameter is a Context.
+    Dispatcher = LazyDispatcher
 
 __all__ = ["StaticTokenVerifier", "build_server", "run_http"]
 
@@ -69,6 +83,19 @@ def _svc(ctx: Ctx) -> Dispatcher:
 # plain tools on anyio's default pool (40 threads): a burst of dispatches would hold every thread and
 # leave status and watch waiting for seconds. They get their own few threads instead.
 PREPARING_AT_ONCE = 8
+
+# The service starts building when the first tools/list has been answered (hosts list the tools right after
+# initialize), or this long after the server started serving when nobody lists them (an HTTP server with no
+# client yet still reconciles, times runs out and delivers results).
+START_AFTER_SECONDS = 1.0
+
+
+def _version() -> str:
+    """The installed package's version, for ``serverInfo`` (read from its metadata: about a millisecond)."""
+    try:
+        return version("agentic-dispatch")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 class StaticTokenVerifier:
@@ -102,7 +129,16 @@ def run_http(server: MCPServer[Dispatcher], http: HttpPlan) -> None:
 
 class _StrictServer(MCPServer[Dispatcher]):
     """Refuses arguments a tool does not take. The SDK drops them silently, so a misspelt ``dry_run``
-    (``dryrun``) would launch a real run instead of a dry one."""
+    (``dryrun``) would launch a real run instead of a dry one. Tells the lifespan when the tools have
+    been listed (``tools_listed``): the service may start building then."""
+
+    tools_listed: anyio.Event | None = None  # the running lifespan's
+
+    async def list_tools(self) -> list[McpTool]:
+        tools = await super().list_tools()
+        if self.tools_listed is not None:
+            self.tools_listed.set()
+        return tools
 
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[Dispatcher, Any] | None = None
@@ -120,7 +156,8 @@ class _StrictServer(MCPServer[Dispatcher]):
 def build_server(
     make_dispatcher: Callable[[], Dispatcher], *, token: str | None = None, issuer_url: str = "http://127.0.0.1"
 ) -> MCPServer[Dispatcher]:
-    """Build the MCP server. ``make_dispatcher`` is called once, in the server's lifespan.
+    """Build the MCP server. ``make_dispatcher`` is called on a worker thread once the tools have been
+    listed (see :class:`~.mcp_tools.LazyDispatcher`); a failure is logged and retried by the next call.
 
     With a ``token``, HTTP callers must send ``Authorization: Bearer <token>``: the SDK's bearer
     middleware asks :class:`StaticTokenVerifier` and answers 401 with ``WWW-Authenticate`` otherwise.
@@ -129,13 +166,33 @@ def build_server(
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[Dispatcher]) -> AsyncIterator[Dispatcher]:
-        dispatcher = await anyio.to_thread.run_sync(make_dispatcher)
-        dispatcher.start()
+        service = LazyDispatcher(make_dispatcher)
+        server.tools_listed = anyio.Event()
         try:
-            async with feed.running(dispatcher):  # resource change notifications while the server runs
-                yield dispatcher
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(come_up, service, server.tools_listed)
+                try:
+                    yield cast("Dispatcher", service)
+                finally:
+                    tg.cancel_scope.cancel()
         finally:
-            await anyio.to_thread.run_sync(dispatcher.close)
+            server.tools_listed = None
+            await anyio.to_thread.run_sync(service.close)
+
+    async def come_up(service: LazyDispatcher, listed: anyio.Event) -> None:
+        """Build the service in the background once the tools are listed, then feed the resource subscriptions."""
+        with anyio.move_on_after(START_AFTER_SECONDS):
+            await listed.wait()
+        try:
+            await anyio.to_thread.run_sync(service.ready)
+        except DispatchError as e:  # a bad config: each tool call says so too, and builds again
+            log.error("the service cannot start (each tool call says why, and tries again): %s", e)
+        except Exception:  # this background task's boundary: each tool call reports it too, and builds again
+            log.exception("the service cannot start; each tool call tries again")
+        while not service.is_up:  # a later call's build may succeed
+            await anyio.sleep(START_AFTER_SECONDS)
+        async with feed.running(cast("Dispatcher", service)):  # resource change notifications while it runs
+            await anyio.sleep_forever()
 
     limiter: list[anyio.CapacityLimiter] = []  # made on first use, in the server's event loop
 
@@ -146,8 +203,9 @@ def build_server(
 
     auth = AuthSettings(issuer_url=AnyHttpUrl(issuer_url), resource_server_url=None) if token else None
     feed = WatchFeed()
-    server: MCPServer[Dispatcher] = _StrictServer(
+    server = _StrictServer(
         name="agentic-dispatch",
+        version=_version(),
         instructions=INSTRUCTIONS,
         lifespan=lifespan,
         token_verifier=StaticTokenVerifier(token) if token else None,

@@ -18,7 +18,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -32,9 +32,13 @@ from mcp_types import EmptyResult, SubscribeRequestParams, ToolAnnotations, Unsu
 from pydantic import Field
 
 from .errors import DispatchError, InvalidInputError, WorkspaceNotFoundError
-from .mcp_tools import register_tool
+from .mcp_tools import MAX_TAIL_LINES, MAX_WATCH_SECONDS, MAX_WINDOW_DAYS, register_tool
 from .models import ACTIVE_STATUSES, Change, DiffResult, InsightsReport, LogsResult, WatchResult, WorkspaceRow
-from .service import MAX_LISTED, MAX_TAIL_LINES, MAX_WATCH_SECONDS, MAX_WINDOW_DAYS, Dispatcher, describe
+
+if TYPE_CHECKING:
+    from .service import Dispatcher
+else:  # what the tools' context holds at run time (see mcp_server); the service is imported when it is built
+    from .mcp_tools import LazyDispatcher as Dispatcher
 
 __all__ = ["LIST_URI", "WatchFeed", "WorkspaceWatch", "register_watch", "status_uri"]
 
@@ -177,6 +181,8 @@ async def _watch_many(
     progress = _Progress(ctx, timeout)
 
     def on_change(change: Change) -> None:  # on the worker thread: hand it to the event loop
+        from .service import describe  # the service is up: it called this
+
         anyio.from_thread.run(progress.send, describe(change))
 
     def watch() -> WatchResult | Exception:
@@ -319,6 +325,8 @@ def _register_resources(server: MCPServer[Dispatcher], feed: WatchFeed) -> None:
     def workspaces() -> str:
         """Every workspace (name, status, agent, updated_at), most recently updated first; at most 200, with a
         note when there are more. Subscribe to hear when one changes or a new one appears."""
+        from .service import MAX_LISTED  # the service's own bound, imported when a listing is asked
+
         return _read(lambda: feed.dispatcher().workspace_list(MAX_LISTED)).model_dump_json(indent=1)
 
     @server.resource(_ONE + "/status", name="workspace-status", title="Workspace status", mime_type=json)
