@@ -21,7 +21,6 @@ from typing import IO, Any
 import anyio
 from mcp import Client
 
-from agentic_dispatch import mcp_tools, service
 from agentic_dispatch.config import load_settings
 from agentic_dispatch.mcp_server import build_server
 from agentic_dispatch.runtime.docker import DockerRuntime
@@ -180,9 +179,3 @@ def test_a_service_that_cannot_start_fails_each_call_saying_why_and_the_call_aft
     refused, answered = anyio.run(scenario)
     assert refused.is_error and "default_template" in refused.content[0].text and "poem" in refused.content[0].text
     assert not answered.is_error and answered.structured_content["counts"]["running"] == 0
-
-
-def test_the_bounds_the_tools_advertise_are_the_ones_the_service_checks() -> None:
-    """Listing the tools must not import the service, so their schemas' bounds are kept beside them too."""
-    advertised = (mcp_tools.MAX_WATCH_SECONDS, mcp_tools.MAX_TAIL_LINES, mcp_tools.MAX_WINDOW_DAYS)
-    assert advertised == (service.MAX_WATCH_SECONDS, service.MAX_TAIL_LINES, service.MAX_WINDOW_DAYS)

@@ -402,7 +402,7 @@ def _count(text: str) -> int:
 
 
 def _log_lines(text: str) -> int:
-    from .service import MAX_TAIL_LINES
+    from .models import MAX_TAIL_LINES
 
     return _whole_number(text, 1, MAX_TAIL_LINES)  # the most a look at a log returns
 
@@ -422,7 +422,7 @@ _WATCH_INTERVAL_LEAST = 0.1
 
 
 def _watch_interval(text: str) -> float:
-    from .service import MAX_WATCH_SECONDS
+    from .models import MAX_WATCH_SECONDS
 
     value = _seconds(text)
     if not _WATCH_INTERVAL_LEAST <= value <= MAX_WATCH_SECONDS:
@@ -433,7 +433,7 @@ def _watch_interval(text: str) -> float:
 
 
 def _days(text: str) -> float:
-    from .service import MAX_WINDOW_DAYS
+    from .models import MAX_WINDOW_DAYS
 
     try:
         value = float(text)
@@ -671,7 +671,7 @@ def _add_setup_commands(sub: _Sub) -> None:
 
 def _add_watch_commands(sub: _Sub) -> None:
     from .cli_watch import cmd_events, cmd_insights, cmd_logs, cmd_watch
-    from .service import MAX_TAIL_LINES, MAX_WATCH_SECONDS, MAX_WINDOW_DAYS
+    from .models import MAX_TAIL_LINES, MAX_WATCH_SECONDS, MAX_WINDOW_DAYS
 
     w = _command(
         sub,

@@ -28,16 +28,10 @@ from .models import problems
 if TYPE_CHECKING:
     from .service import Dispatcher
 
-__all__ = ["MAX_TAIL_LINES", "MAX_WATCH_SECONDS", "MAX_WINDOW_DAYS", "LazyDispatcher", "register_tool", "tool_error"]
+__all__ = ["LazyDispatcher", "register_tool", "tool_error"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# The bounds the watching tools' schemas advertise. The service checks the same ones (its MAX_WATCH_SECONDS,
-# MAX_TAIL_LINES and MAX_WINDOW_DAYS); they are repeated here because listing the tools must not import the
-# service, and tests/test_startup.py holds each pair equal.
-MAX_WATCH_SECONDS = 50
-MAX_TAIL_LINES = 5000
-MAX_WINDOW_DAYS = 366
 
 
 class LazyDispatcher:

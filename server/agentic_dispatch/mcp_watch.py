@@ -32,8 +32,20 @@ from mcp_types import EmptyResult, SubscribeRequestParams, ToolAnnotations, Unsu
 from pydantic import Field
 
 from .errors import DispatchError, InvalidInputError, WorkspaceNotFoundError
-from .mcp_tools import MAX_TAIL_LINES, MAX_WATCH_SECONDS, MAX_WINDOW_DAYS, register_tool
-from .models import ACTIVE_STATUSES, Change, DiffResult, InsightsReport, LogsResult, WatchResult, WorkspaceRow
+from .mcp_tools import register_tool
+from .models import (
+    ACTIVE_STATUSES,
+    MAX_LISTED,
+    MAX_TAIL_LINES,
+    MAX_WATCH_SECONDS,
+    MAX_WINDOW_DAYS,
+    Change,
+    DiffResult,
+    InsightsReport,
+    LogsResult,
+    WatchResult,
+    WorkspaceRow,
+)
 
 if TYPE_CHECKING:
     from .service import Dispatcher
@@ -325,7 +337,6 @@ def _register_resources(server: MCPServer[Dispatcher], feed: WatchFeed) -> None:
     def workspaces() -> str:
         """Every workspace (name, status, agent, updated_at), most recently updated first; at most 200, with a
         note when there are more. Subscribe to hear when one changes or a new one appears."""
-        from .service import MAX_LISTED  # the service's own bound, imported when a listing is asked
 
         return _read(lambda: feed.dispatcher().workspace_list(MAX_LISTED)).model_dump_json(indent=1)
 

@@ -16,8 +16,12 @@ __all__ = [
     "ACTIVE_STATUSES",
     "FINAL_STATUSES",
     "MAX_KEY_CHARS",
+    "MAX_LISTED",
     "MAX_LOCK_CHARS",
+    "MAX_TAIL_LINES",
     "MAX_TASK_CHARS",
+    "MAX_WATCH_SECONDS",
+    "MAX_WINDOW_DAYS",
     "RESUMABLE_STATUSES",
     "AgentCheck",
     "BranchName",
@@ -211,6 +215,13 @@ class WorkspaceRecord(BaseModel):
 
 MAX_TASK_CHARS = 100_000
 MAX_KEY_CHARS = 200
+
+# The bounds of the reading tools, declared once: the tools' schemas, the CLI's argument types and
+# the service's checks all use these (listing the tools must not import the service).
+MAX_WATCH_SECONDS = 50  # a watch's longest wait: hosts cut tool calls off at about 60 s
+MAX_TAIL_LINES = 5000  # lines of a log in one look
+MAX_WINDOW_DAYS = 366  # the insights window
+MAX_LISTED = 200  # workspaces in one listing, newest first
 MAX_LOCK_CHARS = 100
 
 

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from ...errors import CorruptRecordError, InvalidInputError, WorkspaceNotFoundError
-from ...models import InsightRow, InsightsReport, Status, WorkspaceRecord, parse_time
+from ...models import MAX_WINDOW_DAYS, InsightRow, InsightsReport, Status, WorkspaceRecord, parse_time
 from ...store import StatusStore
 from ..runs.retention import read_retired
 
@@ -23,7 +23,6 @@ __all__ = [
     "Insights",
 ]
 
-MAX_WINDOW_DAYS = 366
 # Failure reasons differ in numbers, ids and paths; counted by their shape.
 _VARIABLE = re.compile(r"\b[0-9a-f]{7,}\b|\d+(\.\d+)?|/\S+")
 

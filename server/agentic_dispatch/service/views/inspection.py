@@ -12,7 +12,7 @@ import json
 from ...agents import agent_base
 from ...credentials import redact
 from ...errors import InvalidInputError, UnsafePathError
-from ...models import DiffResult, LogsResult
+from ...models import MAX_TAIL_LINES, DiffResult, LogsResult
 from ...naming import check_git_ref
 from ...safefs import read_range
 from ...store import StatusStore
@@ -28,7 +28,6 @@ __all__ = [
 # Every reply stays under 64 KiB. A tool's result travels twice (the structured content and its
 # text copy), each JSON-encoded: the text of a reply fits in this, escapes included.
 MAX_REPLY_BYTES = 28 * 1024
-MAX_TAIL_LINES = 5000
 
 
 def _json_size(data: bytes) -> int:

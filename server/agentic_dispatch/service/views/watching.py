@@ -18,7 +18,16 @@ from collections.abc import Callable
 from pydantic import BaseModel, Field
 
 from ...errors import InvalidInputError, WorkspaceNotFoundError
-from ...models import ACTIVE_STATUSES, Change, EventKind, Status, WatchResult, WorkspaceRow
+from ...models import (
+    ACTIVE_STATUSES,
+    MAX_LISTED,
+    MAX_WATCH_SECONDS,
+    Change,
+    EventKind,
+    Status,
+    WatchResult,
+    WorkspaceRow,
+)
 from ...safefs import read_range
 from ...store import StatusStore
 from .status import Reports
@@ -33,8 +42,6 @@ __all__ = [
     "describe",
 ]
 
-MAX_WATCH_SECONDS = 50  # hosts cut tool calls off at about 60 s
-MAX_LISTED = 200  # workspaces in one listing, newest first
 MAX_PROMPT_BYTES = 60 * 1024  # of a prompt file in one reply
 
 
