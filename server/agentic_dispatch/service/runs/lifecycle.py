@@ -3,7 +3,7 @@
 
 :func:`transition` is pure: a record and a happening in; the new record, its event lines and the
 side effects to carry out out (or ``None`` when the happening does not apply to the record as it
-is now: a second report of one exit, a stop for a run a resume has replaced). ``service/runs.py``
+is now: a second report of one exit, a stop for a run a resume has replaced). ``executor.py``
 carries the effects out against the engine, the store, the scheduler and the outbox.
 
     (state, phase)     happening                     → state            effects
