@@ -105,6 +105,16 @@ class Limits(_Model):
     pacing_seconds: dict[str, Annotated[float, Field(ge=0)]] = Field(
         default_factory=dict, description="minimum delay between two starts in a pool"
     )
+    daily_tokens: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="input + output tokens per pool or base:model per UTC day, as the runs that finished that "
+        "day reported them; reached, new starts wait until 00:00 UTC, e.g. {codex = 2000000}",
+    )
+    daily_cost_usd: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="cost in USD per pool or base:model per UTC day, as the runs that finished that day "
+        "reported it; reached, new starts wait until 00:00 UTC, e.g. {'claude:opus' = 50}",
+    )
     fast_fail_count: Annotated[int, Field(ge=1)] = 3
     fast_fail_window_seconds: Annotated[float, Field(gt=0)] = 60.0
     fast_fail_pause_seconds: Annotated[float, Field(ge=0)] = 1800.0

@@ -312,6 +312,11 @@ class DispatchResult(BaseModel):
     commands: list[str] = Field(description="commands a person can run to look at the work")
     prompt: str | None = Field(default=None, description="the assembled prompt (dry runs only)")
     dry_run: bool = False
+    held: str | None = Field(
+        default=None,
+        description="queued: what holds its pool or model now and until when (a daily budget or start limit, a "
+        "pause); it starts when that ends",
+    )
 
 
 class WorkspaceRow(BaseModel):

@@ -8,6 +8,10 @@ taken under an admission lock that spans processes (``flock`` on
 ``<root>/state/admission.lock``), so two servers sharing a root never start the same
 workspace twice, nor two runs with one lock key at once.
 
+Daily budgets (``[limits] daily_tokens`` / ``daily_cost_usd``, per pool or ``base:model``) count what
+the runs that finished since the last UTC midnight reported (their summaries, found through the
+status index by :class:`UsageMeter`); a run that reported nothing is counted as unknown, never guessed.
+
 The persisted state (``<root>/state/scheduler.json``) fails closed: while it cannot be read
 the queue counts as frozen, :attr:`Scheduler.state_problem` says why, and the file is left
 as it is until an operator unfreezes (which sets it aside and writes a fresh one).
@@ -19,21 +23,25 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Literal
 
 from pydantic import TypeAdapter, ValidationError
 
 from .agents import agent_base as _base
 from .config import Limits
+from .errors import CorruptRecordError, WorkspaceNotFoundError
 from .fileio import ReentrantFileLock, write_atomic
 from .models import Priority, Status, WorkspaceRecord, utcnow
+from .store import StatusStore
 
-__all__ = ["ALL_POOLS", "PoolHold", "Scheduler", "SchedulerState"]
+__all__ = ["ALL_POOLS", "BudgetUse", "PoolHold", "RunUsage", "Scheduler", "SchedulerState", "UsageMeter"]
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +72,117 @@ class PoolHold:
     reason: str
     until: float | None
 
+    def describe(self) -> str:
+        """E.g. ``codex held until 2025-01-02T00:00:00Z: daily limit of 100 starts reached``."""
+        until = ""
+        if self.until is not None:
+            until = " until " + datetime.fromtimestamp(self.until, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return f"{self.pool} held{until}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class RunUsage:
+    """What one finished run reported about its usage: ``None`` where its CLI said nothing."""
+
+    agent: str
+    tokens: int | None  # input + output
+    cost_usd: float | None
+
+    @classmethod
+    def of(cls, record: WorkspaceRecord) -> RunUsage:
+        s = record.summary
+        if s is None:
+            return cls(record.agent, None, None)
+        parts = [t for t in (s.input_tokens, s.output_tokens) if t is not None]
+        return cls(record.agent, sum(parts) if parts else None, s.cost_usd)
+
+
+BudgetKind = Literal["daily_tokens", "daily_cost_usd"]
+
+
+@dataclass(frozen=True)
+class BudgetUse:
+    """One daily budget against what the runs that finished today reported."""
+
+    key: str  # a pool (agent base) or a base:model
+    budget: BudgetKind
+    used: float
+    limit: float
+    runs: int  # runs of this pool or model that finished today
+    unknown: int  # of them, those that reported no figure for this budget (not counted)
+    resets: float  # the next 00:00 UTC, epoch seconds
+
+    @property
+    def reached(self) -> bool:
+        return self.used >= self.limit
+
+    def describe(self) -> str:
+        """E.g. ``limits.daily_tokens codex: 1,200 / 1,000 tokens used today (3 runs finished, 1 reported no
+        usage: unknown)``."""
+        used, limit = (
+            (f"{self.used:,.0f}", f"{self.limit:,.0f} tokens")
+            if self.budget == "daily_tokens"
+            else (f"${self.used:,.2f}", f"${self.limit:,.2f}")
+        )
+        unknown = f", {self.unknown} reported no usage: unknown" if self.unknown else ""
+        return (
+            f"limits.{self.budget} {self.key}: {used} / {limit} used today "
+            f"({self.runs} run{'s' if self.runs != 1 else ''} finished{unknown})"
+        )
+
+
+class UsageMeter:
+    """The usage reported by the runs that finished since the last UTC midnight.
+
+    The status index names them; each record is read once per finish (cached by name and
+    ``finished_at``), so a drain reads only what finished since the last look. A run this meter
+    saw finish today stays counted when a resume clears its ``finished_at`` or ``clean`` removes
+    it (a resumed Codex or Claude run reports only its own difference)."""
+
+    def __init__(self, store: StatusStore) -> None:
+        self.store = store
+        self._seen: dict[tuple[str, str], RunUsage] = {}
+        self._lock = threading.Lock()
+
+    def today(self, now: float) -> list[RunUsage]:
+        since = _midnight_iso(now)
+        with self._lock:
+            self._seen = {k: v for k, v in self._seen.items() if k[1] >= since}
+            for name, finished_at in self.store.index.finished_at_since(since):
+                if (name, finished_at) in self._seen:
+                    continue
+                try:
+                    rec = self.store.read(name)
+                except (WorkspaceNotFoundError, CorruptRecordError):
+                    continue
+                if rec.finished_at is not None and rec.finished_at >= since:
+                    self._seen[(name, rec.finished_at)] = RunUsage.of(rec)
+            return list(self._seen.values())
+
+
+def budget_uses(limits: Limits, runs: list[RunUsage], now: float) -> list[BudgetUse]:
+    """Each configured daily budget against ``runs`` (a key with ``:`` is a model, else a pool)."""
+    out: list[BudgetUse] = []
+    resets = _next_utc_midnight(now)
+    configured: list[tuple[BudgetKind, dict[str, float]]] = [
+        ("daily_tokens", {k: float(v) for k, v in limits.daily_tokens.items()}),
+        ("daily_cost_usd", dict(limits.daily_cost_usd)),
+    ]
+    for kind, budgets in configured:
+        for key, limit in sorted(budgets.items()):
+            mine = [r for r in runs if r.agent == key or (":" not in key and _base(r.agent) == key)]
+            figures = [r.tokens if kind == "daily_tokens" else r.cost_usd for r in mine]
+            known = [f for f in figures if f is not None]
+            out.append(BudgetUse(key, kind, sum(known), limit, len(mine), len(figures) - len(known), resets))
+    return out
+
 
 class Scheduler:
     """Slot accounting and queue order; the service does the starting."""
 
-    def __init__(self, limits: Limits, state_dir: Path, events_file: Path) -> None:
+    def __init__(self, limits: Limits, state_dir: Path, events_file: Path, usage: UsageMeter | None = None) -> None:
         self.limits = limits
+        self.usage = usage  # daily budgets count what it finds; without one they count nothing
         self.state_dir = state_dir
         self.events_file = events_file  # daily limits count its "started" lines
         self._admission = ReentrantFileLock(state_dir / "admission.lock")
@@ -169,7 +282,7 @@ class Scheduler:
 
     def starts_today(self, now: float) -> Counter[str]:
         """Starts per pool since the last UTC midnight, counted from the events log's ``started`` lines."""
-        since = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT00:00:00Z")
+        since = _midnight_iso(now)
         counts: Counter[str] = Counter()
         for line in _lines_backwards(self.events_file):
             try:
@@ -213,13 +326,25 @@ class Scheduler:
             state.fast_failures.pop(pool, None)
             self._save(state)
 
-    def holds(self, pools: set[str] | None = None) -> list[PoolHold]:
-        """Pools that start nothing now: all of them while the state file is unreadable (pool ``*``);
-        paused after fast failures, at their daily limit, or pacing."""
+    def budgets(self, now: float | None = None) -> list[BudgetUse]:
+        """Each daily budget (``[limits] daily_tokens`` / ``daily_cost_usd``) against today's reported use."""
+        if self.usage is None or not (self.limits.daily_tokens or self.limits.daily_cost_usd):
+            return []
+        now = time.time() if now is None else now
+        return budget_uses(self.limits, self.usage.today(now), now)
+
+    def holds(self, pools: set[str] | None = None, now: float | None = None) -> list[PoolHold]:
+        """Pools (or models) that start nothing now: all of them while the state file is unreadable
+        (pool ``*``); paused after fast failures, at their daily limit or budget, or pacing."""
         state, problem = self._load()
-        now = time.time()
+        now = time.time() if now is None else now
         started_today = self.starts_today(now) if self.limits.daily else Counter[str]()
-        return self._holds(state, problem, now, started_today, pools)
+        return self._holds(state, problem, now, started_today, pools, self.budgets(now))
+
+    def hold_on(self, agent: str, now: float | None = None) -> PoolHold | None:
+        """The first hold that keeps a run of ``agent`` (``base[:model]``) from starting now, if any."""
+        base = _base(agent)
+        return next((h for h in self.holds({base}, now) if h.pool in (ALL_POOLS, base, agent)), None)
 
     def _holds(
         self,
@@ -228,6 +353,7 @@ class Scheduler:
         now: float,
         started_today: Counter[str],
         pools: set[str] | None,
+        budgets: list[BudgetUse],
     ) -> list[PoolHold]:
         out: list[PoolHold] = [PoolHold(ALL_POOLS, problem, None)] if problem is not None else []
         names = set(pools or set()) | set(state.paused_until) | set(self.limits.daily) | set(self.limits.pacing_seconds)
@@ -244,6 +370,10 @@ class Scheduler:
             last = state.last_start.get(pool)
             if pace and last is not None and now - last < pace:
                 out.append(PoolHold(pool, f"pacing: {pace:g} s between starts", last + pace))
+        for b in budgets:
+            if b.reached:
+                reason = f"daily budget reached, resets at 00:00 UTC: {b.describe()}"
+                out.append(PoolHold(b.key, reason, b.resets))
         return out
 
     # -- decisions -------------------------------------------------------------------------
@@ -267,7 +397,7 @@ class Scheduler:
             if r.status == Status.QUEUED and r.lock_key is not None and r.lock_key in holders
         }
 
-    def pick(self, records: list[WorkspaceRecord]) -> list[WorkspaceRecord]:
+    def pick(self, records: list[WorkspaceRecord], now: float | None = None) -> list[WorkspaceRecord]:
         """The queued records that may start now, in start order (call under :meth:`admission`).
 
         ``records`` are the queued and running records of every server on the root: no two runs
@@ -275,10 +405,11 @@ class Scheduler:
         state, problem = self._load()
         if state.frozen or problem is not None:
             return []
-        now = time.time()
+        now = time.time() if now is None else now
         # Counted once: starts chosen here are added below, since their "started" lines come later.
         started_today = self.starts_today(now) if self.limits.daily else Counter[str]()
-        held = {h.pool for h in self._holds(state, problem, now, started_today, {_base(r.agent) for r in records})}
+        pools_here = {_base(r.agent) for r in records}
+        held = {h.pool for h in self._holds(state, problem, now, started_today, pools_here, self.budgets(now))}
         pacing = self.limits.pacing_seconds
         daily = self.limits.daily
         running = [r for r in records if r.status == Status.RUNNING]
@@ -291,7 +422,7 @@ class Scheduler:
             base = _base(rec.agent)
             if total >= self.limits.total:
                 break
-            if base in held or (rec.lock_key is not None and rec.lock_key in locks):
+            if base in held or rec.agent in held or (rec.lock_key is not None and rec.lock_key in locks):
                 continue
             if base in self.limits.pools and pools[base] >= self.limits.pools[base]:
                 continue
@@ -332,6 +463,11 @@ def _lines_backwards(path: Path, block: int = 64 * 1024) -> Iterator[str]:
                     yield line.decode("utf-8", errors="replace")
         if rest.strip():
             yield rest.decode("utf-8", errors="replace")
+
+
+def _midnight_iso(ts: float) -> str:
+    """The last 00:00 UTC at or before ``ts``, as records and event lines write times."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT00:00:00Z")
 
 
 def _next_utc_midnight(ts: float) -> float:

@@ -33,6 +33,7 @@ from ..models import (
     InsightsReport,
     LogsResult,
     QueueState,
+    Status,
     StatusReport,
     SyncReport,
     WatchResult,
@@ -41,7 +42,7 @@ from ..models import (
 )
 from ..prompts import PromptLibrary
 from ..runtime.base import LABEL_WORKSPACE, ExitEvent, Runtime
-from ..scheduler import Scheduler
+from ..scheduler import Scheduler, UsageMeter
 from ..store import StatusStore
 from .catalog import AgentCatalog
 from .delivery import ResultDelivery
@@ -88,7 +89,9 @@ class Dispatcher:
         self.catalog = AgentCatalog(settings, self.agents)
         self.store = StatusStore.of(paths)
         self.mirrors = MirrorCache(paths.mirrors, settings.mirror_max_age_seconds)
-        self.scheduler = Scheduler(self.catalog.effective_limits(), paths.state, self.store.events_file)
+        self.scheduler = Scheduler(
+            self.catalog.effective_limits(), paths.state, self.store.events_file, UsageMeter(self.store)
+        )
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -200,7 +203,11 @@ class Dispatcher:
         except (DispatchError, OSError) as e:  # the run is recorded; a missing "queued" line is not an error
             log.warning("cannot note that %s waits for a slot: %s", result.workspace, e)
             rec = None
-        return self.intake.result(rec if rec is not None else self.store.read(result.workspace))
+        queued = self.intake.result(rec if rec is not None else self.store.read(result.workspace))
+        hold = self.scheduler.hold_on(queued.agent) if queued.status == Status.QUEUED.value else None
+        if hold is not None:  # say at once why it waits (a budget, a daily limit, a pause), not only in status
+            queued = queued.model_copy(update={"held": hold.describe()})
+        return queued
 
     # -- what the front ends call: the only way in ---------------------------------------------
     def dispatch(self, req: DispatchRequest) -> DispatchResult:

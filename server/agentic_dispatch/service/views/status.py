@@ -165,6 +165,8 @@ class Reports:
             )
             for h in self.scheduler.holds()
         ]
+        # Each daily budget's use, reached or not: what the runs that finished today reported.
+        notes += [f"budget {b.describe()}" for b in self.scheduler.budgets()]
         if (disk := disk_note(self.store.root)) is not None:  # one statvfs
             notes.append(disk)
         orphans = engine.orphans
