@@ -33,6 +33,7 @@ LAYER = {
     "index": 2,
     "sync": 2,
     "checkpoints": 2,
+    "scope": 2,
     "runtime": 1,
     "config": 0,
     "http_auth": 0,

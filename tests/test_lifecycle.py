@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agentic_dispatch.models import EventKind, QaResult, RunSummary, Status, WorkspaceRecord
+from agentic_dispatch.models import EventKind, OutOfScope, QaResult, RunSummary, Status, WorkspaceRecord
 from agentic_dispatch.service.runs.lifecycle import (
     Cancelled,
     Checkpoint,
@@ -39,6 +39,8 @@ from agentic_dispatch.service.runs.lifecycle import (
 
 NOW = "2026-12-06T10:00:00Z"
 CID = "c0ffee" * 10
+OUTSIDE = OutOfScope(paths=["README.md", "docs/x.md"], count=2)
+SCOPED = {"scope": ["src/**"], "base_commit": "b" * 40}
 
 
 def _rec(status: Status = Status.QUEUED, **update: object) -> WorkspaceRecord:
@@ -126,6 +128,28 @@ TABLE: list[tuple[str, WorkspaceRecord, Happening, Status, str, list[EventKind],
      {"reason": "the agent stalled for 600 s", "stalled_since": None}),
     ("a stalled run that ends on its own is no longer stalled", running(stalled_since=NOW), Exited(CID, 0),
      Status.COMPLETED, "agent", [EventKind.COMPLETED], ["RemoveContainer", "Settled"], {"stalled_since": None}),
+    ("changes outside the scope (warn) complete the run and are listed", running(**SCOPED),
+     Exited(CID, 0, out_of_scope=OUTSIDE), Status.COMPLETED, "agent", [EventKind.COMPLETED],
+     ["RemoveContainer", "Settled"], {"out_of_scope": OUTSIDE, "reason": None}),
+    ("changes outside the scope (fail) fail a run that would complete, uncounted", running(**SCOPED, scope_mode="fail"),
+     Exited(CID, 0, out_of_scope=OUTSIDE), Status.FAILED, "agent", [EventKind.FAILED],
+     ["RemoveContainer", "Checkpoint", "Settled"], {"out_of_scope": OUTSIDE}),
+    ("changes outside the scope (fail) fail it before the QA gate starts",
+     running(**SCOPED, scope_mode="fail", qa_enabled=True),
+     Exited(CID, 0, qa_command=("pytest", "pyproject.toml"), out_of_scope=OUTSIDE), Status.FAILED, "agent",
+     [EventKind.FAILED], ["RemoveContainer", "Checkpoint", "Settled"], {"qa": None}),
+    ("nothing outside the scope (fail) completes the run", running(**SCOPED, scope_mode="fail"),
+     Exited(CID, 0, out_of_scope=OutOfScope(paths=[], count=0)), Status.COMPLETED, "agent", [EventKind.COMPLETED],
+     ["RemoveContainer", "Settled"], {"reason": None}),
+    ("a non-zero exit outside the scope (fail) fails for its exit, counted", running(**SCOPED, scope_mode="fail"),
+     Exited(CID, 3, out_of_scope=OUTSIDE), Status.FAILED, "agent", [EventKind.FAILED],
+     ["RemoveContainer", "Checkpoint", "Settled", "CountFailure"], {"reason": "the agent exited with code 3"}),
+    ("a blocked agent outside the scope (fail) is blocked, the paths listed", running(**SCOPED, scope_mode="fail"),
+     Exited(CID, 0, question="Which?", out_of_scope=OUTSIDE), Status.BLOCKED, "agent", [EventKind.BLOCKED],
+     ["RemoveContainer", "Settled"], {"out_of_scope": OUTSIDE}),
+    ("a resume forgets the last run's paths outside the scope",
+     _rec(Status.FAILED, **SCOPED, scope_mode="fail", out_of_scope=OUTSIDE), Resumed("codex", None, None, 7),
+     Status.QUEUED, "agent", [EventKind.RESUMED], [], {"out_of_scope": None}),
 ]  # fmt: skip
 
 
@@ -192,6 +216,14 @@ def test_a_failure_reason_carries_the_clis_own_error_else_its_last_line() -> Non
     last = transition(running(), Exited(CID, 1, last_output="Traceback: boom"), NOW)
     assert said is not None and said.record.reason == "the agent exited with code 1: rate limited"
     assert last is not None and last.record.reason == "the agent exited with code 1. Last output: Traceback: boom"
+
+
+def test_a_scope_failure_lists_the_paths_and_how_many_more_in_its_reason() -> None:
+    many = OutOfScope(paths=["README.md", "docs/x.md"], count=7)
+    out = transition(running(**SCOPED, scope_mode="fail"), Exited(CID, 0, out_of_scope=many), NOW)
+    assert out is not None and out.record.reason is not None
+    assert "7 path(s) outside the dispatch's scope: README.md, docs/x.md and 5 more" in out.record.reason
+    assert "agentic_resume" in out.record.reason
 
 
 def test_the_effects_of_a_fast_failure_name_the_agent_and_when_it_started() -> None:

@@ -85,9 +85,10 @@ CONSTRAINED = [
     ("tag", "a/b", "is not a valid name"),
     ("idempotency_key", " ", "must be 1 to 200 characters"),
     ("lock", "db\nmigrations", "lock: must be 1 to 100 printable characters"),
+    ("scope", ["src/**", "../secrets/**"], "no leading '/', no '..'"),
 ]
 CLI_FLAG = {"issue": "--issue", "timeout_seconds": "--timeout", "branch": "--branch", "tag": "--tag",
-            "idempotency_key": "--idempotency-key", "lock": "--lock"}  # fmt: skip
+            "idempotency_key": "--idempotency-key", "lock": "--lock", "scope": "--scope"}  # fmt: skip
 
 
 @pytest.mark.parametrize(("field", "value", "says"), CONSTRAINED, ids=[c[0] for c in CONSTRAINED])
@@ -107,7 +108,7 @@ def test_a_dispatch_constraint_is_the_request_models_for_the_model_the_tool_and_
     assert says in str(refused.value)
 
     argv = ["dispatch", "/nowhere", str(value) if field == "task" else "x"]
-    if field != "task":
-        argv += [f"{CLI_FLAG[field]}={value}"]
+    if field != "task":  # a list is the flag repeated
+        argv += [f"{CLI_FLAG[field]}={v}" for v in (value if isinstance(value, list) else [value])]
     assert cli.main(argv) == 2
     assert says in capsys.readouterr().err

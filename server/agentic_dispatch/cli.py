@@ -16,7 +16,7 @@ import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, get_args
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -28,6 +28,8 @@ from .models import (
     LockKey,
     PositiveNumber,
     Priority,
+    ScopeGlob,
+    ScopeMode,
     Status,
     StatusReport,
     Tag,
@@ -159,6 +161,8 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
         timeout_seconds=args.timeout,
         idempotency_key=args.idempotency_key,
         lock=args.lock,
+        scope=args.scope,
+        scope_mode=args.scope_mode,
         dry_run=args.dry_run,
         qa=args.qa,
     )
@@ -541,6 +545,19 @@ def _add_dispatch(sub: _Sub) -> None:
         type=_request_field(LockKey),
         metavar="KEY",
         help="runs with the same lock key never overlap (also across servers on one root); a queued one waits",
+    )
+    d.add_argument(
+        "--scope",
+        action="append",
+        type=_request_field(ScopeGlob),
+        metavar="GLOB",
+        help="a path the run may change, from the repository's root, e.g. 'src/**' (repeatable; git wildmatch)",
+    )
+    d.add_argument(
+        "--scope-mode",
+        choices=get_args(ScopeMode),
+        default="warn",
+        help="fail: a run that changed paths outside its scope ends failed, listing them (default: warn)",
     )
     d.add_argument("--dry-run", action="store_true", help="print the prompt; launch and keep nothing")
     d.add_argument(

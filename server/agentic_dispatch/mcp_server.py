@@ -45,6 +45,8 @@ from .models import (
     PositiveNumber,
     Priority,
     QueueState,
+    Scope,
+    ScopeMode,
     StatusReport,
     SyncReport,
     Tag,
@@ -263,6 +265,17 @@ def build_server(
                 "a queued one waits and agentic_status says for which"
             ),
         ] = None,
+        scope: Annotated[
+            Scope | None,
+            Field(
+                description="globs of the paths the run may change, from the repository's root (git wildmatch: "
+                "'src/**', 'tests/**', '!src/gen/**'); changes outside are listed in agentic_status"
+            ),
+        ] = None,
+        scope_mode: Annotated[
+            ScopeMode,
+            Field(description="'fail': a run that changed paths outside its scope ends failed with them listed"),
+        ] = "warn",
         dry_run: Annotated[bool, Field(description="prepare and return the prompt without launching")] = False,
         qa: Annotated[
             bool | None,
@@ -291,6 +304,8 @@ def build_server(
             timeout_seconds=timeout_seconds,
             idempotency_key=idempotency_key,
             lock=lock,
+            scope=scope,
+            scope_mode=scope_mode,
             dry_run=dry_run,
             qa=qa,
         )

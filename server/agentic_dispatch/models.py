@@ -18,6 +18,8 @@ __all__ = [
     "MAX_KEY_CHARS",
     "MAX_LISTED",
     "MAX_LOCK_CHARS",
+    "MAX_SCOPE_CHARS",
+    "MAX_SCOPE_GLOBS",
     "MAX_TAIL_LINES",
     "MAX_TASK_CHARS",
     "MAX_WATCH_SECONDS",
@@ -42,6 +44,7 @@ __all__ = [
     "InsightsReport",
     "LockKey",
     "LogsResult",
+    "OutOfScope",
     "OutboxEntryRow",
     "PoolHoldRow",
     "PositiveNumber",
@@ -50,6 +53,9 @@ __all__ = [
     "QueueState",
     "RemovedWorkspace",
     "RunSummary",
+    "Scope",
+    "ScopeGlob",
+    "ScopeMode",
     "Status",
     "StatusReport",
     "SyncReport",
@@ -125,6 +131,13 @@ class CheckpointInfo(BaseModel):
     why: str = Field(description="how the run ended: timed out, cancelled, stopped, ...")
     at: str = Field(default_factory=utcnow)
     files: int = Field(default=0, description="how many paths it changed")
+
+
+class OutOfScope(BaseModel):
+    """Paths the run's branch changed beyond its base (commits and any checkpoint) that its scope does not cover."""
+
+    paths: list[str] = Field(description="the first of them, sorted (a rename counts both its paths)")
+    count: int = Field(description="how many there are in all")
 
 
 class QaResult(BaseModel):
@@ -203,6 +216,12 @@ class WorkspaceRecord(BaseModel):
     lock_key: str | None = Field(
         default=None, description="runs with the same lock key never overlap (every run of this workspace)"
     )
+    base_commit: str | None = Field(default=None, description="the commit the branch started from, read at dispatch")
+    scope: list[str] | None = Field(default=None, description="globs of the paths the run may change")
+    scope_mode: Literal["warn", "fail"] = "warn"
+    out_of_scope: OutOfScope | None = Field(
+        default=None, description="the last run's changes outside its scope (when it has one)"
+    )
 
     @model_validator(mode="after")
     def _question_is_only_a_question(self) -> WorkspaceRecord:
@@ -223,6 +242,8 @@ MAX_TAIL_LINES = 5000  # lines of a log in one look
 MAX_WINDOW_DAYS = 366  # the insights window
 MAX_LISTED = 200  # workspaces in one listing, newest first
 MAX_LOCK_CHARS = 100
+MAX_SCOPE_GLOBS = 50
+MAX_SCOPE_CHARS = 200
 
 
 def _task(text: str) -> str:
@@ -251,6 +272,25 @@ def _lock_key(key: str) -> str:
     return key
 
 
+def _scope_glob(glob: str) -> str:
+    glob = glob.strip()  # git's matcher ignores trailing spaces anyway
+    if not glob or len(glob) > MAX_SCOPE_CHARS or not glob.isprintable():
+        raise InvalidInputError("scope", f"each glob must be 1 to {MAX_SCOPE_CHARS} printable characters.")
+    if glob.removeprefix("!").startswith("/") or ".." in glob.removeprefix("!").split("/"):
+        raise InvalidInputError(
+            "scope", f"{glob!r}: globs are relative to the repository's root: no leading '/', no '..'."
+        )
+    import pathspec  # the matcher of scope.py; imported here only when a scope is given
+
+    try:
+        pathspec.PathSpec.from_lines("gitignore", ["/" + glob.removeprefix("!")])
+    except ValueError as e:
+        raise InvalidInputError("scope", f"{glob!r} is not a glob git's wildmatch reads ({e}).") from None
+    if glob == "!":
+        raise InvalidInputError("scope", "'!' alone names no path; '!src/gen/**' takes paths back out.")
+    return glob
+
+
 # The constraints of a dispatch, declared once: the request model, the MCP tool's parameters and the
 # command line's argument types are all made from these.
 Task = Annotated[str, AfterValidator(_task)]
@@ -259,6 +299,9 @@ BranchName = Annotated[str, AfterValidator(lambda v: check_git_ref("branch", v))
 Tag = Annotated[str, AfterValidator(lambda v: check_component("tag", v))]
 IdempotencyKey = Annotated[str, AfterValidator(_key)]
 LockKey = Annotated[str, AfterValidator(_lock_key)]
+ScopeGlob = Annotated[str, AfterValidator(_scope_glob)]
+Scope = Annotated[list[ScopeGlob], Field(min_length=1, max_length=MAX_SCOPE_GLOBS)]
+ScopeMode = Literal["warn", "fail"]
 
 
 class DispatchRequest(BaseModel):
@@ -282,6 +325,8 @@ class DispatchRequest(BaseModel):
     timeout_seconds: PositiveNumber | None = None
     idempotency_key: IdempotencyKey | None = None
     lock: LockKey | None = None
+    scope: Scope | None = None
+    scope_mode: ScopeMode = "warn"
     dry_run: bool = False
     qa: bool | None = None
 
@@ -344,6 +389,9 @@ class WorkspaceRow(BaseModel):
     delivery: Delivery | None = Field(default=None, description="where sync delivered the branch")
     checkpoint: CheckpointInfo | None = Field(
         default=None, description="uncommitted work a stopped run left, kept as a commit on its branch"
+    )
+    out_of_scope: OutOfScope | None = Field(
+        default=None, description="paths the branch changed outside the dispatch's scope (the first ones, and a count)"
     )
     sync: str | None = Field(default=None, description="deliveries still to make, and where they stand")
     delivery_commands: list[str] = Field(default_factory=list, description="commands to look at the delivered branch")

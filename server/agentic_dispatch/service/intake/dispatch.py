@@ -33,6 +33,7 @@ from ...naming import generated_id, slugify
 from ...repos import RepoRef, resolve_repo
 from ...runtime.base import LABEL_WORKSPACE
 from ...store import StatusStore, WorkspacePaths
+from ...sync.shim import read_ref_value
 from ...workspace import clone_workspace
 from ..catalog import AgentCatalog
 from ..containers import git_in
@@ -183,6 +184,8 @@ class Intake:
         # to three agents) never share a branch, so no delivery can overwrite another's.
         branch_slug = slugify(f"{name.rsplit('/', 1)[-1]}-{task}", 80)
         branch, base_branch = clone_workspace(mirror, ws.repo, ref.fetch_url, req.branch, branch_slug)
+        # Read now, while the clone is ours alone: the agent could move its origin refs later.
+        base_commit = read_ref_value(ws.repo, f"refs/heads/{branch}")
         record = new_record(
             name=name,
             agent=str(spec),
@@ -206,6 +209,9 @@ class Intake:
             queued_ns=time.time_ns(),
             idempotency_key=None if req.dry_run else req.idempotency_key,
             lock_key=req.lock,
+            base_commit=base_commit,
+            scope=req.scope,
+            scope_mode=req.scope_mode,
             qa_enabled=self.settings.qa.enabled if req.qa is None else req.qa,
         )
         return record, self.run_files.prepare(ws, record, req.variables)

@@ -30,9 +30,10 @@ from ...agents import RUN_HEADER, agent_base
 from ...checkpoints import checkpoint as keep_checkpoint
 from ...credentials import redact
 from ...errors import DispatchError, LaunchError, RuntimeUnavailableError, StateError, UnsafePathError
-from ...models import CheckpointInfo, Event, RunSummary, Status, WorkspaceRecord, parse_time, utcnow
+from ...models import CheckpointInfo, Event, OutOfScope, RunSummary, Status, WorkspaceRecord, parse_time, utcnow
 from ...runtime.base import Runtime
 from ...scheduler import Scheduler
+from ...scope import out_of_scope
 from ...store import StatusStore, WorkspacePaths, log_tail
 from ..catalog import AgentCatalog
 from ..delivery import ResultDelivery
@@ -207,7 +208,19 @@ class RunLifecycle:
             last_output=redact(last[-1], secrets) if last and not last[-1].startswith(RUN_HEADER) else None,
             oom_killed=oom,
             qa_command=qa_command,
+            out_of_scope=self._out_of_scope(ws, rec),
         )
+
+    def _out_of_scope(self, ws: WorkspacePaths, rec: WorkspaceRecord) -> OutOfScope | None:
+        """The branch's changes since it started (commits, checkpoint) outside the dispatch's scope;
+        ``None`` without a scope, or when they cannot be read (logged: the run ends as it would)."""
+        if not rec.scope or rec.base_commit is None:
+            return None
+        try:
+            return out_of_scope(ws.repo, rec.base_commit, rec.branch, rec.scope, self._checkpoints)
+        except (DispatchError, OSError) as e:
+            log.warning("%s: its changes could not be checked against its scope: %s", rec.name, e)
+            return None
 
     @staticmethod
     def _blocked_question(ws: WorkspacePaths) -> str:
@@ -265,6 +278,7 @@ class RunLifecycle:
             return
         if made is not None:
             rec.checkpoint = CheckpointInfo(commit=made.commit, why=why, files=made.files)
+            rec.out_of_scope = self._out_of_scope(ws, rec) or rec.out_of_scope  # the checkpoint's paths too
 
     def _log_events(self, out: Outcome, strict: bool = False) -> None:
         rec = out.record

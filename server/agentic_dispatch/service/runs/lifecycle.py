@@ -17,6 +17,7 @@ carries the effects out against the engine, the store, the scheduler and the out
     running, agent     Exited: BLOCKED.md            → blocked          remove, settled
     running, agent     Exited: a stop we asked for   → its status       remove, checkpoint, settled
     running, agent     Exited: non-zero              → failed           remove, checkpoint, settled, count*
+    running, agent     Exited: 0, out of scope, fail → failed (the paths) remove, checkpoint, settled
     running, agent     Exited: 0, no QA              → completed        remove, settled
     running, agent     Exited: 0, QA, no command     → completed (qa skipped)
     running, agent     Exited: 0, QA, a command      → running, qa      remove, start the gate
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from ...models import (
     RESUMABLE_STATUSES,
     EventKind,
+    OutOfScope,
     QaResult,
     RunSummary,
     Status,
@@ -145,6 +147,7 @@ class Exited:
     last_output: str | None = None  # the log's last line, redacted
     oom_killed: bool = False
     qa_command: tuple[str, str] | None = None  # (command, why), when the QA gate is on and found one
+    out_of_scope: OutOfScope | None = None  # when the dispatch has a scope: the branch's changes outside it
 
 
 @dataclass(frozen=True)
@@ -407,12 +410,15 @@ def _resumed(new: WorkspaceRecord, h: Resumed) -> Outcome | None:
     new.status, new.phase, new.queued_ns = Status.QUEUED, "agent", h.queued_ns
     new.container_id = new.exit_code = new.finished_at = new.qa = None
     new.question = new.reason = None  # the new run's prompt carries them; a queued run has none
+    new.out_of_scope = None  # the new run's exit reads it again
     return Outcome(new, [(EventKind.RESUMED, {"previous": previous.value})])
 
 
 def _agent_exited(new: WorkspaceRecord, h: Exited, now: str) -> Outcome:
     stop_status, stop_reason = new.stop_status, new.stop_reason
     new.exit_code, new.summary = h.exit_code, h.summary
+    if h.out_of_scope is not None:
+        new.out_of_scope = h.out_of_scope
     remove = RemoveContainer(h.container_id)
     if stop_status == Status.CANCELLED:
         out = _end(new, Status.CANCELLED, stop_reason, now)
@@ -426,6 +432,8 @@ def _agent_exited(new: WorkspaceRecord, h: Exited, now: str) -> Outcome:
         out = _end(new, Status.FAILED, failure_reason(h), now)
         if new.started_at and not _signalled_from_outside(h):
             out.effects.append(CountFailure(new.agent, new.started_at))
+    elif new.scope_mode == "fail" and h.out_of_scope is not None and h.out_of_scope.count:
+        out = _end(new, Status.FAILED, _scope_reason(h.out_of_scope), now)
     elif new.qa_enabled and h.qa_command is not None:
         command, source = h.qa_command
         new.phase, new.stop_status, new.stop_reason = "qa", None, None
@@ -439,6 +447,15 @@ def _agent_exited(new: WorkspaceRecord, h: Exited, now: str) -> Outcome:
         out.effects.insert(0, Checkpoint(_short(out.record.reason)))
     out.effects.insert(0, remove)
     return out
+
+
+def _scope_reason(found: OutOfScope) -> str:
+    """Why a run that changed paths outside its scope failed (``scope_mode = "fail"``), for a person and its agent."""
+    more = f" and {found.count - len(found.paths)} more" if found.count > len(found.paths) else ""
+    return (
+        f"the branch changed {found.count} path(s) outside the dispatch's scope: {', '.join(found.paths)}{more}. "
+        "Call agentic_resume to send the agent back to undo them, or dispatch again with a wider scope"
+    )
 
 
 def _short(reason: str | None) -> str:

@@ -142,6 +142,7 @@ class Reports:
             qa=rec.qa,
             delivery=delivered,
             checkpoint=rec.checkpoint,
+            out_of_scope=rec.out_of_scope,
             sync=sync,
             delivery_commands=self.delivery.view_commands(rec, delivered),
         )
