@@ -39,6 +39,24 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+def empty_git_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty git home (no global or system config, so no ``safe.directory = *``) and a fixed
+    identity for test commits."""
+    home = tmp_path / "git-home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    for var in ("GIT_AUTHOR", "GIT_COMMITTER"):
+        monkeypatch.setenv(f"{var}_NAME", "Tester")
+        monkeypatch.setenv(f"{var}_EMAIL", "tester@example.com")
+    return home
+
+
+def needs_root(why: str) -> pytest.MarkDecorator:
+    """Skip a test that needs root where it cannot run, except in CI (CI runs as root): there it fails."""
+    return pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"), reason=why)
+
+
 # A port nothing listens on: the engine is "unreachable" at once (connection refused).
 NO_ENGINE = "tcp://127.0.0.1:9"
 

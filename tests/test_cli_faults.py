@@ -17,6 +17,8 @@ import pytest
 
 from agentic_dispatch import cli
 
+from .conftest import empty_git_home, needs_root
+
 OTHER_UID = 12345  # a user that is not the one the tests run as
 WAIT = 20.0  # upper bound of a wait on another thread
 
@@ -30,13 +32,7 @@ def no_engine_and_no_user_git_config(
     machine's own config)."""
     if request.node.get_closest_marker("docker") is None:
         monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
-    home = tmp_path / "git-home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    for var in ("GIT_AUTHOR", "GIT_COMMITTER"):
-        monkeypatch.setenv(f"{var}_NAME", "Tester")
-        monkeypatch.setenv(f"{var}_EMAIL", "tester@example.com")
+    empty_git_home(tmp_path, monkeypatch)
 
 
 def git(cwd: Path, *args: str) -> str:
@@ -159,7 +155,7 @@ def test_an_unreachable_org_repo_exits_1_and_leaves_neither_a_mirror_nor_its_loc
     assert left_behind(isolated_home) == []
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="giving a repository to another uid needs root")
+@needs_root("giving a repository to another uid needs root")
 def test_a_repository_another_user_owns_exits_2_saying_what_git_said_and_what_to_do(
     tmp_path: Path, isolated_home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -20,7 +20,7 @@ from agentic_dispatch.models import Status, SyncReport, WorkspaceRecord, utcnow
 from agentic_dispatch.runtime.base import LABEL_ROOT, LABEL_WORKSPACE
 from agentic_dispatch.store import StatusStore
 
-from .conftest import git
+from .conftest import empty_git_home, git
 
 # What Python prints for its own values: a person should never see these in human output.
 RAW = re.compile(r"\{'|\['|\{\}|\[\]|\bTrue\b|\bFalse\b|\bNone\b")
@@ -31,13 +31,7 @@ def plain_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A wide, plain terminal, and an empty git home with a fixed identity (no machine config)."""
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.setenv("TERM", "dumb")
-    home = tmp_path / "git-home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    for var in ("GIT_AUTHOR", "GIT_COMMITTER"):
-        monkeypatch.setenv(f"{var}_NAME", "Tester")
-        monkeypatch.setenv(f"{var}_EMAIL", "tester@example.com")
+    empty_git_home(tmp_path, monkeypatch)
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

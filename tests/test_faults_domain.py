@@ -22,25 +22,20 @@ from agentic_dispatch.repos import resolve_repo
 from agentic_dispatch.store import StatusStore
 from agentic_dispatch.sync import GitDeliverer, Outbox, OutboxEntry, Outcome, entry_id
 
+from .conftest import empty_git_home, needs_root
+
 WS = "org/proj/task-1"
 BRANCH = "agent/task-1"
 TEMPLATE = "https://git.example/{org}/{repo}.git"
 OTHER_UID = 12345  # a user that is not the one the tests run as
 WAIT = 20.0  # upper bound of a wait on another thread
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving a repository to another uid needs root")
+ROOT_ONLY = needs_root("giving a repository to another uid needs root")
 
 
 @pytest.fixture(autouse=True)
 def git_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty git home (no global or system config, so no safe.directory = *) and a fixed identity."""
-    home = tmp_path / "git-home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    for var in ("GIT_AUTHOR", "GIT_COMMITTER"):
-        monkeypatch.setenv(f"{var}_NAME", "Tester")
-        monkeypatch.setenv(f"{var}_EMAIL", "tester@example.com")
-    return home
+    return empty_git_home(tmp_path, monkeypatch)
 
 
 def git(cwd: Path, *args: str) -> str:
@@ -127,7 +122,7 @@ def test_a_ref_lock_in_the_local_repository_is_retried_and_its_reason_names_the_
 # #11 a local repository another user owns
 
 
-@needs_root
+@ROOT_ONLY
 def test_a_repository_another_user_owns_is_refused_with_gits_reason_and_how_to_trust_it(
     tmp_path: Path, isolated_home: Path, git_home: Path
 ) -> None:
@@ -147,7 +142,7 @@ def test_a_repository_another_user_owns_is_refused_with_gits_reason_and_how_to_t
     assert MirrorCache(mirrors, 60).ensure(ref).is_dir()
 
 
-@needs_root
+@ROOT_ONLY
 def test_a_delivery_into_a_repository_another_user_owns_needs_attention_and_says_how_to_trust_it(
     tmp_path: Path,
 ) -> None:

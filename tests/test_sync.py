@@ -38,7 +38,7 @@ from agentic_dispatch.sync import (
     view_commands,
 )
 
-from .conftest import Endpoint, read_body
+from .conftest import Endpoint, empty_git_home, read_body
 
 WS = "org/proj/task-1"
 BRANCH = "agent/task-1"
@@ -52,13 +52,7 @@ WAIT = 20.0  # upper bound of every wait on another thread or process
 @pytest.fixture(autouse=True)
 def git_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty git home (no user config, no system config) and a fixed identity for test commits."""
-    home = tmp_path / "git-home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    for var in ("GIT_AUTHOR", "GIT_COMMITTER"):
-        monkeypatch.setenv(f"{var}_NAME", "Tester")
-        monkeypatch.setenv(f"{var}_EMAIL", "tester@example.com")
+    home = empty_git_home(tmp_path, monkeypatch)
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
     return home

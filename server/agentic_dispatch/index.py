@@ -101,20 +101,11 @@ def _remove(path: Path) -> None:
 
 
 def folders(root: Path) -> Iterator[tuple[str, str]]:
-    """``(org/repo/slug, folder path)`` of every workspace folder under ``root`` (names only, no
-    stat per workspace; links are not followed: a workspace folder is ours, never a link)."""
-    with contextlib.suppress(FileNotFoundError):
-        for org in os.scandir(root):
-            if not org.is_dir(follow_symlinks=False):
-                continue
-            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                for repo in os.scandir(org.path):
-                    if not repo.is_dir(follow_symlinks=False):
-                        continue
-                    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                        for slug in os.scandir(repo.path):
-                            if slug.is_dir(follow_symlinks=False) and not slug.name.startswith("."):
-                                yield f"{org.name}/{repo.name}/{slug.name}", slug.path
+    """``(org/repo/slug, folder path)`` of every workspace folder under ``root`` (names only; links
+    are not followed: a workspace folder is ours, never a link)."""
+    for repo_dir, _ in _repo_folders(root):
+        for slug in _slugs(root, repo_dir):
+            yield f"{repo_dir}/{slug}", f"{root}/{repo_dir}/{slug}"
 
 
 def _repo_folders(root: Path) -> Iterator[tuple[str, os.stat_result]]:

@@ -114,7 +114,8 @@ class RunLifecycle:
             out = self._during(ws, out)
             if prepare is not None:
                 prepare(out.record)
-            self.store.write(out.record)
+            if out.record != rec:  # a happening that only logs a line (Waiting) rewrites nothing
+                self.store.write(out.record)
             self._log_events(out)
         self._after(out)
         return out.record
