@@ -104,6 +104,18 @@ ensure_image() {
   echo "$fingerprint $tag" >"$IMAGE_STAMP.$$" && mv -f "$IMAGE_STAMP.$$" "$IMAGE_STAMP"
 }
 
+# The board's browser tests (tests/test_board_browser.py) drive Debian's Chromium headless through its own
+# chromedriver (Selenium is told both paths: it downloads nothing). Skipped when both are there.
+ensure_browser() {
+  if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then return; fi
+  if is_debian_root; then
+    apt_install chromium chromium-driver
+  else
+    say "Chromium and its driver are needed for the board's browser tests (e.g. apt install chromium chromium-driver)."
+    return 1
+  fi
+}
+
 ensure_node() {
   if command -v npx >/dev/null; then return; fi
   if is_debian_root; then apt_install nodejs npm; else say "Node.js (npx) is needed for the MCP Inspector test"; fi

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from agentic_dispatch.config import load_settings
+from agentic_dispatch.errors import InvalidInputError
 from agentic_dispatch.models import Status, WorkspaceRecord
 from agentic_dispatch.runtime.docker import DockerRuntime
 from agentic_dispatch.service import Dispatcher
@@ -89,6 +90,15 @@ def test_status_agrees_with_the_records_after_they_are_written_through_the_store
     report = svc.status(status="failed", limit=3)
     assert len(report.workspaces) == 3 and all(r.status == "failed" for r in report.workspaces)
     assert report.counts["failed"] == 10
+
+
+def test_pages_of_one_status_follow_each_other_newest_first_without_a_gap_or_an_overlap(svc: Dispatcher) -> None:
+    whole = [r.name for r in svc.status(status="failed", limit=1000).workspaces]
+    pages = [[r.name for r in svc.status(status="failed", limit=4, offset=o).workspaces] for o in (0, 4, 8, 12)]
+    assert [len(p) for p in pages] == [4, 4, 2, 0]
+    assert [n for p in pages for n in p] == whole
+    with pytest.raises(InvalidInputError, match="offset"):
+        svc.status(offset=-1)
 
 
 def test_a_record_written_by_another_process_is_seen_at_once(svc: Dispatcher) -> None:

@@ -126,7 +126,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config_file=paths.config_file,
         )
         logging.getLogger().setLevel(settings.log_level)
-    server = build_server(make) if http is None else build_server(make, token=http.token, issuer_url=http.url)
+    if http is None:
+        server = build_server(make)
+    else:
+        from .board import Board
+
+        board = Board(http)
+        server = build_server(make, token=http.token, issuer_url=http.url, board=board)
+        print(f"agentic-dispatch: {board.announcement()}", file=sys.stderr, flush=True)
     # Readiness, for whoever started the server (tests wait for this line rather than guess).
     log.info("serving MCP over %s; SIGTERM or SIGINT stops the server", args.transport)
     if http is None:

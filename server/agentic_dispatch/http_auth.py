@@ -183,10 +183,11 @@ def plan_http(
             added.append(check_allowed_host(value))
         except ValueError as e:
             raise InvalidInputError("--allowed-host", str(e)) from e
+    hosts = answered_hosts(host, port, [*added, *settings.allowed_hosts])
     token = _configured_token(settings, config_file)
     if token is None and allow_remote:
-        token = _stored_token(state_dir / TOKEN_FILE)
-    return HttpPlan(host, port, token, answered_hosts(host, port, [*added, *settings.allowed_hosts]))
+        token = _stored_token(state_dir / TOKEN_FILE, sign_in=f"http://{hosts[0]}/?token=")
+    return HttpPlan(host, port, token, hosts)
 
 
 def _configured_token(settings: HttpSettings, config_file: Path | None) -> str | None:
@@ -207,8 +208,9 @@ def _configured_token(settings: HttpSettings, config_file: Path | None) -> str |
     return settings.token
 
 
-def _stored_token(path: Path) -> str:
-    """The token kept in ``path``; made, and shown once on stderr, when there is none."""
+def _stored_token(path: Path, sign_in: str) -> str:
+    """The token kept in ``path``; made, and shown once on stderr (as the end of the board's sign-in
+    link ``sign_in``), when there is none."""
     token = _read_token_file(path)
     if token is not None:
         return token
@@ -216,7 +218,8 @@ def _stored_token(path: Path) -> str:
     if made:
         print(
             f"agentic-dispatch: HTTP callers must send `Authorization: Bearer <token>`. A token was generated and "
-            f"saved in {path} (only you can read it); it is shown this once:\n{token}",
+            f"saved in {path} (only you can read it); it is shown this once, as the end of the board's sign-in "
+            f"link:\n{sign_in}{token}",
             file=sys.stderr,
             flush=True,
         )

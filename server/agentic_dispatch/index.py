@@ -343,16 +343,17 @@ class StatusIndex:
         rows = self._run(lambda db: db.execute("SELECT status, count(*) FROM records GROUP BY status").fetchall())
         return {str(status): int(n) for status, n in rows}
 
-    def names(self, statuses: list[str] | None = None, limit: int | None = None) -> list[str]:
-        """Workspace names, newest first (by ``updated_at``), of ``statuses`` (all when ``None``)."""
+    def names(self, statuses: list[str] | None = None, limit: int | None = None, offset: int = 0) -> list[str]:
+        """Workspace names, newest first (by ``updated_at``), of ``statuses`` (all when ``None``), from the
+        ``offset``-th on."""
         sql, args = "SELECT name FROM records", []
         if statuses is not None:
             sql += f" WHERE status IN ({', '.join('?' * len(statuses))})"
             args += statuses
         sql += " ORDER BY updated_at DESC, mtime_ns DESC, name"  # updated_at has whole seconds
-        if limit is not None:
-            sql += " LIMIT ?"
-            args.append(str(limit))
+        if limit is not None or offset:
+            sql += " LIMIT ? OFFSET ?"
+            args += [str(-1 if limit is None else limit), str(offset)]
         return [str(n) for (n,) in self._run(lambda db: db.execute(sql, args).fetchall())]
 
     def finished_since(self, since: str) -> list[str]:

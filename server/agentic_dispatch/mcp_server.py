@@ -54,6 +54,7 @@ from .models import (
 )
 
 if TYPE_CHECKING:
+    from .board import Board
     from .http_auth import HttpPlan
     from .service import Dispatcher
 else:
@@ -156,7 +157,11 @@ class _StrictServer(MCPServer[Dispatcher]):
 
 
 def build_server(
-    make_dispatcher: Callable[[], Dispatcher], *, token: str | None = None, issuer_url: str = "http://127.0.0.1"
+    make_dispatcher: Callable[[], Dispatcher],
+    *,
+    token: str | None = None,
+    issuer_url: str = "http://127.0.0.1",
+    board: Board | None = None,
 ) -> MCPServer[Dispatcher]:
     """Build the MCP server. ``make_dispatcher`` is called on a worker thread once the tools have been
     listed (see :class:`~.mcp_tools.LazyDispatcher`); a failure is logged and retried by the next call.
@@ -164,12 +169,16 @@ def build_server(
     With a ``token``, HTTP callers must send ``Authorization: Bearer <token>``: the SDK's bearer
     middleware asks :class:`StaticTokenVerifier` and answers 401 with ``WWW-Authenticate`` otherwise.
     The SDK wants an issuer with a verifier; the server names itself. No resource URL is set, so no
-    OAuth metadata route is served and no client is sent to look for an authorization server."""
+    OAuth metadata route is served and no client is sent to look for an authorization server.
+
+    With a ``board`` (HTTP only), its routes are served beside ``/mcp`` and it reads the same service."""
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[Dispatcher]) -> AsyncIterator[Dispatcher]:
         service = LazyDispatcher(make_dispatcher)
         server.tools_listed = anyio.Event()
+        if board is not None:
+            board.attach(cast("Dispatcher", service))
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(come_up, service, server.tools_listed)
@@ -179,6 +188,8 @@ def build_server(
                     tg.cancel_scope.cancel()
         finally:
             server.tools_listed = None
+            if board is not None:
+                board.detach()
             await anyio.to_thread.run_sync(service.close)
 
     async def come_up(service: LazyDispatcher, listed: anyio.Event) -> None:
@@ -452,4 +463,6 @@ def build_server(
         return _svc(ctx).unfreeze()
 
     register_watch(server, feed)  # agentic_watch, _logs, _diff, _insights; the agentic:// resources
+    for path, methods, endpoint in board.routes() if board is not None else []:
+        server.custom_route(path, methods=methods)(endpoint)  # the board checks its own requests (board/auth.py)
     return server

@@ -270,12 +270,13 @@ class StatusStore:
         """Workspaces per status (``unreadable`` for records that cannot be read), from the index."""
         return self.index.counts()
 
-    def query(self, statuses: list[str] | None = None, limit: int | None = None) -> list[Listed]:
+    def query(self, statuses: list[str] | None = None, limit: int | None = None, offset: int = 0) -> list[Listed]:
         """The records of ``statuses`` (all when ``None``; ``"unreadable"`` names the broken ones),
-        newest first, read in full. A workspace gone since the index saw it is dropped from both."""
+        newest first, from the ``offset``-th on, read in full. A workspace gone since the index saw it
+        is dropped from both."""
         out: list[Listed] = []
         gone: list[str] = []
-        for name in self.index.names(statuses, limit):
+        for name in self.index.names(statuses, limit, offset):
             try:
                 out.append(Listed(name, self.read(name)))
             except WorkspaceNotFoundError:

@@ -240,16 +240,22 @@ class Dispatcher:
         return self._start_queued(self.intake.resume(workspace, answer, agent))
 
     def status(
-        self, workspace: str | None = None, status: str | None = None, limit: int = 50, log_lines: int = 0
+        self,
+        workspace: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        log_lines: int = 0,
+        offset: int = 0,
     ) -> StatusReport:
-        """Counts per status and a row per workspace, newest first, with what holds the queue and
-        what the timer last saw of the engine. Never calls the engine.
+        """Counts per status and a row per workspace, newest first (``offset`` skips that many: the
+        board's pages), with what holds the queue and what the timer last saw of the engine. Never
+        calls the engine.
 
         Raises:
-            InvalidInputError: a bad workspace name, status or limit.
+            InvalidInputError: a bad workspace name, status, limit or offset.
             WorkspaceNotFoundError: ``workspace`` does not exist.
         """
-        return self.reports.status(workspace, status, limit, log_lines)
+        return self.reports.status(workspace, status, limit, log_lines, offset)
 
     def wait(self, workspace: str, timeout: float) -> WorkspaceRecord:
         """Block until ``workspace`` leaves queued/running or ``timeout`` passes; its record then.

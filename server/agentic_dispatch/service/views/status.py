@@ -45,18 +45,25 @@ class Reports:
         self._finished = finished
 
     def status(
-        self, workspace: str | None = None, status: str | None = None, limit: int = 50, log_lines: int = 0
+        self,
+        workspace: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        log_lines: int = 0,
+        offset: int = 0,
     ) -> StatusReport:
-        """Counts per status and a row per workspace (newest first).
+        """Counts per status and a row per workspace (newest first, from the ``offset``-th on: a page).
 
         Raises:
-            InvalidInputError: a bad workspace name, status or limit.
+            InvalidInputError: a bad workspace name, status, limit or offset.
             WorkspaceNotFoundError: ``workspace`` does not exist.
         """
         if status is not None and status not in {s.value for s in Status}:
             raise InvalidInputError("status", f"unknown status {status!r}; use one of {', '.join(Status)}.")
         if limit < 1:
             raise InvalidInputError("limit", "must be at least 1.")
+        if offset < 0:
+            raise InvalidInputError("offset", "must be 0 or more.")
         syncing = self.delivery.states()
         if workspace is not None:
             listed = [self._one(workspace)]
@@ -66,7 +73,7 @@ class Reports:
         else:
             self.store.catch_up()  # new, deleted, and cut-off writes; the timer catches hand edits
             counts = {s.value: 0 for s in Status} | self.store.counts()
-            listed = self.store.query(None if status is None else [status, "unreadable"], limit)
+            listed = self.store.query(None if status is None else [status, "unreadable"], limit, offset)
         rows: list[WorkspaceRow] = []
         for item in listed:
             if item.record is None:

@@ -1,0 +1,301 @@
+"""The board in a real headless Chromium (Debian's, driven by Selenium through its chromedriver), and its
+HTTP surface spoken to with plain requests: `agentic-dispatch serve --transport http` as a subprocess with a
+token, runs dispatched through the official MCP client over HTTP, real containers on a real engine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.wait import WebDriverWait
+
+from .test_http_auth import TOKEN, TOKEN_ENV, Served, serving
+
+pytestmark = pytest.mark.docker
+
+T = TypeVar("T")
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+ASK = (
+    'if [ -s ANSWER.md ]; then echo "got: $(cat ANSWER.md)"; exit 0; fi; '
+    "echo 'Which colour should the button be?' > BLOCKED.md"
+)
+LIVE_SECONDS = 2.0  # the issue's bound: a change shows this soon without a reload
+
+
+# -- the server and the MCP client -----------------------------------------------------------
+@pytest.fixture
+def served(docker_env: str, isolated_home: Path) -> Iterator[Served]:
+    with serving(isolated_home, **{TOKEN_ENV: TOKEN}) as s:
+        yield s
+
+
+def base(s: Served) -> str:
+    return s.url.removesuffix("/mcp")
+
+
+def mcp(s: Served, tool: str, **args: Any) -> dict[str, Any]:
+    """One tool call through the official MCP client over HTTP, with the bearer token; must succeed."""
+
+    async def run() -> dict[str, Any]:
+        async with (
+            httpx2.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=httpx2.Timeout(30, read=90)) as h,
+            Client(streamable_http_client(s.url, http_client=h)) as client,
+        ):
+            res = await client.call_tool(tool, args)
+            assert not res.is_error, f"{tool} failed: {res.content}"
+            assert isinstance(res.structured_content, dict)
+            return res.structured_content
+
+    return anyio.run(run)
+
+
+def dispatch(s: Served, repo: Path, task: str) -> str:
+    return str(mcp(s, "agentic_dispatch", repo=str(repo), task=task, agent="shell")["workspace"])
+
+
+def wait_status(s: Served, workspace: str, wanted: str, timeout: float = 90) -> dict[str, Any]:
+    """The workspace's row once it reaches ``wanted`` (agentic_watch waits on the change; bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        row: dict[str, Any] = mcp(s, "agentic_status", workspace=workspace)["workspaces"][0]
+        if row["status"] == wanted:
+            return row
+        assert time.monotonic() < deadline, f"{workspace} is {row['status']}, not {wanted}, after {timeout}s"
+        mcp(s, "agentic_watch", workspaces=[workspace], timeout_seconds=5)
+
+
+# -- the browser -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def browser() -> Iterator[webdriver.Chrome]:
+    """Debian's Chromium, headless. The test command installs it (scripts/_bootstrap.sh ensure_browser)."""
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if shutil.which(p) is None]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} missing: run ./scripts/test (it installs chromium and chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1500,1000"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def sign_in(driver: webdriver.Chrome, s: Served) -> None:
+    """The first URL with the token, as the server prints it: the board, and the token gone from the URL."""
+    driver.get(f"{base(s)}/?token={TOKEN}")
+    assert driver.current_url == f"{base(s)}/", driver.current_url
+    assert driver.title.startswith("Board")
+
+
+def card(driver: webdriver.Chrome, workspace: str, timeout: float, column: str | None = None) -> WebElement:
+    """The workspace's card (in ``column``), waited for on the DOM at most ``timeout`` seconds."""
+    return on_card(driver, workspace, timeout, column, lambda found: found)
+
+
+def on_card(
+    driver: webdriver.Chrome, workspace: str, timeout: float, column: str | None, then: Callable[[WebElement], T]
+) -> T:
+    """``then(card)`` once the workspace's card is there (in ``column``); tried again when the live refresh
+    replaced the card meanwhile (a card whose run changed is a new element)."""
+    where = f'section[data-status="{column}"] ' if column else ""
+    selector = f'{where}article[data-workspace="{workspace}"]'
+    result: T = WebDriverWait(
+        driver,
+        timeout,
+        poll_frequency=0.05,
+        ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+    ).until(
+        lambda d: (then(d.find_element(By.CSS_SELECTOR, selector)),),
+        f"no card for {workspace}{f' in {column}' if column else ''} after {timeout}s",
+    )[0]
+    return result
+
+
+def button(scope: WebElement, name: str) -> WebElement:
+    """The button whose accessible name is ``name`` (Chromium's computed name, as a screen reader gets it)."""
+    buttons = [b for b in scope.find_elements(By.TAG_NAME, "button") if b.accessible_name == name]
+    assert len(buttons) == 1, [b.accessible_name for b in scope.find_elements(By.TAG_NAME, "button")]
+    return buttons[0]
+
+
+# -- tests -----------------------------------------------------------------------------------
+def test_the_board_lists_runs_made_through_mcp_and_shows_a_later_dispatch_without_a_reload(
+    served: Served, browser: webdriver.Chrome, user_repo: Path
+) -> None:
+    done = dispatch(served, user_repo, "echo one; echo two")
+    wait_status(served, done, "completed")
+    sign_in(browser, served)
+    first = card(browser, done, 5, "completed")
+    assert first.find_element(By.TAG_NAME, "a").text == done
+    assert button(first, "Sync").is_displayed()
+    browser.execute_script("window.notReloaded = true")
+
+    later = dispatch(served, user_repo, "sleep 120")  # after the page loaded
+    assert on_card(browser, later, LIVE_SECONDS, None, lambda c: c.get_attribute("data-workspace")) == later
+    assert browser.execute_script("return window.notReloaded") is True, "the page was reloaded"
+    assert on_card(browser, later, 30, "running", lambda c: button(c, "Cancel").is_displayed())
+
+
+def test_a_blocked_run_answered_from_the_page_resumes_and_completes_with_the_answer(
+    served: Served, browser: webdriver.Chrome, user_repo: Path
+) -> None:
+    workspace = dispatch(served, user_repo, ASK)
+    assert wait_status(served, workspace, "blocked")["question"].startswith("Which colour")
+    sign_in(browser, served)
+    blocked = card(browser, workspace, 5, "blocked")  # it changes no more until answered: no refresh replaces it
+    assert "Which colour should the button be?" in blocked.text
+    field = blocked.find_element(By.TAG_NAME, "textarea")
+    assert field.accessible_name == "Your answer"
+    field.send_keys("Teal, like the logo.")
+    button(blocked, "Answer").click()
+
+    card(browser, workspace, 60, "completed")  # moved by the live stream, no reload
+    log = mcp(served, "agentic_logs", workspace=workspace)["text"]
+    assert "got: Teal, like the logo." in log, log
+    assert mcp(served, "agentic_status", workspace=workspace)["workspaces"][0]["runs"] == 2
+
+
+def test_cancel_from_the_page_by_keyboard_cancels_the_running_run(
+    served: Served, browser: webdriver.Chrome, user_repo: Path
+) -> None:
+    workspace = dispatch(served, user_repo, "sleep 300")
+    wait_status(served, workspace, "running")
+    sign_in(browser, served)
+    # a keyboard press on the button
+    on_card(browser, workspace, 5, "running", lambda c: button(c, "Cancel").send_keys(Keys.ENTER) or True)
+
+    card(browser, workspace, 60, "cancelled")
+    assert wait_status(served, workspace, "cancelled")["status"] == "cancelled"
+
+
+def test_a_page_opened_without_the_token_shows_the_sign_in_and_no_workspace_name(
+    served: Served, browser: webdriver.Chrome, user_repo: Path
+) -> None:
+    workspace = dispatch(served, user_repo, "echo secret-work")
+    wait_status(served, workspace, "completed")
+    browser.delete_all_cookies()
+    for path in ("/", f"/run/{workspace}", "/insights", f"/?token={TOKEN}x"):
+        browser.get(base(served) + path)
+        assert browser.title.startswith("Sign in"), (path, browser.title)
+        page = browser.page_source
+        assert "secret-work" not in page and "completed" not in page and "shell" not in page, path
+        # the run's URL is the visitor's own (it goes on after the sign-in); no other page names a workspace
+        assert workspace not in page or path == f"/run/{workspace}", path
+    for path in ("/columns", "/events", f"/run-log/{workspace}", f"/run-facts/{workspace}"):
+        got = httpx2.get(base(served) + path, timeout=30)
+        assert got.status_code == 401 and workspace not in got.text, (path, got.status_code)
+
+    browser.get(base(served) + f"/run/{workspace}")  # signing in by the form goes on to the page asked for
+    field = browser.find_element(By.ID, "token")
+    assert field.accessible_name == "Token"
+    field.send_keys(TOKEN, Keys.ENTER)
+    WebDriverWait(browser, 10, poll_frequency=0.05).until(lambda d: d.title.startswith(workspace))
+    cookie = browser.get_cookie(f"agentic_board_{served.port}")
+    assert cookie is not None and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert TOKEN not in cookie["value"]
+
+
+def _session(s: Served) -> dict[str, str]:
+    """The cookie a browser gets by signing in with the token in the first URL."""
+    got = httpx2.get(f"{base(s)}/?token={TOKEN}", timeout=30, follow_redirects=False)
+    assert got.status_code == 303 and got.headers["location"] == "/"
+    return dict(got.cookies)
+
+
+def test_an_action_posted_with_a_foreign_origin_or_host_is_refused_and_changes_nothing(
+    served: Served, user_repo: Path
+) -> None:
+    workspace = dispatch(served, user_repo, "sleep 300")
+    wait_status(served, workspace, "running")
+    cookies, url = _session(served), f"{base(served)}/actions/cancel"
+    own = f"http://127.0.0.1:{served.port}"
+    form = {"workspace": workspace, "back": "/"}
+    for headers, refused in (
+        ({"Origin": "http://evil.example"}, 403),
+        ({"Origin": f"http://127.0.0.1:{served.port + 1}"}, 403),
+        ({}, 403),  # no Origin at all: no browser page of ours posts without one
+        ({"Origin": own, "Host": f"evil.example:{served.port}"}, 421),
+    ):
+        got = httpx2.post(url, data=form, headers=headers, cookies=cookies, timeout=30)
+        assert got.status_code == refused, (headers, got.status_code, got.text)
+    assert httpx2.post(url, data=form, headers={"Origin": own}, timeout=30).status_code == 401, "no cookie"
+    assert mcp(served, "agentic_status", workspace=workspace)["workspaces"][0]["status"] == "running"
+
+    got = httpx2.post(url, data=form, headers={"Origin": own, "Accept": "application/json"}, cookies=cookies)
+    assert got.status_code == 200 and got.json()["ok"], got.text
+    wait_status(served, workspace, "cancelled")
+
+
+def _read_events(response: httpx2.Response, until: Any) -> list[tuple[str, str, Any]]:
+    """``(event, id, data)`` of each server-sent event until ``until(collected)`` holds."""
+    out: list[tuple[str, str, Any]] = []
+    event, ident, data = "message", "", ""
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("id:"):
+            ident = line[3:].strip()
+        elif line.startswith("data:"):
+            data += line[5:].strip()
+        elif line == "" and data:
+            out.append((event, ident, json.loads(data)))
+            event, data = "message", ""
+            if until(out):
+                return out
+    raise AssertionError(f"the stream ended early: {out}")
+
+
+def test_the_events_stream_resumes_from_its_cursor_after_the_connection_drops_with_no_change_missed(
+    served: Served, user_repo: Path
+) -> None:
+    url = f"{base(served)}/events"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    timeout = httpx2.Timeout(30, read=60)
+
+    def seen(events: list[tuple[str, str, Any]]) -> list[tuple[str, str]]:
+        return [(c["workspace"], c["kind"]) for e, _, data in events if e == "changes" for c in data]
+
+    with httpx2.stream("GET", url, headers=auth, timeout=timeout) as first:
+        assert first.headers["content-type"].startswith("text/event-stream")
+        [(kind, start, _)] = _read_events(first, lambda got: True)
+    assert kind == "ready" and start.isdigit()
+
+    # while nobody listens, two runs start and end; the next connection starts from the cursor and drops
+    # after its first batch; a third run ends while nobody listens; the last connection goes on from the id
+    # of the batch it got
+    a, b = dispatch(served, user_repo, "echo a"), dispatch(served, user_repo, "exit 4")
+    wait_status(served, a, "completed")
+    wait_status(served, b, "failed")
+    with httpx2.stream("GET", url, headers={**auth, "Last-Event-ID": start}, timeout=timeout) as second:
+        part = _read_events(second, lambda got: any(e == "changes" for e, _, _ in got))
+    last = [i for e, i, _ in part if e == "changes"][-1]
+    c = dispatch(served, user_repo, "echo c")
+    wait_status(served, c, "completed")
+    with httpx2.stream("GET", url, headers={**auth, "Last-Event-ID": last}, timeout=timeout) as third:
+        rest = _read_events(third, lambda got: (c, "completed") in seen(got))
+
+    got = seen(part) + seen(rest)
+    expected = [
+        (x["workspace"], x["kind"]) for x in mcp(served, "agentic_watch", cursor=start, timeout_seconds=0)["changes"]
+    ]
+    assert got == expected[: len(got)], (got, expected)
+    assert {(a, "completed"), (b, "failed"), (c, "completed")} <= set(got)
+    assert {(a, "dispatched"), (c, "dispatched")} <= set(got)
