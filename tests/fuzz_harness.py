@@ -7,6 +7,8 @@ import contextlib
 import logging
 import os
 import shutil
+import stat
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -135,7 +137,8 @@ class FuzzHarness:
             status = path / "status.json"
             assert status.is_file(), f"{what} left a workspace without status.json: {path}"
             WorkspaceRecord.model_validate_json(status.read_bytes())
-        assert self._outside_now() == self._outside, f"{what} changed something outside the state root"
+        now = self._outside_now()
+        assert now == self._outside, f"{what} changed something outside the state root: {_changes(self._outside, now)}"
         assert not Path("/tmp/agentic-fuzz-pwned").exists(), f"{what}: an injected command ran"
 
     def _outside_now(self) -> object:
@@ -146,7 +149,8 @@ class FuzzHarness:
                 continue
             st = path.lstat()
             link = os.readlink(path) if path.is_symlink() else None
-            files.append((str(rel), st.st_mode, None if path.is_dir() else (st.st_size, st.st_mtime_ns), link))
+            size_and_time = None if stat.S_ISDIR(st.st_mode) else (st.st_size, st.st_mtime_ns)  # a link's own
+            files.append((str(rel), st.st_mode, size_and_time, link))
         refs = [ln for ln in git(self.user_repo, "for-each-ref").splitlines() if "refs/heads/agent/" not in ln]
         repo_state = (refs, git(self.user_repo, "rev-parse", "HEAD"), git(self.user_repo, "status", "--porcelain"))
         return files, repo_state
@@ -157,6 +161,7 @@ class FuzzHarness:
     # -- back to the seeded state --------------------------------------------------------------
     def settle(self) -> None:
         """Freeze the queue again, cancel and remove what the call dispatched, put the seeds back."""
+        self._bring_back_removed_seeds()
         report = self.ok("agentic_status", {"limit": 1000})
         if not report["frozen"]:
             self.ok("agentic_dispatch_shutdown", {})
@@ -170,6 +175,25 @@ class FuzzHarness:
             if row["status"] in ("queued", "running"):
                 self.ok("agentic_cancel", {"workspace": name})
             shutil.rmtree(self.root / "workspaces" / name)
+
+    @property
+    def _seed_copies(self) -> Path:
+        return self.tmp.with_name(self.tmp.name + "-seeds")  # beside tmp: outside what check_disk compares
+
+    def copy_seeds(self) -> None:
+        for name in self.seeded:
+            (self._seed_copies / name).parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(
+                ["cp", "-a", str(self.root / "workspaces" / name), str(self._seed_copies / name)], check=True
+            )
+
+    def _bring_back_removed_seeds(self) -> None:
+        """agentic_clean may remove the finished seeds (with ``force``, or a small ``keep``): their copies go back."""
+        for name in self.seeded:
+            ws = self.root / "workspaces" / name
+            if not ws.exists():
+                ws.parent.mkdir(parents=True, exist_ok=True)
+                subprocess.run(["cp", "-a", str(self._seed_copies / name), str(ws)], check=True)
 
     def _wait_final(self, name: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -199,6 +223,14 @@ class FuzzHarness:
         if os.environ.get("AGENTIC_FUZZ_VERBOSE"):
             for reason, n in self.reasons.most_common():
                 print(f"  {n:5d}  {reason!r}")
+
+
+def _changes(before: Any, after: Any) -> str:
+    """What differs between two looks outside the root (files, then the user's repository)."""
+    (files_before, repo_before), (files_after, repo_after) = before, after
+    gone = sorted(set(files_before) - set(files_after))
+    new = sorted(set(files_after) - set(files_before))
+    return f"was {gone}, now {new}" + ("; the user's repository changed" if repo_before != repo_after else "")
 
 
 def _short(args: dict[str, Any]) -> str:
@@ -240,6 +272,7 @@ def _seed(h: FuzzHarness) -> None:
     names["queued"] = h.ok("agentic_dispatch", {"repo": str(h.user_repo), "task": "true"})["workspace"]
     for name in names.values():
         h.seeded[name] = (h.root / "workspaces" / name / "status.json").read_bytes()
+    h.copy_seeds()
 
 
 def _pools(h: FuzzHarness) -> Pools:

@@ -10,18 +10,23 @@ import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
+from mcp import Client
+from mcp_types import CallToolResult
 
 from agentic_dispatch import cli
 from agentic_dispatch.config import load_settings
 from agentic_dispatch.errors import StateError
+from agentic_dispatch.mcp_server import build_server
 from agentic_dispatch.models import CheckpointInfo, DispatchRequest, Status, WorkspaceRecord
 from agentic_dispatch.runtime.docker import DockerRuntime
 from agentic_dispatch.service import Dispatcher
 from agentic_dispatch.store import StatusStore
 
-from .conftest import git
+from .conftest import call, git
 
 NOW = datetime.now(UTC)
 
@@ -246,3 +251,27 @@ def test_status_notes_a_disk_over_90_percent_full(small_disk: Path, no_engine: s
         f.write(b"\0" * int(st.f_bavail * st.f_frsize * 0.95))
     notes = [n for n in svc.status().notes if "% full" in n]
     assert len(notes) == 1 and "agentic-dispatch clean" in notes[0], svc.status().notes
+
+
+def test_the_clean_tool_removes_what_the_command_does_and_refuses_a_negative_age_saying_why(
+    svc: Dispatcher, root: dict[str, str]
+) -> None:
+    """agentic_clean is `clean` for a host: the same rules, the same report, the arguments checked by their types."""
+
+    async def session() -> tuple[CallToolResult, dict[str, Any], dict[str, Any]]:
+        async with Client(build_server(lambda: svc)) as client:
+            refused = await client.call_tool("agentic_clean", {"older_than_days": -1})
+            would = await call(client, "agentic_clean", older_than_days=7, dry_run=True)
+            done = await call(client, "agentic_clean", older_than_days=7)
+        return refused, would, done
+
+    refused, would, done = anyio.run(session)
+
+    text = " ".join(getattr(c, "text", "") for c in refused.content)
+    assert refused.is_error and "older_than_days" in text and "greater than or equal to 0" in text, text
+    assert {r["workspace"] for r in would["removed"]} == {root["delivered"], root["empty"], root["failed"]}
+    assert would["dry_run"] is True and would["bytes_freed"] > 0
+    assert {r["workspace"] for r in done["removed"]} == {r["workspace"] for r in would["removed"]}
+    assert done["bytes_freed"] == would["bytes_freed"]
+    assert done["kept"][root["undelivered"]].startswith("its branch agentic/undelivered was not delivered")
+    assert _left(svc, root) == {"undelivered", "checkpoint", "blocked", "running", "queued", "recent"}

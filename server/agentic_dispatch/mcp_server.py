@@ -35,8 +35,11 @@ from .errors import DispatchError
 from .mcp_tools import LazyDispatcher, register_tool
 from .mcp_watch import WatchFeed, register_watch
 from .models import (
+    AgeDays,
     BranchName,
     CancelResult,
+    CleanReport,
+    Count,
     DispatchRequest,
     DispatchResult,
     DoctorReport,
@@ -395,6 +398,35 @@ def build_server(
         needed attention. A branch that ends in an automatic checkpoint (the uncommitted work of a stopped
         run) is held back unless `include_checkpoints`. Safe to call again: nothing is delivered twice."""
         return _svc(ctx).sync(workspace, force, include_checkpoints=include_checkpoints)
+
+    @tool(
+        name="agentic_clean",
+        annotations=ToolAnnotations(
+            title="Remove finished workspaces",
+            read_only_hint=False,
+            destructive_hint=True,
+            idempotent_hint=True,
+            open_world_hint=False,
+        ),
+    )
+    def agentic_clean(
+        ctx: Ctx,
+        older_than_days: Annotated[
+            AgeDays | None,
+            Field(description="only what finished longer ago than this many days (0: any age)"),
+        ] = None,
+        keep: Annotated[Count | None, Field(description="always keep this many of the most recently finished")] = None,
+        dry_run: Annotated[bool, Field(description="remove nothing; return what would go")] = False,
+        force: Annotated[
+            bool, Field(description="also remove finished work that was not delivered (never queued, running, blocked)")
+        ] = False,
+    ) -> CleanReport:
+        """Free disk space: remove, oldest first, finished workspaces whose work went home (its branch delivered by
+        agentic_sync, or nothing to deliver). Never a queued, running or blocked one; with `force` also finished
+        ones that were not delivered. Neither `older_than_days` nor `keep`: the server's [retention] values, else
+        7 days. Returns each removal with the bytes freed and each workspace kept with why. The events, the
+        mirrors and agentic_insights keep counting removed runs."""
+        return _svc(ctx).clean(older_than_days, keep, dry_run, force)
 
     @tool(
         name="agentic_cancel",

@@ -25,6 +25,7 @@ __all__ = [
     "MAX_WATCH_SECONDS",
     "MAX_WINDOW_DAYS",
     "RESUMABLE_STATUSES",
+    "AgeDays",
     "AgentCheck",
     "BranchName",
     "CancelResult",
@@ -32,6 +33,7 @@ __all__ = [
     "CheckpointInfo",
     "CleanReport",
     "CleanupReport",
+    "Count",
     "Delivery",
     "DiffResult",
     "DispatchRequest",
@@ -302,6 +304,9 @@ LockKey = Annotated[str, AfterValidator(_lock_key)]
 ScopeGlob = Annotated[str, AfterValidator(_scope_glob)]
 Scope = Annotated[list[ScopeGlob], Field(min_length=1, max_length=MAX_SCOPE_GLOBS)]
 ScopeMode = Literal["warn", "fail"]
+# What `clean` keeps: finished longer ago than an age (in days), beyond a count of the newest.
+AgeDays = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Count = Annotated[int, Field(ge=0)]
 
 
 class DispatchRequest(BaseModel):
