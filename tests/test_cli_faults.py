@@ -242,6 +242,38 @@ def test_a_home_that_is_a_file_exits_2_with_a_configuration_error(
     assert code == 2 and err.startswith("configuration error") and "AGENTIC_DISPATCH_HOME" in err, err
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["status"], ["clean", "--dry-run"], ["doctor"], ["image", "tag"], ["dispatch"]],
+    ids=lambda c: c[0],
+)
+def test_a_config_path_that_names_no_file_exits_2_naming_it_and_reads_no_defaults(
+    command: list[str], tmp_path: Path, isolated_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: a misspelt --config silently meant the defaults, with whatever root and agents they give."""
+    missing = tmp_path / "confg.toml"
+    argv = dry_dispatch(str(repo_with_commits(tmp_path))) if command[0] == "dispatch" else command
+
+    code, err = run(["--config", str(missing), *argv], capsys)
+
+    assert code == 2, err
+    assert f"--config: '{missing}': there is no file there" in err and "leave --config out" in err, err
+    assert not isolated_home.exists(), "nothing was read or made under the state root"
+
+
+def test_serve_with_a_config_path_that_names_no_file_exits_2_before_it_answers_anything(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "config.toml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "agentic_dispatch", "--config", str(missing), "serve"],
+        input=b"",
+        capture_output=True,
+        timeout=60,
+    )
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and proc.stdout == b"", err
+    assert str(missing) in err and "there is no file there" in err and "Traceback" not in err, err
+
+
 def test_a_config_file_that_is_a_fifo_exits_2_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fifo = tmp_path / "config.toml"
     os.mkfifo(fifo)

@@ -318,7 +318,11 @@ def build_parser(*, serve_only: bool = False) -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", help="config file (default: AGENTIC_DISPATCH_CONFIG or config.toml in the config dir)")
+    p.add_argument(
+        "--config",
+        type=_config_file,
+        help="config file; it must exist (default: AGENTIC_DISPATCH_CONFIG or config.toml in the config dir)",
+    )
     sub = p.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     _add_serve(sub)
     if serve_only:
@@ -377,6 +381,21 @@ def _utf8(text: str) -> str:
         shown = text.encode("utf-8", "surrogateescape")
         raise argparse.ArgumentTypeError(f"is not UTF-8 text: {shown!r}") from None
     return text
+
+
+def _config_file(text: str) -> str:
+    """``--config``: a file that is there. A path that names nothing is a typo, not a wish for the defaults."""
+    try:
+        path = Path(_utf8(text)).expanduser()
+        path.stat()
+    except (OSError, RuntimeError, ValueError) as e:  # missing, unreadable folder, ~no-such-user, a NUL
+        missing = isinstance(e, FileNotFoundError | NotADirectoryError)
+        why = "there is no file there" if missing else f"cannot be read ({e})"
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {why}. Name an existing TOML file (an empty one means the defaults), or leave --config "
+            "out to read AGENTIC_DISPATCH_CONFIG or config.toml in the config dir"
+        ) from None
+    return str(path)
 
 
 def _whole_number(text: str, least: int, most: int | None = None) -> int:
