@@ -10,7 +10,16 @@ import sys
 import pytest
 
 from agentic_dispatch.config import load_settings
-from agentic_dispatch.models import Event, EventKind, RunSummary, Status, WorkspaceRecord, utcnow
+from agentic_dispatch.models import (
+    CheckpointInfo,
+    Event,
+    EventKind,
+    OutOfScope,
+    RunSummary,
+    Status,
+    WorkspaceRecord,
+    utcnow,
+)
 from agentic_dispatch.store import StatusStore
 
 KNOWN = {
@@ -63,6 +72,28 @@ def test_the_status_table_shows_counts_then_one_line_per_workspace_with_what_nee
         assert fields[2] == status.value and fields[0].endswith("s"), rows[name]  # just now: seconds old
         assert (question or said or "") in rows[name], rows[name]
     assert rows["acme/api/task-2"].split()[1:4] == ["claude:sonnet", "failed", "2"]
+
+
+def test_a_row_shows_its_paths_out_of_scope_and_its_checkpoint_before_the_words_that_may_be_cut(
+    known: StatusStore,
+) -> None:
+    name = "acme/web/task-12"
+    known.create(
+        WorkspaceRecord(
+            name=name, status=Status.CANCELLED, agent="codex", repo="acme/web", org="acme", repo_name="web",
+            origin_url="https://example.invalid/acme/web.git", task="t", branch="agent/task-12", template="coding",
+            timeout_seconds=60, runs=1, reason="cancelled by agentic_cancel " + "x" * 200, finished_at=utcnow(),
+            scope=["src/**"], out_of_scope=OutOfScope(paths=[".github/ci.yml", "setup.py"], count=3),
+            checkpoint=CheckpointInfo(commit="0123456789abcdef" * 2 + "01234567", why="cancelled", files=4),
+        )
+    )  # fmt: skip
+
+    line = next(line for line in _cli("status", columns=100).splitlines() if name in line)
+    one = _cli("status", name).splitlines()
+
+    assert "cancelled" in line and "[3 out of scope] [checkpoint 01234567] " in line and "…" in line, line
+    assert "out of scope: 3 path(s): .github/ci.yml, setup.py and 1 more" in one, one
+    assert any(s.startswith("checkpoint: 0123456789ab (cancelled; 4 path(s), at ") for s in one), one
 
 
 def test_a_narrow_terminal_cuts_the_question_not_the_status(known: StatusStore) -> None:

@@ -112,6 +112,17 @@ def _what(row: WorkspaceRow) -> str:
     return row.branch
 
 
+def _marks(row: WorkspaceRow) -> str:
+    """What the last column starts with, so that cutting it never hides them: the count of paths changed
+    outside the scope, and an automatic checkpoint of uncommitted work."""
+    marks = []
+    if row.out_of_scope and row.out_of_scope.count:
+        marks.append(f"[{row.out_of_scope.count} out of scope]")
+    if row.checkpoint:
+        marks.append(f"[checkpoint {row.checkpoint.commit[:8]}]")
+    return "".join(f"{m} " for m in marks)
+
+
 def status_view(report: StatusReport, now: datetime | None = None) -> RenderableType:
     """Counts on top, then one line per workspace: age, agent, status, runs, name, and the question,
     failure reason or last word, cut to the terminal's width."""
@@ -146,7 +157,7 @@ def status_view(report: StatusReport, now: datetime | None = None) -> Renderable
             Text(status, style=_STYLE.get(status, "")),
             str(row.runs),
             row.name,
-            Text(_what(row)),  # the agent's words: never read as markup
+            Text(_marks(row) + _what(row)),  # the agent's words: never read as markup
         )
     return Group(counts, *notes, table)
 
@@ -170,6 +181,13 @@ def print_status(report: StatusReport, as_json: bool, console: Console | None = 
             out.print(f"figures: {', '.join(f for f in figures if f) or '-'}", markup=False)
         if row.qa:
             out.print(f"qa: {row.qa.state}" + (f" ({row.qa.reason})" if row.qa.reason else ""), markup=False)
+        if row.checkpoint:
+            cp = row.checkpoint
+            out.print(f"checkpoint: {cp.commit[:12]} ({cp.why}; {cp.files} path(s), at {cp.at})", markup=False)
+        if row.out_of_scope and row.out_of_scope.count:
+            oos = row.out_of_scope
+            more = f" and {oos.count - len(oos.paths)} more" if oos.count > len(oos.paths) else ""
+            out.print(f"out of scope: {oos.count} path(s): {', '.join(oos.paths)}{more}", markup=False)
         for command in row.delivery_commands:
             out.print(f"  {command}", markup=False)
         for line in (row.log_tail or "").splitlines():
