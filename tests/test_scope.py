@@ -5,9 +5,16 @@ and the `shell` agent."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import docker
+import pytest
+
+from agentic_dispatch.config import load_settings
+from agentic_dispatch.errors import ConfigError
 from agentic_dispatch.models import DispatchRequest, Status
+from agentic_dispatch.runtime.docker import DockerRuntime
 from agentic_dispatch.scope import changed_paths, outside
 from agentic_dispatch.service import Dispatcher
 
@@ -98,3 +105,49 @@ def test_uncommitted_work_a_stopped_run_left_outside_its_scope_is_listed_from_it
     rec = dispatcher.wait(name, 60)
     assert rec.status == Status.FAILED and rec.checkpoint is not None, rec
     assert rec.out_of_scope is not None and rec.out_of_scope.paths == ["notes.txt"]
+
+
+DEFAULTS = '[defaults]\nscope = ["src/**"]\nscope_mode = "fail"\n'
+
+
+@pytest.fixture
+def with_defaults(isolated_home: Path, docker_env: str, docker_client: docker.DockerClient) -> Iterator[Dispatcher]:
+    """A service whose config gives dispatches a default scope and mode."""
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    (isolated_home / "config.toml").write_text(DEFAULTS, encoding="utf-8")
+    settings, paths = load_settings()
+    svc = Dispatcher(settings, paths, DockerRuntime(docker_client))
+    svc.start()
+    yield svc
+    svc.close()
+
+
+def test_a_dispatch_that_gives_no_scope_gets_the_configs_default_scope_and_mode(
+    with_defaults: Dispatcher, user_repo: Path
+) -> None:
+    name = with_defaults.dispatch(DispatchRequest(repo=str(user_repo), task=COMMIT_IN_AND_OUT, agent="shell")).workspace
+    rec = with_defaults.wait(name, 60)
+    assert (rec.scope, rec.scope_mode) == (["src/**"], "fail")
+    assert rec.status == Status.FAILED and rec.reason is not None and "scope: README.md" in rec.reason, rec
+
+
+def test_a_dispatchs_own_scope_and_mode_replace_the_configs_defaults(
+    with_defaults: Dispatcher, user_repo: Path
+) -> None:
+    req = DispatchRequest(repo=str(user_repo), task=COMMIT_IN_AND_OUT, agent="shell", scope=["*.md"], scope_mode="warn")
+    rec = with_defaults.wait(with_defaults.dispatch(req).workspace, 60)
+    assert (rec.scope, rec.scope_mode) == (["*.md"], "warn")
+    assert rec.status == Status.COMPLETED and rec.out_of_scope is not None, rec
+    assert rec.out_of_scope.paths == ["src/app.py"]
+
+
+def test_a_default_scope_glob_a_dispatch_would_refuse_is_a_config_error_naming_the_file(isolated_home: Path) -> None:
+    isolated_home.mkdir(parents=True)
+    cfg = isolated_home / "config.toml"
+    cfg.write_text('[defaults]\nscope = ["src/**", "../secrets/**"]\nscope_mode = "strict"\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    lines = str(info.value).splitlines()
+    assert len(lines) == 2 and all(line.startswith(str(cfg)) for line in lines), lines
+    assert "defaults.scope" in lines[0] and "no leading '/', no '..'" in lines[0], lines
+    assert "defaults.scope_mode" in lines[1], lines

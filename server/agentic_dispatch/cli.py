@@ -577,13 +577,14 @@ def _add_dispatch(sub: _Sub) -> None:
         action="append",
         type=_request_field(ScopeGlob),
         metavar="GLOB",
-        help="a path the run may change, from the repository's root, e.g. 'src/**' (repeatable; git wildmatch)",
+        help="a path the run may change, from the repository's root, e.g. 'src/**' (repeatable; git wildmatch; "
+        "default: [defaults] scope)",
     )
     d.add_argument(
         "--scope-mode",
         choices=get_args(ScopeMode),
-        default="warn",
-        help="fail: a run that changed paths outside its scope ends failed, listing them (default: warn)",
+        help="fail: a run that changed paths outside its scope ends failed, listing them "
+        "(default: [defaults] scope_mode, else warn)",
     )
     d.add_argument("--dry-run", action="store_true", help="print the prompt; launch and keep nothing")
     d.add_argument(

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 from .http_auth import HttpSettings
+from .models import Scope, ScopeMode
 
 __all__ = [
     "IMAGE_ENV",
@@ -264,6 +265,16 @@ class RetentionSettings(_Model):
     )
 
 
+class Defaults(_Model):
+    """What a dispatch gets when it does not say."""
+
+    scope: Scope | None = Field(
+        default=None,
+        description="globs of the paths a run may change (as a dispatch's `scope`); unset: no scope",
+    )
+    scope_mode: ScopeMode = Field(default="warn", description="as a dispatch's `scope_mode`")
+
+
 class Settings(_Model):
     """The contents of the config file, with defaults for every key."""
 
@@ -282,6 +293,7 @@ class Settings(_Model):
     qa: QaSettings = Field(default_factory=QaSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    defaults: Defaults = Field(default_factory=Defaults)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("repo_url_template")

@@ -283,13 +283,17 @@ def build_server(
             Scope | None,
             Field(
                 description="globs of the paths the run may change, from the repository's root (git wildmatch: "
-                "'src/**', 'tests/**', '!src/gen/**'); changes outside are listed in agentic_status"
+                "'src/**', 'tests/**', '!src/gen/**'); changes outside are listed in agentic_status "
+                "(default: the server's [defaults] scope, else none)"
             ),
         ] = None,
         scope_mode: Annotated[
-            ScopeMode,
-            Field(description="'fail': a run that changed paths outside its scope ends failed with them listed"),
-        ] = "warn",
+            ScopeMode | None,
+            Field(
+                description="'fail': a run that changed paths outside its scope ends failed with them listed "
+                "(default: the server's [defaults] scope_mode, else 'warn')"
+            ),
+        ] = None,
         dry_run: Annotated[bool, Field(description="prepare and return the prompt without launching")] = False,
         qa: Annotated[
             bool | None,

@@ -331,7 +331,7 @@ class DispatchRequest(BaseModel):
     idempotency_key: IdempotencyKey | None = None
     lock: LockKey | None = None
     scope: Scope | None = None
-    scope_mode: ScopeMode = "warn"
+    scope_mode: ScopeMode | None = None  # None: [defaults] scope_mode
     dry_run: bool = False
     qa: bool | None = None
 

@@ -210,8 +210,8 @@ class Intake:
             idempotency_key=None if req.dry_run else req.idempotency_key,
             lock_key=req.lock,
             base_commit=base_commit,
-            scope=req.scope,
-            scope_mode=req.scope_mode,
+            scope=req.scope if req.scope is not None else self.settings.defaults.scope,
+            scope_mode=req.scope_mode or self.settings.defaults.scope_mode,
             qa_enabled=self.settings.qa.enabled if req.qa is None else req.qa,
         )
         return record, self.run_files.prepare(ws, record, req.variables)
