@@ -204,6 +204,34 @@ def test_happenings_that_do_not_apply_change_nothing(rec: WorkspaceRecord, happe
     assert transition(rec, happening, NOW) is None
 
 
+USED = RunSummary(input_tokens=300, output_tokens=40, cost_usd=0.5)
+# state, happening, → (tokens, cost_usd) on the line that ends the run; None: neither
+USAGE: list[tuple[str, WorkspaceRecord, Happening, tuple[int | None, float | None] | None]] = [
+    ("an agent that exits says what it used", running(), Exited(CID, 0, summary=USED), (340, 0.5)),
+    ("so does a blocked one", running(), Exited(CID, 0, summary=USED, question="Which?"), (340, 0.5)),
+    ("a stopped one: what it used until then", running(stop_status=Status.CANCELLED, stop_reason="cancelled"),
+     Exited(CID, 143, summary=USED), (340, 0.5)),
+    ("a CLI that reported the cost alone", running(), Exited(CID, 0, summary=RunSummary(cost_usd=1.25)), (None, 1.25)),
+    ("a CLI that reported nothing", running(), Exited(CID, 0), None),
+    ("the gate's verdict: what this run's agent used", qa_running(summary=USED), QaExited(CID, 1, "1 failed", ""),
+     (340, 0.5)),
+    ("a vanished agent reported nothing (the summary on the record is the last run's)", running(summary=USED),
+     Vanished(CID), None),
+    ("a queued run cancelled never ran", _rec(summary=USED), Cancelled("cancelled before it started"), None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("rec", "happening", "usage"), [r[1:] for r in USAGE], ids=[r[0] for r in USAGE])
+def test_the_line_that_ends_a_run_carries_what_that_run_used_for_the_daily_budgets(
+    rec: WorkspaceRecord, happening: Happening, usage: tuple[int | None, float | None] | None
+) -> None:
+    out = transition(rec, happening, NOW)
+    assert out is not None
+    [line] = [extra for kind, extra in out.events if kind == out.record.status.value]
+    assert (line.get("tokens"), line.get("cost_usd")) == (usage or (None, None))
+    assert ("tokens" in line) == (usage is not None), "a run that reported nothing says nothing"
+
+
 def test_a_failure_reason_names_the_signal_and_who_may_have_sent_it() -> None:
     out = transition(running(), Exited(CID, 143), NOW)
     assert out is not None and out.record.reason is not None

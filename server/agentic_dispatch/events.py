@@ -70,14 +70,32 @@ class EventLog:
         whole = data[: data.rfind(b"\n") + 1]
         return [e for line in whole.splitlines() if (e := _parse(line)) is not None], since + len(whole)
 
-    def backwards(self, block: int = 64 * 1024) -> Iterator[Event]:
-        """The events from the newest to the oldest (the file is read in blocks from its end)."""
+    def whole_lines_end(self) -> int:
+        """The offset just after the last whole line (a line still being written is not counted)."""
+        try:
+            f = self.path.open("rb")
+        except FileNotFoundError:
+            return 0
+        with f:
+            pos = f.seek(0, os.SEEK_END)
+            while pos > 0:
+                step = min(4096, pos)
+                pos -= step
+                f.seek(pos)
+                newline = f.read(step).rfind(b"\n")
+                if newline >= 0:
+                    return pos + newline + 1
+        return 0
+
+    def backwards(self, end: int | None = None, block: int = 64 * 1024) -> Iterator[Event]:
+        """The events from the newest to the oldest (the file is read in blocks from its end, or from
+        ``end``: an offset just after a line, such as :meth:`whole_lines_end` or :meth:`read` return)."""
         try:
             f = self.path.open("rb")
         except FileNotFoundError:
             return
         with f:
-            pos = f.seek(0, os.SEEK_END)
+            pos = f.seek(0, os.SEEK_END) if end is None else end
             rest = b""
             while pos > 0:
                 step = min(block, pos)

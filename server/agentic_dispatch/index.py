@@ -365,15 +365,6 @@ class StatusIndex:
         )
         return [str(n) for (n,) in rows]
 
-    def finished_at_since(self, since: str) -> list[tuple[str, str]]:
-        """``(name, finished_at)`` of the records that finished at or after ``since``, oldest first."""
-        rows = self._run(
-            lambda db: db.execute(
-                "SELECT name, finished_at FROM records WHERE finished_at >= ? ORDER BY finished_at", (since,)
-            ).fetchall()
-        )
-        return [(str(n), str(f)) for n, f in rows]
-
     def with_key(self, key: str) -> list[str]:
         rows = self._run(lambda db: db.execute("SELECT name FROM records WHERE idempotency_key = ?", (key,)).fetchall())
         return [str(n) for (n,) in rows]

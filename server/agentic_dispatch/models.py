@@ -116,6 +116,12 @@ class RunSummary(BaseModel):
     session_id: str | None = None
     error: str | None = None
 
+    @property
+    def tokens(self) -> int | None:
+        """Input plus output tokens, counting what the CLI reported; ``None`` when it reported neither."""
+        said = [t for t in (self.input_tokens, self.output_tokens) if t is not None]
+        return sum(said) if said else None
+
 
 class Delivery(BaseModel):
     """Where a finished run's branch was delivered (sync): which commit, to which repository, when."""
@@ -557,6 +563,8 @@ class Event(BaseModel):
     delivery: str | None = Field(default=None, description="deliveries: git or record")
     run: int | None = Field(default=None, description="deliveries: the run delivered")
     entry: str | None = Field(default=None, description="deliveries: the outbox entry")
+    tokens: int | None = Field(default=None, description="a run's end: the tokens (in + out) its agent reported")
+    cost_usd: float | None = Field(default=None, description="a run's end: the cost its agent reported")
 
 
 class Change(BaseModel):

@@ -9,8 +9,8 @@ taken under an admission lock that spans processes (``flock`` on
 workspace twice, nor two runs with one lock key at once.
 
 Daily budgets (``[limits] daily_tokens`` / ``daily_cost_usd``, per pool or ``base:model``) count what
-the runs that finished since the last UTC midnight reported (their summaries, found through the
-status index by :class:`UsageMeter`); a run that reported nothing is counted as unknown, never guessed.
+the runs that ended since the last UTC midnight reported: the events log's line that ends a run
+carries its usage (:class:`UsageMeter`); a run that reported nothing is counted as unknown, never guessed.
 
 The persisted state (``<root>/state/scheduler.json``) fails closed: while it cannot be read
 the queue counts as frozen, :attr:`Scheduler.state_problem` says why, and the file is left
@@ -20,6 +20,7 @@ as it is until an operator unfreezes (which sets it aside and writes a fresh one
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -36,10 +37,9 @@ from pydantic import TypeAdapter, ValidationError
 
 from .agents import agent_base as _base
 from .config import Limits
-from .errors import CorruptRecordError, WorkspaceNotFoundError
+from .events import EventLog
 from .fileio import ReentrantFileLock, write_atomic
-from .models import Priority, Status, WorkspaceRecord, utcnow
-from .store import StatusStore
+from .models import Event, EventKind, Priority, Status, WorkspaceRecord, utcnow
 
 __all__ = ["ALL_POOLS", "BudgetUse", "PoolHold", "RunUsage", "Scheduler", "SchedulerState", "UsageMeter"]
 
@@ -80,6 +80,9 @@ class PoolHold:
         return f"{self.pool} held{until}: {self.reason}"
 
 
+_RUN_ENDS = frozenset({EventKind.COMPLETED, EventKind.FAILED, EventKind.BLOCKED, EventKind.CANCELLED})
+
+
 @dataclass(frozen=True)
 class RunUsage:
     """What one finished run reported about its usage: ``None`` where its CLI said nothing."""
@@ -89,12 +92,12 @@ class RunUsage:
     cost_usd: float | None
 
     @classmethod
-    def of(cls, record: WorkspaceRecord) -> RunUsage:
-        s = record.summary
-        if s is None:
-            return cls(record.agent, None, None)
-        parts = [t for t in (s.input_tokens, s.output_tokens) if t is not None]
-        return cls(record.agent, sum(parts) if parts else None, s.cost_usd)
+    def ended(cls, event: Event) -> RunUsage | None:
+        """The usage of the run that ``event`` ended; ``None`` for a line that ends no run (a queued
+        workspace cancelled or not launched never ran)."""
+        if event.kind not in _RUN_ENDS or event.previous != Status.RUNNING.value:
+            return None
+        return cls(event.agent, event.tokens, event.cost_usd)
 
 
 BudgetKind = Literal["daily_tokens", "daily_cost_usd"]
@@ -132,32 +135,32 @@ class BudgetUse:
 
 
 class UsageMeter:
-    """The usage reported by the runs that finished since the last UTC midnight.
+    """The usage reported by the runs that ended since the last UTC midnight, read from the events log.
 
-    The status index names them; each record is read once per finish (cached by name and
-    ``finished_at``), so a drain reads only what finished since the last look. A run this meter
-    saw finish today stays counted when a resume clears its ``finished_at`` or ``clean`` removes
-    it (a resumed Codex or Claude run reports only its own difference)."""
+    The line that ends a run carries what that run reported (see ``service/runs/lifecycle.py``), and the
+    log is append-only and kept: every run counts once, also the earlier runs of a workspace resumed
+    since (a resumed Codex or Claude run reports only its own difference) and the runs of one ``clean``
+    removed, and a restarted server counts exactly what it counted before. The day's lines are read
+    once (backwards from the end to the last midnight), then at each look only what was appended."""
 
-    def __init__(self, store: StatusStore) -> None:
-        self.store = store
-        self._seen: dict[tuple[str, str], RunUsage] = {}
+    def __init__(self, events: EventLog) -> None:
+        self.events = events
         self._lock = threading.Lock()
+        self._day = ""  # the midnight the runs below are counted from
+        self._offset = 0  # the log is read up to here
+        self._runs: list[RunUsage] = []
 
     def today(self, now: float) -> list[RunUsage]:
         since = _midnight_iso(now)
         with self._lock:
-            self._seen = {k: v for k, v in self._seen.items() if k[1] >= since}
-            for name, finished_at in self.store.index.finished_at_since(since):
-                if (name, finished_at) in self._seen:
-                    continue
-                try:
-                    rec = self.store.read(name)
-                except (WorkspaceNotFoundError, CorruptRecordError):
-                    continue
-                if rec.finished_at is not None and rec.finished_at >= since:
-                    self._seen[(name, rec.finished_at)] = RunUsage.of(rec)
-            return list(self._seen.values())
+            if since != self._day or self.events.size() < self._offset:  # another day, or a log replaced
+                self._day, self._offset = since, self.events.whole_lines_end()
+                lines = itertools.takewhile(lambda e: e.at >= since, self.events.backwards(self._offset))
+                self._runs = [u for e in reversed(list(lines)) if (u := RunUsage.ended(e)) is not None]
+            while (read := self.events.read(self._offset))[1] != self._offset:
+                events, self._offset = read
+                self._runs += [u for e in events if e.at >= since and (u := RunUsage.ended(e)) is not None]
+            return list(self._runs)
 
 
 def budget_uses(limits: Limits, runs: list[RunUsage], now: float) -> list[BudgetUse]:

@@ -90,7 +90,7 @@ class Dispatcher:
         self.store = StatusStore.of(paths)
         self.mirrors = MirrorCache(paths.mirrors, settings.mirror_max_age_seconds)
         self.scheduler = Scheduler(
-            self.catalog.effective_limits(), paths.state, self.store.events_file, UsageMeter(self.store)
+            self.catalog.effective_limits(), paths.state, self.store.events_file, UsageMeter(self.store.events)
         )
         self._stop = threading.Event()
         self._wake = threading.Event()

@@ -32,6 +32,10 @@ carries the effects out against the engine, the store, the scheduler and the out
     * a failure counts towards pausing the pool only when it is the agent's or its provider's:
       not a stop the server asked for, not a QA verdict, not a signal from outside (an engine
       restart), not a vanished container.
+
+The event line that ends a run (from running) carries what that run's agent reported: ``tokens``
+and ``cost_usd`` of its exit's summary (kept on the record while the QA gate runs), neither when it
+reported nothing or its container vanished. The daily budgets count these lines.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...models import (
+    FINAL_STATUSES,
     RESUMABLE_STATUSES,
     EventKind,
     OutOfScope,
@@ -260,12 +265,15 @@ class Settled:
 Effect = RemoveContainer | StopContainer | StartQa | Checkpoint | CountFailure | Settled
 
 
+EventFields = dict[str, str | int | float | None]  # what an event line says beyond its kind and the record
+
+
 @dataclass
 class Outcome:
     """What one happening did: the record to write, its event lines, the effects to carry out."""
 
     record: WorkspaceRecord
-    events: list[tuple[EventKind, dict[str, str | int | None]]] = field(default_factory=list)
+    events: list[tuple[EventKind, EventFields]] = field(default_factory=list)
     effects: list[Effect] = field(default_factory=list)
 
 
@@ -288,6 +296,16 @@ def new_record(**fields: object) -> WorkspaceRecord:
 # -- the table ------------------------------------------------------------------------------------
 def transition(rec: WorkspaceRecord, happening: Happening, now: str) -> Outcome | None:
     """The one place a run's state changes. ``rec`` is not modified; ``None``: nothing to do."""
+    out = _transition(rec, happening, now)
+    if out is not None and rec.status == Status.RUNNING and out.record.status in FINAL_STATUSES:
+        summary = happening.summary if isinstance(happening, Exited) else rec.summary if rec.phase == "qa" else None
+        if summary is not None:  # the line that ends the run: what it used, for the daily budgets
+            end = next(extra for kind, extra in out.events if kind == out.record.status.value)
+            end.update(tokens=summary.tokens, cost_usd=summary.cost_usd)
+    return out
+
+
+def _transition(rec: WorkspaceRecord, happening: Happening, now: str) -> Outcome | None:
     new = rec.model_copy(deep=True)
     match happening:
         case Dispatched():
@@ -363,7 +381,7 @@ def _stalled(new: WorkspaceRecord, h: Stalled) -> Outcome | None:
     out = Outcome(new)
     if new.stalled_since is None:
         new.stalled_since = h.since
-        line: dict[str, str | int | None] = {"container_id": h.container_id, "reason": f"no activity for {h.seconds} s"}
+        line: EventFields = {"container_id": h.container_id, "reason": f"no activity for {h.seconds} s"}
         out.events.append((EventKind.STALLED, line))
     if h.stop and new.stop_status is None:
         new.stop_status = Status.FAILED
