@@ -140,6 +140,8 @@ def button(scope: WebElement, name: str) -> WebElement:
 def test_the_board_lists_runs_made_through_mcp_and_shows_a_later_dispatch_without_a_reload(
     served: Served, browser: webdriver.Chrome, user_repo: Path
 ) -> None:
+    board_line = f"the board is at {base(served)}/ ; sign a browser in once with {base(served)}/?token=<"
+    assert board_line in served.stderr and TOKEN not in served.stderr, served.stderr
     done = dispatch(served, user_repo, "echo one; echo two")
     wait_status(served, done, "completed")
     sign_in(browser, served)
@@ -184,6 +186,39 @@ def test_cancel_from_the_page_by_keyboard_cancels_the_running_run(
 
     card(browser, workspace, 60, "cancelled")
     assert wait_status(served, workspace, "cancelled")["status"] == "cancelled"
+
+
+def test_a_runs_page_shows_its_diff_and_prompt_and_its_log_and_facts_follow_the_run_without_a_reload(
+    served: Served, browser: webdriver.Chrome, user_repo: Path
+) -> None:
+    task = (
+        "echo 'x = 1' > app.py && git add app.py && git commit -qm 'add app'; echo first-line; "
+        "while [ ! -e .go ]; do sleep 0.05; done; echo second-line"
+    )
+    got = mcp(served, "agentic_dispatch", repo=str(user_repo), task=task, agent="shell")
+    workspace = got["workspace"]
+    wait_status(served, workspace, "running")
+    deadline = time.monotonic() + 30
+    while "first-line" not in mcp(served, "agentic_logs", workspace=workspace)["text"]:
+        assert time.monotonic() < deadline, "the run never printed its first line"
+        time.sleep(0.1)
+    sign_in(browser, served)
+    browser.get(f"{base(served)}/run/{workspace}")
+    assert browser.find_element(By.ID, "run-title").text == workspace
+    assert "first-line" in browser.find_element(By.ID, "log").text
+    assert "app.py" in browser.find_element(By.CSS_SELECTOR, "pre.stat").text
+    assert browser.find_element(By.CSS_SELECTOR, "pre.patch span.add").text.startswith("+")
+    assert any(s.text == "+x = 1" for s in browser.find_elements(By.CSS_SELECTOR, "pre.patch span.add"))
+    assert button(browser.find_element(By.ID, "facts"), "Cancel").is_displayed()
+    browser.execute_script("window.notReloaded = true")
+
+    (Path(got["repo_path"]) / ".go").touch()
+    wait = WebDriverWait(browser, 30, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,))
+    wait.until(lambda d: "second-line" in d.find_element(By.ID, "log").text, "the log tail did not grow")
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#facts .badge").text == "completed", "facts not live")
+    assert browser.execute_script("return window.notReloaded") is True, "the page was reloaded"
+    browser.find_element(By.TAG_NAME, "summary").click()
+    assert "first-line" in browser.find_element(By.CSS_SELECTOR, "details pre").text  # the task is in the prompt
 
 
 def test_a_page_opened_without_the_token_shows_the_sign_in_and_no_workspace_name(

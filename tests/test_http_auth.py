@@ -214,6 +214,7 @@ def test_a_generated_token_is_kept_owner_only_shown_once_on_stderr_and_reused_by
         token = token_file.read_text(encoding="ascii").strip()
         assert len(token) >= 32
         assert first.stderr.count(token) == 1, "the generated token is shown once, on stderr"
+        assert f"http://127.0.0.1:{first.port}/?token={token}" in first.stderr, "as the board's sign-in link"
         assert str(token_file) in first.stderr
         assert post_initialize(first.url).status_code == 401
         assert list_tools(first.url, token) >= TOOLS
