@@ -56,7 +56,7 @@ def _dispatcher(args: argparse.Namespace) -> Dispatcher:
 
     settings, paths = load_settings(Path(args.config) if args.config else None)
     logging.getLogger().setLevel(settings.log_level)
-    return Dispatcher(settings, paths, DockerRuntime())
+    return Dispatcher(settings, paths, DockerRuntime(docker_host=settings.runtime.docker_host))
 
 
 def _emit(result: BaseModel, as_json: bool) -> None:
@@ -269,10 +269,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
+    from .config import load_settings
     from .runtime.docker import DockerRuntime
     from .runtime.images import build_image
 
-    runtime = DockerRuntime()
+    settings, _ = load_settings(Path(args.config) if getattr(args, "config", None) else None)
+    runtime = DockerRuntime(docker_host=settings.runtime.docker_host)
+    print(f"building on the Docker engine at {runtime.describe()}", file=sys.stderr, flush=True)
     runtime.check()
     tag = build_image(
         runtime.client,

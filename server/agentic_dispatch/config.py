@@ -10,6 +10,7 @@ never reads the user's own file).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import socket
 import stat
@@ -35,6 +36,7 @@ __all__ = [
     "QaSettings",
     "Resources",
     "RetentionSettings",
+    "RuntimeSettings",
     "Settings",
     "SyncSettings",
     "builtin_dir",
@@ -275,6 +277,81 @@ class Defaults(_Model):
     scope_mode: ScopeMode = Field(default="warn", description="as a dispatch's `scope_mode`")
 
 
+class GatewayTls(_Model):
+    """The run gateway's certificate: containers reach it over TLS."""
+
+    cert: Path = Field(description="PEM certificate (chain) the gateway presents")
+    key: Path = Field(description="its PEM private key")
+    ca: Path | None = Field(
+        default=None,
+        description="PEM CA the containers verify the gateway with (a private CA's, or a self-signed certificate "
+        "itself); default: the image's CA certificates",
+    )
+
+
+def _listen_host(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError("must be HOST:PORT, e.g. '10.0.0.5:8790' (port 0: any free port)")
+    return host.strip("[]"), int(port)
+
+
+def _private(host: str) -> bool:
+    """Loopback, RFC 1918 and link-local addresses: where plain HTTP may carry a run's files."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost"
+    return address.is_loopback or address.is_link_local or (address.is_private and not address.is_unspecified)
+
+
+class RuntimeSettings(_Model):
+    """Where runs execute and how a run gets its workspace (README "Running agents on another machine")."""
+
+    docker_host: str | None = Field(
+        default=None,
+        pattern=r"^(unix|tcp|ssh|npipe)://\S+$",
+        description="the Docker engine, as DOCKER_HOST writes it (tcp://host:2376, ssh://user@host); "
+        "default: DOCKER_HOST, else the local socket. TLS as Docker reads it: DOCKER_TLS_VERIFY, DOCKER_CERT_PATH",
+    )
+    transfer: Literal["mount", "network"] | None = Field(
+        default=None,
+        description="mount: the workspace is bind-mounted (the engine shares this machine's disk); network: the "
+        "container fetches it from the run gateway and sends its results back; default: mount for a local "
+        "engine, network for a remote one",
+    )
+    gateway_listen: str | None = Field(
+        default=None, description="HOST:PORT the run gateway listens on (network transfer); port 0: any free port"
+    )
+    gateway_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://\S+$",
+        description="the gateway's URL as containers reach it; default: http(s)://<gateway_listen>",
+    )
+    gateway_tls: GatewayTls | None = None
+    stop_grace_seconds: Annotated[float, Field(ge=1)] = Field(
+        default=30.0,
+        description="network transfer: how long a stopped run's container has to send its work back "
+        "before it is killed",
+    )
+
+    @model_validator(mode="after")
+    def _gateway(self) -> RuntimeSettings:
+        if self.gateway_listen is not None:
+            host, _ = _listen_host(self.gateway_listen)
+            if self.gateway_tls is None and not _private(host):
+                raise ValueError(
+                    f"gateway_listen {self.gateway_listen!r} is not a loopback or private address: a run's files "
+                    "would cross the network in the clear. Set [runtime.gateway_tls] cert and key, or listen on a "
+                    "private address"
+                )
+        if self.gateway_url is not None and self.gateway_tls is None and self.gateway_url.startswith("http:"):
+            host = self.gateway_url.split("://", 1)[1].split("/", 1)[0].rpartition(":")[0].strip("[]") or ""
+            if host and not _private(host) and not host.endswith(".internal"):
+                raise ValueError(f"gateway_url {self.gateway_url!r} is plain HTTP to a public address: use https")
+        return self
+
+
 class Settings(_Model):
     """The contents of the config file, with defaults for every key."""
 
@@ -294,6 +371,7 @@ class Settings(_Model):
     http: HttpSettings = Field(default_factory=HttpSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     defaults: Defaults = Field(default_factory=Defaults)
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("repo_url_template")

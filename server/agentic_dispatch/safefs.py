@@ -32,7 +32,9 @@ __all__ = [
     "ensure_file",
     "read_range",
     "read_text",
+    "remove_file",
     "tail_text",
+    "write_link",
     "write_text",
 ]
 
@@ -213,8 +215,9 @@ def write_text(base: Path, path: Path, text: str | bytes, mode: int = 0o644) -> 
         os.close(folder)
 
 
-def append_text(base: Path, path: Path, text: str) -> None:
-    """Append ``text`` to the regular file ``path`` (created when missing), never through a link.
+def append_text(base: Path, path: Path, text: str | bytes) -> None:
+    """Append ``text`` (text, or bytes as they are) to the regular file ``path`` (created when
+    missing), never through a link.
 
     Raises:
         UnsafePathError: ``path`` or a folder on the way is a link, or it is not a regular file.
@@ -226,10 +229,52 @@ def append_text(base: Path, path: Path, text: str) -> None:
         fd = os.open(path, flags, 0o644)
     except OSError as e:
         raise UnsafePathError(path, f"cannot be opened safely ({e.strerror})") from e
-    with os.fdopen(fd, "a", encoding="utf-8") as f:
+    with os.fdopen(fd, "ab") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise UnsafePathError(path, "is not a regular file")
-        f.write(text)
+        f.write(text.encode("utf-8") if isinstance(text, str) else text)
+
+
+def write_link(base: Path, path: Path, target: str) -> None:
+    """Replace ``path`` with a symbolic link to ``target`` (written as given, never followed),
+    atomically, through the folder reached link-free as :func:`write_text` does.
+
+    Raises:
+        UnsafePathError: a folder on the way is a link or not a folder, or ``path`` is a folder.
+        OSError: the folder cannot be written.
+    """
+    folder = _open_folder(base, path)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISDIR(os.stat(path.name, dir_fd=folder, follow_symlinks=False).st_mode):
+                raise UnsafePathError(path, "is a folder")
+        temp = f".{path.name}.link-{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp, dir_fd=folder)
+        os.symlink(target, temp, dir_fd=folder)
+        os.replace(temp, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+    finally:
+        os.close(folder)
+
+
+def remove_file(base: Path, path: Path) -> bool:
+    """Remove the file or link ``path`` (not a folder), reached link-free; whether it was there.
+
+    Raises:
+        UnsafePathError: a folder on the way is a link or not a folder, or ``path`` is a folder.
+    """
+    if not os.path.lexists(path.parent):
+        return False  # nothing to remove (and no folder is made to find that out)
+    folder = _open_folder(base, path)
+    try:
+        os.unlink(path.name, dir_fd=folder)
+    except FileNotFoundError:
+        return False
+    except IsADirectoryError as e:
+        raise UnsafePathError(path, "is a folder") from e
+    finally:
+        os.close(folder)
+    return True
 
 
 def copy_file(base: Path, source: Path, path: Path, mode: int = 0o600, keep_newer: bool = False) -> bool:

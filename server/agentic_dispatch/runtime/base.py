@@ -1,7 +1,12 @@
 """The runtime seam: what the service needs from a container backend.
 
-The Docker implementation lives in :mod:`agentic_dispatch.runtime.docker`; another
-backend (a remote Docker host, Kubernetes) implements the same :class:`Runtime`.
+The Docker implementation lives in :mod:`agentic_dispatch.runtime.docker` (any Docker engine,
+local or remote); another backend (Swarm services, Kubernetes Jobs) implements the same
+:class:`Runtime`. A run is described by a :class:`ContainerSpec`: with network transfer it
+names nothing on the server's disk (no :class:`Mount`): what goes in is fetched by the
+container's ``agentic-run`` from the run gateway (its address and token in ``env``), what comes
+back is sent there, and the exit is the backend's to report (:meth:`Runtime.inspect`,
+:meth:`Runtime.watch_exits`).
 """
 
 from __future__ import annotations
@@ -94,6 +99,16 @@ class Runtime(Protocol):
     :class:`~agentic_dispatch.errors.LaunchError` when the backend refuses that one container, and
     leaves none of it behind.
     """
+
+    @property
+    def local(self) -> bool:
+        """Whether the backend runs containers on this machine (it can mount this disk, and
+        ``localhost`` in a container's view may mean this machine)."""
+        ...
+
+    def describe(self) -> str:
+        """Which engine this is, for a person (``unix:///var/run/docker.sock``, ``tcp://host:2376``)."""
+        ...
 
     def check(self) -> None:
         """Raise :class:`RuntimeUnavailableError` when the backend cannot be reached."""

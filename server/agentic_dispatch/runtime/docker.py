@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import threading
 import time
@@ -20,13 +21,14 @@ from typing import Any
 
 import docker
 import docker.errors
+import docker.utils
 import requests.exceptions
 import urllib3.exceptions
 
 from ..errors import LaunchError, RuntimeUnavailableError
 from .base import ContainerInfo, ContainerSpec, ExitEvent
 
-__all__ = ["ENGINE_CALL_TIMEOUT", "START_TIMEOUT", "DockerRuntime"]
+__all__ = ["ENGINE_CALL_TIMEOUT", "START_TIMEOUT", "DockerRuntime", "engine_client"]
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +119,40 @@ def _bounded(client: docker.DockerClient, seconds: float) -> docker.DockerClient
     return view
 
 
+def engine_client(docker_host: str | None, timeout: float) -> docker.DockerClient:
+    """A client of the engine chosen the Docker way: ``docker_host`` (``[runtime] docker_host``),
+    else ``DOCKER_HOST``, with TLS from ``DOCKER_TLS_VERIFY`` / ``DOCKER_CERT_PATH``, else the local
+    socket. A TLS engine is verified with its own CA only: ``REQUESTS_CA_BUNDLE`` and
+    ``CURL_CA_BUNDLE`` (a proxy's CA) would otherwise replace it, and the docker CLI ignores them.
+
+    Raises:
+        docker.errors.DockerException: the settings are unusable (a missing certificate file).
+    """
+    kwargs = docker.utils.kwargs_from_env()
+    if docker_host:
+        kwargs["base_url"] = docker_host
+    client = docker.DockerClient(timeout=int(timeout), **kwargs)
+    if kwargs.get("tls"):
+        client.api.trust_env = False  # requests would let the environment's CA bundle win
+    return client
+
+
+def _is_local(base_url: str) -> bool:
+    return base_url.startswith(("unix://", "npipe://", "http+unix://", "http+docker://"))
+
+
 class DockerRuntime:
-    """Runs agent containers on a Docker engine (local socket or ``DOCKER_HOST``).
+    """Runs agent containers on a Docker engine (local socket, ``DOCKER_HOST`` or ``[runtime]
+    docker_host``).
 
     Every method raises :class:`RuntimeUnavailableError` when the engine cannot be reached or
     does not answer within its bound; :meth:`start` raises :class:`LaunchError` when the engine
     refuses the container.
     """
 
-    def __init__(self, client: docker.DockerClient | None = None) -> None:
+    def __init__(self, client: docker.DockerClient | None = None, docker_host: str | None = None) -> None:
         self._client = client
+        self._docker_host = docker_host
         self._quick = _bounded(client, ENGINE_CALL_TIMEOUT) if client is not None else None
         self._lock = threading.Lock()
         self._health = _EngineHealth()
@@ -141,7 +167,7 @@ class DockerRuntime:
             if self._client is None:
                 try:
                     # Built on the short bound (it asks the engine its API version), then lengthened.
-                    client = docker.from_env(timeout=ENGINE_CALL_TIMEOUT)
+                    client = engine_client(self._docker_host, ENGINE_CALL_TIMEOUT)
                 except docker.errors.DockerException as e:
                     raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
                 client.api.timeout = START_TIMEOUT
@@ -167,6 +193,17 @@ class DockerRuntime:
             message = _UNREACHABLE.format(reason=e)
             self._health.down(str(e))
         return RuntimeUnavailableError(message)
+
+    @property
+    def local(self) -> bool:
+        if self._client is not None:
+            return _is_local(str(self._client.api.base_url))
+        return _is_local(self._docker_host or os.environ.get("DOCKER_HOST") or "unix://")
+
+    def describe(self) -> str:
+        if self._client is not None:
+            return str(self._client.api.base_url)
+        return self._docker_host or os.environ.get("DOCKER_HOST") or "the local socket (unix:///var/run/docker.sock)"
 
     def check(self) -> None:
         try:

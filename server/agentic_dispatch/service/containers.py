@@ -87,11 +87,14 @@ def container_spec(
     env: dict[str, str],
     mounts: list[Mount],
     phase: str | None = None,
+    network: bool = False,
 ) -> ContainerSpec:
     """The container of one job of run ``record.runs`` (the agent, or with ``phase`` the QA gate):
     the workspace's clone is the working directory, output is appended to ``$AGENTIC_LOG`` as it
     comes (``exec`` keeps the real exit code), it runs as :func:`agent_owner` with no capabilities
-    and the configured limits, and its labels find it again after a restart."""
+    and the configured limits, and its labels find it again after a restart. With ``network``
+    the job runs under ``agentic-run``, which fetches its workspace and sends its results back
+    through the run gateway (``mounts`` is then empty)."""
     res = settings.resources
     base = slugify(f"{record.org}-{record.repo_name}-{record.name.rsplit('/', 1)[-1]}", 80)
     labels = {LABEL_ROOT: root_id, LABEL_WORKSPACE: record.name, LABEL_RUN: str(record.runs), LABEL_AGENT: record.agent}
@@ -99,7 +102,11 @@ def container_spec(
         labels[LABEL_PHASE] = phase
     return ContainerSpec(
         image=image,
-        command=["/bin/sh", "-c", 'exec "$@" >>"$AGENTIC_LOG" 2>&1', f"agentic-{phase or 'run'}", *argv],
+        command=(
+            ["agentic-run", phase or "agent", *argv]
+            if network
+            else ["/bin/sh", "-c", 'exec "$@" >>"$AGENTIC_LOG" 2>&1', f"agentic-{phase or 'run'}", *argv]
+        ),
         name=f"agentic-{base}-r{record.runs}{'-' + phase if phase else ''}-{root_id[:6]}",
         workdir=CONTAINER_WORKDIR,
         user="{}:{}".format(*agent_owner()),

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from ..agents import AGENTS, Agent, agent_base
 from ..config import Paths, Settings, config_file_path
 from ..errors import ConfigError, DispatchError
+from ..gateway import RunGateway
 from ..mirrors import MirrorCache
 from ..models import (
     CancelResult,
@@ -53,6 +54,7 @@ from .runs.control import Control
 from .runs.executor import RunLifecycle
 from .runs.launch import QueueDrainer
 from .runs.lifecycle import Waiting
+from .runs.network import NetworkJobs
 from .runs.qa_gate import QaGate
 from .runs.recovery import Recovery
 from .runs.retention import Retention
@@ -64,6 +66,15 @@ from .views.watching import Watching, WorkspaceList
 __all__ = ["Dispatcher"]
 
 log = logging.getLogger(__name__)
+
+
+def _network_jobs(settings: Settings, runtime: Runtime, store: StatusStore) -> NetworkJobs | None:
+    """How runs get their workspace: mounted from this disk (``None``), or through the run gateway
+    (``[runtime] transfer``; by default the gateway for an engine on another machine)."""
+    transfer = settings.runtime.transfer or ("mount" if runtime.local else "network")
+    if transfer == "mount":
+        return None
+    return NetworkJobs(RunGateway(settings, store), settings.runtime.stop_grace_seconds)
 
 
 class Dispatcher:
@@ -99,12 +110,13 @@ class Dispatcher:
 
         self.preflight = Preflight(runtime, self.catalog, paths.cli_versions)
         self.delivery = ResultDelivery(settings.sync, paths, self.store)
-        qa = QaGate(settings, runtime, self.catalog, paths.root_id)
+        self.network = network = _network_jobs(settings, runtime, self.store)
+        qa = QaGate(settings, runtime, self.catalog, paths.root_id, network)
         self.runs = RunLifecycle(
-            self.store, runtime, self.scheduler, self.catalog, qa, self.delivery, finished, paths.checkpoints
+            self.store, runtime, self.scheduler, self.catalog, qa, self.delivery, finished, paths.checkpoints, network
         )
         self.drainer = QueueDrainer(
-            settings, self.store, self.scheduler, runtime, self.catalog, self.runs, paths.root_id, self._wake
+            settings, self.store, self.scheduler, runtime, self.catalog, self.runs, paths.root_id, self._wake, network
         )
         self.retention = Retention(settings.retention, paths, self.store, self.delivery)
         self.recovery = Recovery(self.store, runtime, self.scheduler, self.drainer, self.runs, self.retention)
@@ -145,9 +157,16 @@ class Dispatcher:
 
     # -- background lifecycle ------------------------------------------------------------
     def start(self) -> None:
-        """Start the background threads (exit watcher, timer); the timer reconciles at once."""
+        """Start the background threads (exit watcher, timer) and, with network transfer, the run
+        gateway; the timer reconciles at once.
+
+        Raises:
+            OSError, ssl.SSLError: the run gateway cannot listen (its address, its certificate).
+        """
         if self._threads:
             return
+        if self.network is not None:
+            self.network.start()
         watcher = threading.Thread(
             target=self.runtime.watch_exits,
             args=(self.drainer.root_labels, self._on_exit, self._stop),
@@ -168,6 +187,8 @@ class Dispatcher:
         for t in self._threads:
             t.join(timeout)
         self._threads = []
+        if self.network is not None:
+            self.network.close()
 
     def _timer_loop(self) -> None:
         while not self._stop.is_set():

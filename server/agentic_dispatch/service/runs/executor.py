@@ -55,6 +55,7 @@ from .lifecycle import (
     StopRequested,
     transition,
 )
+from .network import NetworkJobs
 from .qa_gate import QaGate
 
 __all__ = ["MAX_QUESTION_BYTES", "RunLifecycle", "StopOutcome"]
@@ -80,6 +81,7 @@ class RunLifecycle:
         delivery: ResultDelivery,
         finished: threading.Condition,
         checkpoints: Path,
+        network: NetworkJobs | None = None,
     ) -> None:
         self.store = store
         self.runtime = runtime
@@ -89,6 +91,9 @@ class RunLifecycle:
         self.delivery = delivery
         self._finished = finished  # notified after each run that ends (waiters re-read their record)
         self._checkpoints = checkpoints  # where checkpoint commits are built
+        self.network = network  # set: runs fetch and send their workspace through the run gateway
+        # How long a stopped container may take: with network transfer it sends its work back first.
+        self.stop_grace = network.stop_grace if network is not None else 5.0
 
     # -- the one way in ----------------------------------------------------------------------
     def apply(
@@ -178,7 +183,7 @@ class RunLifecycle:
     def stop_marked(self, name: str, container_id: str) -> StopOutcome:
         """Stop the container of a run marked to stop, and settle the run from its exit."""
         try:
-            self.runtime.stop(container_id, timeout=5)
+            self.runtime.stop(container_id, timeout=self.stop_grace)
             info = self.runtime.inspect(container_id)
         except RuntimeUnavailableError as e:
             log.warning("cannot stop %s now (%s); the timer tries again", name, e)
@@ -210,6 +215,7 @@ class RunLifecycle:
             oom_killed=oom,
             qa_command=qa_command,
             out_of_scope=self._out_of_scope(ws, rec),
+            transfer_failure=NetworkJobs.failure(ws, rec.runs, "agent"),
         )
 
     def _out_of_scope(self, ws: WorkspacePaths, rec: WorkspaceRecord) -> OutOfScope | None:

@@ -30,6 +30,7 @@ from ..catalog import AgentCatalog
 from ..containers import container_spec, container_url, hand_over
 from .executor import RunLifecycle
 from .lifecycle import LaunchFailed, Started
+from .network import NetworkJobs
 
 __all__ = ["QueueDrainer"]
 
@@ -49,8 +50,10 @@ class QueueDrainer:
         runs: RunLifecycle,
         root_id: str,
         started: threading.Event,
+        network: NetworkJobs | None = None,
     ) -> None:
         self.settings = settings
+        self.network = network  # set: containers fetch the workspace through the run gateway
         self.store = store
         self.scheduler = scheduler
         self.runtime = runtime
@@ -147,33 +150,48 @@ class QueueDrainer:
                 answer=record.answer,
                 question=record.question,
                 resume_session=record.resume_session,
-                base_url=container_url(cfg.base_url) if cfg and cfg.base_url else None,
+                base_url=self._provider_url(cfg.base_url) if cfg and cfg.base_url else None,
                 max_retries=cfg.max_retries if cfg else None,
                 env=creds.env,
             )
         )
-        file_mounts = self._prepare_home(ws, plan.home_files, creds)
+        file_mounts = self._prepare_home(ws, plan.home_files, creds, copy_mounted=self.network is not None)
         log_file = ws.log(spec.base)
         safefs.append_text(
             ws.logs, log_file, f"{RUN_HEADER}{record.runs} of {record.name} ({record.agent}) at {utcnow()} ===\n"
         )
-        hand_over(ws.repo, ws.home, ws.logs)  # staging, resume and the lines above wrote as the server
         env = {
             "HOME": CONTAINER_HOME,
             "AGENTIC_WORKSPACE": record.name,
             "AGENTIC_LOG": f"{CONTAINER_LOGS}/{log_file.name}",
             **plan.env,
         }
+        if self.network is not None:
+            env |= self.network.prepare(ws, record.name, record.runs, "agent", log_file)
+        else:
+            hand_over(ws.repo, ws.home, ws.logs)  # staging, resume and the lines above wrote as the server
         return self.runtime.start(self._container_spec(ws, record, plan.argv, env, file_mounts))
 
+    def _provider_url(self, url: str) -> str:
+        """The provider's URL as the container reaches it: a loopback name means this machine only
+        when the engine runs here (a remote engine's containers need an address they can reach)."""
+        return container_url(url) if self.runtime.local else url
+
     @staticmethod
-    def _prepare_home(ws: WorkspacePaths, home_files: dict[str, str], creds: Credentials) -> list[Mount]:
+    def _prepare_home(
+        ws: WorkspacePaths, home_files: dict[str, str], creds: Credentials, copy_mounted: bool = False
+    ) -> list[Mount]:
         """Write the agent's own home files, then the user's login copies; return the login mounts.
-        The agent home is the agent's to write: every path in it goes through safefs."""
+        The agent home is the agent's to write: every path in it goes through safefs. With
+        ``copy_mounted`` (network transfer: nothing of this disk is mounted) the files that are
+        mounted otherwise are copied in too, and what the run does to them stays in its home."""
         for rel, text in home_files.items():
             safefs.write_text(ws.home, ws.home / rel, text, mode=0o600)
-        for source, rel in creds.copies:  # after the agent's own files: the user's files win
+        copies = [*creds.copies, *creds.mounts] if copy_mounted else creds.copies
+        for source, rel in copies:  # after the agent's own files: the user's files win
             safefs.copy_file(ws.home, source, ws.home / rel, mode=0o600, keep_newer=True)
+        if copy_mounted:
+            return []
         mounts = []
         for source, rel in creds.mounts:
             # the mount point, made by us so it is owned by the host user
@@ -190,6 +208,10 @@ class QueueDrainer:
         env: dict[str, str],
         file_mounts: list[Mount],
     ) -> ContainerSpec:
+        """The agent's container: the workspace's folders mounted, or with network transfer none."""
+        image = record.image or self.catalog.image
+        if self.network is not None:
+            return container_spec(self.settings, self.root_id, record, image, argv, env, [], network=True)
         mounts = [
             Mount(ws.repo, CONTAINER_WORKDIR),
             Mount(ws.home, CONTAINER_HOME),
@@ -197,5 +219,4 @@ class QueueDrainer:
             Mount(ws.meta / "run", CONTAINER_RUN, read_only=True),
             *file_mounts,
         ]
-        image = record.image or self.catalog.image
         return container_spec(self.settings, self.root_id, record, image, argv, env, mounts)

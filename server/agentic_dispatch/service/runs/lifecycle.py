@@ -153,6 +153,7 @@ class Exited:
     oom_killed: bool = False
     qa_command: tuple[str, str] | None = None  # (command, why), when the QA gate is on and found one
     out_of_scope: OutOfScope | None = None  # when the dispatch has a scope: the branch's changes outside it
+    transfer_failure: str | None = None  # network transfer: why its results did not all come back
 
 
 @dataclass(frozen=True)
@@ -440,6 +441,9 @@ def _agent_exited(new: WorkspaceRecord, h: Exited, now: str) -> Outcome:
     remove = RemoveContainer(h.container_id)
     if stop_status == Status.CANCELLED:
         out = _end(new, Status.CANCELLED, stop_reason, now)
+    elif h.transfer_failure is not None and stop_status is None:
+        why = f"{h.transfer_failure}. What did arrive is kept (the branch if it was pushed, the log as sent); "
+        out = _end(new, Status.FAILED, why + "call agentic_resume to run it again", now)
     elif h.unsafe_question is not None:
         out = _end(new, Status.FAILED, f"the agent's BLOCKED.md cannot be read: {h.unsafe_question}", now)
     elif h.question:

@@ -25,6 +25,7 @@ from ...runtime.base import Mount, Runtime
 from ...store import WorkspacePaths
 from ..catalog import AgentCatalog
 from ..containers import container_spec, hand_over
+from .network import NetworkJobs
 
 __all__ = ["QaGate"]
 
@@ -38,11 +39,19 @@ _SUMMARY = re.compile(r"\b(passed|failed|error|errors|FAIL|ok|test result|tests?
 class QaGate:
     """Finds the gate's command, starts its container and reads its output."""
 
-    def __init__(self, settings: Settings, runtime: Runtime, catalog: AgentCatalog, root_id: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        runtime: Runtime,
+        catalog: AgentCatalog,
+        root_id: str,
+        network: NetworkJobs | None = None,
+    ) -> None:
         self.settings = settings
         self.runtime = runtime
         self.catalog = catalog
         self.root_id = root_id
+        self.network = network  # set: the gate's container fetches the clone through the run gateway
 
     def command(self, ws: WorkspacePaths) -> QaCommand | None:
         """The configured command, else the one the repository's files point to."""
@@ -59,13 +68,26 @@ class QaGate:
         """
         log_name = f"qa-run{rec.runs}.log"
         env = {"HOME": "/tmp", "AGENTIC_LOG": f"{CONTAINER_LOGS}/{log_name}", "PYTHONDONTWRITEBYTECODE": "1"}
-        mounts = [Mount(ws.repo, CONTAINER_WORKDIR), Mount(ws.logs, CONTAINER_LOGS)]  # no agent home: no credentials
+        safefs.write_text(ws.logs, ws.logs / log_name, f"=== QA gate of run {rec.runs}: {command} ===\n")
+        if self.network is not None:
+            env |= self.network.prepare(ws, rec.name, rec.runs, "qa", ws.logs / log_name)
+            mounts = []
+        else:
+            # no agent home: no credentials
+            mounts = [Mount(ws.repo, CONTAINER_WORKDIR), Mount(ws.logs, CONTAINER_LOGS)]
+            hand_over(ws.logs)  # the gate runs as the agent's uid and appends to that file
         image = self.settings.qa.image or rec.image or self.catalog.image
         spec = container_spec(
-            self.settings, self.root_id, rec, image, ["/bin/bash", "-c", command], env, mounts, phase="qa"
+            self.settings,
+            self.root_id,
+            rec,
+            image,
+            ["/bin/bash", "-c", command],
+            env,
+            mounts,
+            phase="qa",
+            network=self.network is not None,
         )
-        safefs.write_text(ws.logs, ws.logs / log_name, f"=== QA gate of run {rec.runs}: {command} ===\n")
-        hand_over(ws.logs)  # the gate runs as the agent's uid and appends to that file
         return self.runtime.start(spec)
 
     def verdict(self, ws: WorkspacePaths, rec: WorkspaceRecord) -> tuple[str, str]:

@@ -1,0 +1,102 @@
+"""Network transfer for a run's jobs (``[runtime] transfer = "network"``): what a job's container is
+told to reach the run gateway, and what it means when its results did not come back.
+
+The container gets no mount of this machine's disk; ``images/agent/agentic-run`` fetches the
+job's inputs and sends its results through the gateway (:mod:`...gateway`). Each job gets a
+fresh token, so a run's token dies with its job.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ... import safefs
+from ...errors import RuntimeUnavailableError, UnsafePathError
+from ...gateway import RunGateway, begin_job, issue_token, received
+from ...gateway.transfer import TransferError, job_log
+from ...store import WorkspacePaths
+
+__all__ = ["NetworkJobs"]
+
+_SIGN = "[agentic-run] "
+
+
+class NetworkJobs:
+    """The service's side of network transfer: the gateway, and each job's part of it."""
+
+    def __init__(self, gateway: RunGateway, stop_grace: float) -> None:
+        self.gateway = gateway
+        self.stop_grace = stop_grace  # a stopped job sends its work back before it is killed
+        self.listening = False
+
+    def start(self) -> None:
+        """Start the gateway (only a serving process listens: a one-off command never starts runs).
+
+        Raises:
+            OSError, ssl.SSLError: the address cannot be bound, or the certificate not loaded.
+        """
+        if not self.listening:
+            self.gateway.start()
+            self.listening = True
+
+    def close(self) -> None:
+        if self.listening:
+            self.gateway.close()
+            self.listening = False
+
+    def prepare(self, ws: WorkspacePaths, name: str, run: int, phase: str, log: Path) -> dict[str, str]:
+        """Make job ``phase`` of run ``run`` known to the gateway (its token, where its log goes);
+        the environment its container reaches the gateway with. Call just before the start.
+
+        Raises:
+            RuntimeUnavailableError: no gateway listens in this process (the queue waits for one).
+            OSError: the token or the job's state cannot be written.
+        """
+        if not self.listening:
+            raise RuntimeUnavailableError(
+                "runs use network transfer and the run gateway does not listen in this process: "
+                "start the server (`agentic-dispatch serve`), which drains the queue"
+            )
+        env = {"AGENTIC_GATEWAY": self.gateway.run_url(name), "AGENTIC_TOKEN": issue_token(ws, run)}
+        begin_job(ws, run, phase, log)
+        ca = self.gateway.ca_pem()
+        if ca:
+            env["AGENTIC_GATEWAY_CA"] = ca
+        return env
+
+    @staticmethod
+    def is_network(ws: WorkspacePaths, run: int, phase: str) -> bool:
+        try:
+            job_log(ws, run, phase)
+        except TransferError:
+            return False
+        return True
+
+    @staticmethod
+    def failure(ws: WorkspacePaths, run: int, phase: str) -> str | None:
+        """Why job ``phase`` of a network run failed on the way back, or ``None`` (its results are in;
+        also for a mounted job)."""
+        if not NetworkJobs.is_network(ws, run, phase):
+            return None
+        got = received(ws, run, phase)
+        if got is None:
+            said = _last_word(ws, run, phase)
+            return "its container ended before its results came back through the run gateway" + (
+                f" ({said})" if said else ""
+            )
+        if got.refused:
+            return f"the run gateway refused its results: {got.refused}"
+        if got.push_error:
+            return f"its branch could not be sent back: {got.push_error}"
+        return None
+
+
+def _last_word(ws: WorkspacePaths, run: int, phase: str) -> str | None:
+    """The last line ``agentic-run`` wrote in the job's log (what went wrong on its side)."""
+    log, _ = job_log(ws, run, phase)
+    try:
+        text = safefs.tail_text(ws.logs, log, 16 * 1024) or ""
+    except UnsafePathError:
+        return None
+    lines = [ln[len(_SIGN) :] for ln in text.splitlines() if ln.startswith(_SIGN)]
+    return lines[-1][:300] if lines else None
