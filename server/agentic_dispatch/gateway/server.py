@@ -271,8 +271,8 @@ class RunGateway:
         self.runtime: RuntimeSettings = settings.runtime
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
-        self._home = tempfile.TemporaryDirectory(prefix="agentic-gateway-")
-        self.git_home = Path(self._home.name)  # git's $HOME for the gateway's git: empty, the server's own
+        self._home: tempfile.TemporaryDirectory[str] | None = None
+        self.git_home = Path(tempfile.gettempdir())  # git's $HOME for the gateway's git, made empty by start()
 
     def start(self) -> None:
         """Listen on ``[runtime] gateway_listen``.
@@ -287,6 +287,8 @@ class RunGateway:
         if self.runtime.gateway_tls is not None:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(self.runtime.gateway_tls.cert, self.runtime.gateway_tls.key)
+        self._home = tempfile.TemporaryDirectory(prefix="agentic-gateway-")
+        self.git_home = Path(self._home.name)
         self._server = _Server((host.strip("[]"), int(port)), self, tls)
         self._thread = threading.Thread(target=self._server.serve_forever, name="run-gateway", daemon=True)
         self._thread.start()
@@ -330,5 +332,7 @@ class RunGateway:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
-        with contextlib.suppress(OSError):
-            self._home.cleanup()
+        if self._home is not None:
+            with contextlib.suppress(OSError):
+                self._home.cleanup()
+            self._home = None
