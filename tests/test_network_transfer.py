@@ -15,7 +15,7 @@ from agentic_dispatch.models import DispatchRequest, Status
 from agentic_dispatch.runtime.docker import DockerRuntime
 from agentic_dispatch.service import Dispatcher
 
-from .conftest import git
+from .conftest import git, wait_for
 
 GATEWAY = '[runtime]\ntransfer = "network"\ngateway_listen = "{address}:0"\ngateway_url = "http://host.docker.internal"\n'
 
@@ -52,3 +52,92 @@ def test_a_network_run_commits_and_completes_with_no_bind_mount(
     assert git(ws.repo, "log", "-1", "--format=%s", rec.branch) == "agent work"
     assert (ws.repo / "work.txt").read_text() == "hello\n"
     assert (ws.repo / "loose.txt").read_text() == "left\n"
+
+
+def _wait_running(svc: Dispatcher, workspace: str) -> str:
+    wait_for(lambda: svc.record(workspace).status == Status.RUNNING, 60, "the run to start")
+    cid = svc.record(workspace).container_id
+    assert cid is not None
+    return cid
+
+
+def _log(svc: Dispatcher, workspace: str) -> str:
+    return (svc.store.paths(workspace).logs / "agent-shell.log").read_text(encoding="utf-8")
+
+
+def test_a_network_run_mounts_nothing_and_its_branch_is_delivered_home(
+    networked: Dispatcher, docker_client: docker.DockerClient, user_repo: Path
+) -> None:
+    svc = networked
+    task = "echo hello > work.txt && git add work.txt && git commit -qm 'agent work' && sleep 2"
+    res = svc.dispatch(DispatchRequest(repo=str(user_repo), task=task, agent="shell"))
+    cid = _wait_running(svc, res.workspace)
+    assert docker_client.api.inspect_container(cid)["Mounts"] == []
+    rec = svc.wait(res.workspace, 120)
+    assert rec.status == Status.COMPLETED, rec.reason
+    report = svc.sync(res.workspace, wait=60)
+    assert report.delivered == [res.workspace], report.message
+    assert git(user_repo, "log", "-1", "--format=%s", rec.branch) == "agent work"
+
+
+def test_a_network_run_that_exits_3_fails_with_exit_code_3_and_its_log_came_back(
+    networked: Dispatcher, user_repo: Path
+) -> None:
+    svc = networked
+    res = svc.dispatch(DispatchRequest(repo=str(user_repo), task="echo about to fail; exit 3", agent="shell"))
+    rec = svc.wait(res.workspace, 120)
+    assert rec.status == Status.FAILED
+    assert rec.exit_code == 3
+    assert "about to fail" in _log(svc, res.workspace)
+
+
+def test_a_blocked_network_run_is_answered_and_resumed_with_its_work_tree(
+    networked: Dispatcher, user_repo: Path
+) -> None:
+    svc = networked
+    task = (
+        'if [ -f ANSWER.md ]; then cat ANSWER.md > answer-seen.txt; git add -A; git commit -qm answered; '
+        "else echo draft > draft.txt; echo 'Which colour?' > BLOCKED.md; fi"
+    )
+    res = svc.dispatch(DispatchRequest(repo=str(user_repo), task=task, agent="shell"))
+    rec = svc.wait(res.workspace, 120)
+    assert rec.status == Status.BLOCKED, rec.reason
+    assert rec.question == "Which colour?"
+    ws = svc.store.paths(res.workspace)
+    assert (ws.repo / "draft.txt").read_text() == "draft\n"  # uncommitted work came back
+    svc.resume(res.workspace, answer="blue")
+    rec = svc.wait(res.workspace, 120)
+    assert rec.status == Status.COMPLETED, rec.reason
+    assert rec.runs == 2
+    assert "blue" in git(ws.repo, "show", f"{rec.branch}:answer-seen.txt")
+    assert git(ws.repo, "show", f"{rec.branch}:draft.txt") == "draft"  # the first run's draft travelled out again
+
+
+def test_a_network_run_killed_before_it_sends_its_results_fails_saying_so_and_keeps_its_log(
+    networked: Dispatcher, docker_client: docker.DockerClient, user_repo: Path
+) -> None:
+    svc = networked
+    res = svc.dispatch(DispatchRequest(repo=str(user_repo), task="echo started-work; sleep 300", agent="shell"))
+    cid = _wait_running(svc, res.workspace)
+    wait_for(lambda: "started-work" in _log(svc, res.workspace), 60, "the log to stream in")
+    docker_client.api.kill(cid)  # SIGKILL: no chance to send anything
+    rec = svc.wait(res.workspace, 60)
+    assert rec.status == Status.FAILED
+    assert "ended before its results came back" in (rec.reason or "")
+    assert "started-work" in _log(svc, res.workspace)
+
+
+def test_a_cancelled_network_run_sends_its_uncommitted_work_back_as_a_checkpoint(
+    networked: Dispatcher, user_repo: Path
+) -> None:
+    svc = networked
+    task = "echo unsaved > unsaved.txt; echo ready; sleep 300"
+    res = svc.dispatch(DispatchRequest(repo=str(user_repo), task=task, agent="shell"))
+    _wait_running(svc, res.workspace)
+    wait_for(lambda: "ready" in _log(svc, res.workspace), 60, "the agent to write its file")
+    svc.cancel(res.workspace)
+    rec = svc.wait(res.workspace, 60)
+    assert rec.status == Status.CANCELLED
+    assert rec.checkpoint is not None, rec.reason
+    ws = svc.store.paths(res.workspace)
+    assert git(ws.repo, "show", f"{rec.checkpoint.commit}:unsaved.txt") == "unsaved"
