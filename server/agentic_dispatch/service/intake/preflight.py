@@ -110,15 +110,16 @@ class Preflight:
         """
         names = [self.catalog.parse(a).base for a in agents] if agents else sorted(self.catalog.agents)
         image = self.catalog.image
+        where = self.runtime.describe()
         try:
             self.runtime.check()
         except RuntimeUnavailableError as e:
             checks = [self._agent_check(n, None, str(e)) for n in names]
-            return DoctorReport(ok=False, engine="not reachable", image=image, agents=checks)
+            return DoctorReport(ok=False, engine=f"not reachable: {where}", image=image, agents=checks)
         if not self.runtime.image_exists(image):
-            problem = f"the agent image {image} is not built; run `agentic-dispatch image build`."
+            problem = f"the agent image {image} is not built on {where}; run `agentic-dispatch image build`."
             checks = [self._agent_check(n, None, problem) for n in names]
-            return DoctorReport(ok=False, engine="reachable", image=f"{image} (missing)", agents=checks)
+            return DoctorReport(ok=False, engine=f"reachable: {where}", image=f"{image} (missing)", agents=checks)
         versions = self.cli_versions(fresh=True)
         checks = [self._agent_check(n, versions) for n in names]
-        return DoctorReport(ok=all(c.ok for c in checks), engine="reachable", image=image, agents=checks)
+        return DoctorReport(ok=all(c.ok for c in checks), engine=f"reachable: {where}", image=image, agents=checks)
