@@ -4,10 +4,12 @@ back, and the workspace then holds what a mounted run leaves."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import docker
+import docker.errors
 import pytest
 
 from agentic_dispatch.config import load_settings
@@ -141,3 +143,68 @@ def test_a_cancelled_network_run_sends_its_uncommitted_work_back_as_a_checkpoint
     assert rec.checkpoint is not None, rec.reason
     ws = svc.store.paths(res.workspace)
     assert git(ws.repo, "show", f"{rec.checkpoint.commit}:unsaved.txt") == "unsaved"
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _job_done(client: docker.DockerClient, cid: str) -> bool:
+    """The agent's job inside the container has finished (what agentic-run does next is sending back)."""
+    try:
+        return client.containers.get(cid).exec_run(["test", "-e", "/tmp/job-done"]).exit_code == 0
+    except docker.errors.APIError:
+        return True  # the container has already exited
+
+
+def _server(home: Path, client: docker.DockerClient, port: int) -> Dispatcher:
+    config = GATEWAY.format(address=docker0_address(client)).replace(":0", f":{port}")
+    (home / "config.toml").write_text(config, encoding="utf-8")
+    settings, paths = load_settings()
+    svc = Dispatcher(settings, paths, DockerRuntime(client))
+    svc.start()
+    return svc
+
+
+def test_a_network_run_whose_server_restarts_sends_its_results_to_the_next_one_and_completes(
+    docker_env: str, docker_client: docker.DockerClient, isolated_home: Path, user_repo: Path
+) -> None:
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    port = _free_port(docker0_address(docker_client))
+    first = _server(isolated_home, docker_client, port)
+    task = "echo started; sleep 2; echo w > w.txt && git add w.txt && git commit -qm 'before the restart'"
+    res = first.dispatch(DispatchRequest(repo=str(user_repo), task=f"{task}; touch /tmp/job-done", agent="shell"))
+    cid = _wait_running(first, res.workspace)
+    wait_for(lambda: "started" in _log(first, res.workspace), 60, "the job to start")
+    first.close()  # the server goes away with the run in flight (its gateway too)
+    wait_for(lambda: _job_done(docker_client, cid), 60, "the job to finish while no server listens")
+    second = _server(isolated_home, docker_client, port)
+    try:
+        rec = second.wait(res.workspace, 120)
+        assert rec.status == Status.COMPLETED, rec.reason
+        ws = second.store.paths(res.workspace)
+        assert git(ws.repo, "log", "-1", "--format=%s", rec.branch) == "before the restart"
+        assert docker_client.containers.list(all=True, filters={"id": cid}) == []  # no ghost
+    finally:
+        second.close()
+
+
+def test_a_network_run_whose_gateway_never_comes_back_fails_saying_so_and_keeps_its_log(
+    docker_env: str, docker_client: docker.DockerClient, isolated_home: Path, user_repo: Path
+) -> None:
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    port = _free_port(docker0_address(docker_client))
+    first = _server(isolated_home, docker_client, port)
+    res = first.dispatch(DispatchRequest(repo=str(user_repo), task="echo early-output; sleep 3", agent="shell"))
+    cid = _wait_running(first, res.workspace)
+    wait_for(lambda: "early-output" in _log(first, res.workspace), 60, "the log to stream in")
+    assert first.network is not None
+    first.network.close()  # the gateway stops; the server goes on
+    wait_for(lambda: not docker_client.api.inspect_container(cid)["State"]["Running"], 240, "the container to give up")
+    rec = first.wait(res.workspace, 60)
+    first.close()
+    assert rec.status == Status.FAILED
+    assert "ended before its results came back" in (rec.reason or "")
+    assert "early-output" in _log(first, res.workspace)
