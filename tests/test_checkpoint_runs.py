@@ -67,7 +67,8 @@ def test_a_stopped_runs_uncommitted_work_is_kept_as_a_checkpoint_commit_saying_w
     assert _clone_git(dispatcher, name, "status", "--porcelain") == "", "the work tree is clean afterwards"
     row = dispatcher.status(name).workspaces[0]
     assert row.checkpoint is not None and row.checkpoint.commit == tip
-    assert "wip.txt" in dispatcher.diff(name, stat_only=True).stat
+    diff = dispatcher.diff(name, stat_only=True)
+    assert "wip.txt" in diff.stat and diff.checkpoint == rec.checkpoint, diff
 
 
 def test_a_resume_continues_from_the_checkpoint_and_sync_delivers_one_only_when_asked(

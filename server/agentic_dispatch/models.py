@@ -611,6 +611,9 @@ class DiffResult(BaseModel):
     patch: str | None = None
     truncated: bool = False
     note: str | None = None
+    checkpoint: CheckpointInfo | None = Field(
+        default=None, description="the automatic checkpoint of a stopped run's uncommitted work the branch holds"
+    )
 
 
 class InsightRow(BaseModel):

@@ -142,7 +142,11 @@ class Inspector:
             repo, ["diff", "--no-ext-diff", "--no-textconv", "--stat=120", span, *tail], MAX_REPLY_BYTES // 4
         )
         result = DiffResult(
-            workspace=workspace, base=rec.base_branch or "?", branch=rec.branch, stat=redact(stat, secrets) or ""
+            workspace=workspace,
+            base=rec.base_branch or "?",
+            branch=rec.branch,
+            stat=redact(stat, secrets) or "",
+            checkpoint=rec.checkpoint,
         )
         if stat_only:
             return result.model_copy(
