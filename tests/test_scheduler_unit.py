@@ -233,6 +233,37 @@ def test_unfreeze_after_a_corrupt_state_file_sets_the_file_aside_and_starts_work
         assert [r.name for r in sched.pick([record("w0")])] == ["org/repo/w0"]
 
 
+# -- dependencies -------------------------------------------------------------------------------
+def test_pick_skips_a_run_whose_dependencies_have_not_completed_and_says_what_to_do_when_one_ended_otherwise(
+    tmp_path: Path,
+) -> None:
+    sched = new_scheduler(tmp_path, total=8)
+    finished = {
+        "org/repo/done": record("done", status=Status.COMPLETED),
+        "org/repo/broke": record("broke", status=Status.FAILED).model_copy(update={"reason": "exit 3\nmore"}),
+    }
+    active = [
+        record("upstream", status=Status.RUNNING),
+        record("after-running", agent="shell").model_copy(update={"depends_on": ["org/repo/upstream"]}),
+        record("after-done").model_copy(update={"depends_on": ["org/repo/done"], "priority": Priority.LOW}),
+        record("after-failed").model_copy(update={"depends_on": ["org/repo/done", "org/repo/broke"]}),
+        record("after-gone").model_copy(update={"depends_on": ["org/repo/gone"]}),
+    ]
+
+    waits = sched.dependency_waits(active, finished.get)
+    with sched.admission():
+        chosen = sched.pick(active, waiting=waits)
+
+    assert [r.name for r in chosen] == ["org/repo/after-done"]  # a waiting run takes no slot, whatever its order
+    assert waits["org/repo/after-running"] == "org/repo/upstream (running) to complete"
+    failed = waits["org/repo/after-failed"]
+    assert failed.startswith("org/repo/broke, which ended failed (exit 3)")
+    assert "agentic_resume org/repo/broke" in failed and "cancel org/repo/after-failed" in failed
+    assert "org/repo/done" not in failed  # a completed dependency is not waited for
+    assert "org/repo/gone to complete, but it is gone" in waits["org/repo/after-gone"]
+    assert "org/repo/after-done" not in waits
+
+
 # -- the admission lock -------------------------------------------------------------------------
 def test_admission_taken_again_by_the_same_thread_does_not_deadlock_and_keeps_the_flock_until_the_outer_exit(
     tmp_path: Path,

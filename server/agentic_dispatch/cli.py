@@ -33,6 +33,7 @@ from .models import (
     Status,
     StatusReport,
     Tag,
+    WorkspaceName,
     problems,
 )
 
@@ -170,6 +171,8 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
         lock=args.lock,
         scope=args.scope,
         scope_mode=args.scope_mode,
+        depends_on=args.depends_on,
+        base_workspace=args.base_workspace,
         dry_run=args.dry_run,
         qa=args.qa,
     )
@@ -205,7 +208,7 @@ def _read_stdin_task() -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     svc = _dispatcher(args)
     svc.reconcile()  # no server may be watching: bring records up to date with their containers
-    _print_status(svc.status(args.workspace, args.status, args.limit, args.log_lines), args.json)
+    _print_status(svc.status(args.workspace, args.status, args.limit, args.log_lines, chain=args.chain), args.json)
     return 0
 
 
@@ -589,6 +592,7 @@ def _add_dispatch(sub: _Sub) -> None:
         help="fail: a run that changed paths outside its scope ends failed, listing them "
         "(default: [defaults] scope_mode, else warn)",
     )
+    _add_pipeline_arguments(d)
     d.add_argument("--dry-run", action="store_true", help="print the prompt; launch and keep nothing")
     d.add_argument(
         "--qa",
@@ -599,6 +603,23 @@ def _add_dispatch(sub: _Sub) -> None:
     d.add_argument("--wait", type=_seconds, metavar="SECONDS", help="wait up to this long for the run to finish")
     d.add_argument("--json", action="store_true", help=_JSON_HELP)
     d.set_defaults(func=cmd_dispatch)
+
+
+def _add_pipeline_arguments(d: argparse.ArgumentParser) -> None:
+    """The dispatch's arguments that tie it to other workspaces."""
+    d.add_argument(
+        "--depends-on",
+        action="append",
+        type=_request_field(WorkspaceName),
+        metavar="WORKSPACE",
+        help="start only after this workspace ended completed (repeatable); cancelling it cancels this one",
+    )
+    d.add_argument(
+        "--base-workspace",
+        type=_request_field(WorkspaceName),
+        metavar="WORKSPACE",
+        help="start this workspace's branch from where that one's branch ends (implies --depends-on it)",
+    )
 
 
 def _add_workspace_commands(sub: _Sub) -> None:
@@ -618,6 +639,11 @@ def _add_workspace_commands(sub: _Sub) -> None:
     )
     st.add_argument("--limit", type=_positive, default=50, help="at most this many workspaces (default: 50)")
     st.add_argument("--log-lines", type=_count, default=0, help="the last this many log lines of each (default: 0)")
+    st.add_argument(
+        "--chain",
+        action="store_true",
+        help="with a workspace: its whole pipeline, what it depends on first, then what depends on it",
+    )
     st.add_argument("--json", action="store_true", help=_JSON_HELP)
     st.set_defaults(func=cmd_status)
 

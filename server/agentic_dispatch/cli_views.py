@@ -188,6 +188,10 @@ def print_status(report: StatusReport, as_json: bool, console: Console | None = 
             oos = row.out_of_scope
             more = f" and {oos.count - len(oos.paths)} more" if oos.count > len(oos.paths) else ""
             out.print(f"out of scope: {oos.count} path(s): {', '.join(oos.paths)}{more}", markup=False)
+        if row.depends_on:
+            out.print(f"depends on: {', '.join(row.depends_on)}", markup=False)
+        if row.dependents:
+            out.print(f"dependents: {', '.join(row.dependents)} (status --chain shows them all)", markup=False)
         for command in row.delivery_commands:
             out.print(f"  {command}", markup=False)
         for line in (row.log_tail or "").splitlines():

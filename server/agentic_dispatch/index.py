@@ -37,7 +37,7 @@ RACY_NS = 1_000_000_000
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 UNREADABLE = "unreadable"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -56,6 +56,12 @@ CREATE INDEX IF NOT EXISTS records_updated ON records (updated_at);
 CREATE INDEX IF NOT EXISTS records_finished ON records (finished_at) WHERE finished_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS records_key ON records (idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS records_dirty ON records (name) WHERE dirty = 1;
+CREATE TABLE IF NOT EXISTS edges (
+    dependent TEXT NOT NULL,
+    dependency TEXT NOT NULL,
+    PRIMARY KEY (dependency, dependent)
+);
+CREATE INDEX IF NOT EXISTS edges_dependent ON edges (dependent);
 """
 
 
@@ -71,6 +77,7 @@ class IndexRow:
     finished_at: str | None
     mtime_ns: int
     size: int
+    depends_on: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, name: str, record: WorkspaceRecord | None, st: os.stat_result) -> IndexRow:
@@ -85,6 +92,7 @@ class IndexRow:
             record.finished_at,
             st.st_mtime_ns,
             st.st_size,
+            tuple(record.depends_on),
         )
 
 
@@ -232,6 +240,11 @@ class StatusIndex:
                     "mtime_ns, size, dirty) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
                     values,
                 )
+                db.executemany("DELETE FROM edges WHERE dependent = ?", [(r.name,) for r in rows])
+                db.executemany(
+                    "INSERT OR IGNORE INTO edges (dependent, dependency) VALUES (?, ?)",
+                    [(r.name, d) for r in rows for d in r.depends_on],
+                )
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
@@ -250,8 +263,14 @@ class StatusIndex:
         )
 
     def remove(self, names: list[str]) -> None:
-        if names:
-            self._run(lambda db: db.executemany("DELETE FROM records WHERE name = ?", [(n,) for n in names]))
+        if not names:
+            return
+
+        def work(db: sqlite3.Connection) -> None:
+            db.executemany("DELETE FROM records WHERE name = ?", [(n,) for n in names])
+            db.executemany("DELETE FROM edges WHERE dependent = ?", [(n,) for n in names])
+
+        self._run(work)
 
     def refresh(self, root: Path, file_name: str, load: Callable[[str, os.stat_result], WorkspaceRecord | None]) -> int:
         """Bring the index in line with the record files under ``root``: rows whose file changed
@@ -363,6 +382,22 @@ class StatusIndex:
                 "SELECT name FROM records WHERE finished_at >= ? ORDER BY finished_at", (since,)
             ).fetchall()
         )
+        return [str(n) for (n,) in rows]
+
+    def finished_at_since(self, since: str) -> list[tuple[str, str]]:
+        """``(name, finished_at)`` of the records that finished at or after ``since``, oldest first."""
+        rows = self._run(
+            lambda db: db.execute(
+                "SELECT name, finished_at FROM records WHERE finished_at >= ? ORDER BY finished_at", (since,)
+            ).fetchall()
+        )
+        return [(str(n), str(f)) for n, f in rows]
+
+    def dependents(self, name: str) -> list[str]:
+        """The workspaces whose record says they depend on ``name``."""
+        rows = self._run(
+            lambda db: db.execute("SELECT dependent FROM edges WHERE dependency = ? ORDER BY dependent", (name,))
+        ).fetchall()
         return [str(n) for (n,) in rows]
 
     def with_key(self, key: str) -> list[str]:

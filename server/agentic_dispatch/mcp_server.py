@@ -40,6 +40,7 @@ from .models import (
     CancelResult,
     CleanReport,
     Count,
+    DependsOn,
     DispatchRequest,
     DispatchResult,
     DoctorReport,
@@ -54,6 +55,7 @@ from .models import (
     SyncReport,
     Tag,
     Task,
+    WorkspaceName,
 )
 
 if TYPE_CHECKING:
@@ -294,6 +296,20 @@ def build_server(
                 "(default: the server's [defaults] scope_mode, else 'warn')"
             ),
         ] = None,
+        depends_on: Annotated[
+            DependsOn | None,
+            Field(
+                description="workspaces that must end completed before this one starts (it waits queued, and "
+                "agentic_status says for what); cancelling one of them cancels this one"
+            ),
+        ] = None,
+        base_workspace: Annotated[
+            WorkspaceName | None,
+            Field(
+                description="a workspace of the same repository whose branch, as it ends, this one's branch starts "
+                "from (so it sees that agent's commits; implies depends_on it)"
+            ),
+        ] = None,
         dry_run: Annotated[bool, Field(description="prepare and return the prompt without launching")] = False,
         qa: Annotated[
             bool | None,
@@ -324,6 +340,8 @@ def build_server(
             lock=lock,
             scope=scope,
             scope_mode=scope_mode,
+            depends_on=depends_on,
+            base_workspace=base_workspace,
             dry_run=dry_run,
             qa=qa,
         )
@@ -344,11 +362,15 @@ def build_server(
         ] = None,
         limit: Annotated[int, Field(description="at most this many rows, newest first", ge=1, le=1000)] = 50,
         log_lines: Annotated[int, Field(description="include this many lines of each agent's log", ge=0, le=500)] = 0,
+        chain: Annotated[
+            bool,
+            Field(description="with a workspace: the rows of its whole chain (what it depends on, it, its dependents)"),
+        ] = False,
     ) -> StatusReport:
         """Counts per status and one row per workspace: agent, status, runs, `question` (a blocked agent's
         question) or `reason` (why it failed or was cancelled), branch, times, exit code, the agent's run summary,
-        and optionally its log tail."""
-        return _svc(ctx).status(workspace, status, limit, log_lines)
+        `depends_on`/`dependents` (a pipeline's edges) and `waiting_for`, and optionally its log tail."""
+        return _svc(ctx).status(workspace, status, limit, log_lines, chain=chain)
 
     @tool(
         name="agentic_resume",

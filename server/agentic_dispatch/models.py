@@ -10,11 +10,12 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import InvalidInputError
-from .naming import check_component, check_git_ref
+from .naming import check_component, check_git_ref, split_workspace_name
 
 __all__ = [
     "ACTIVE_STATUSES",
     "FINAL_STATUSES",
+    "MAX_DEPENDENCIES",
     "MAX_KEY_CHARS",
     "MAX_LISTED",
     "MAX_LOCK_CHARS",
@@ -35,6 +36,7 @@ __all__ = [
     "CleanupReport",
     "Count",
     "Delivery",
+    "DependsOn",
     "DiffResult",
     "DispatchRequest",
     "DispatchResult",
@@ -64,6 +66,7 @@ __all__ = [
     "Tag",
     "Task",
     "WatchResult",
+    "WorkspaceName",
     "WorkspaceRecord",
     "WorkspaceRow",
     "parse_time",
@@ -230,6 +233,13 @@ class WorkspaceRecord(BaseModel):
     out_of_scope: OutOfScope | None = Field(
         default=None, description="the last run's changes outside its scope (when it has one)"
     )
+    depends_on: list[str] = Field(
+        default_factory=list, description="workspaces that must end completed before a run of this one starts"
+    )
+    base_workspace: str | None = Field(
+        default=None,
+        description="the workspace whose branch, as it ended, this one's branch starts from (at its first start)",
+    )
 
     @model_validator(mode="after")
     def _question_is_only_a_question(self) -> WorkspaceRecord:
@@ -252,6 +262,7 @@ MAX_LISTED = 200  # workspaces in one listing, newest first
 MAX_LOCK_CHARS = 100
 MAX_SCOPE_GLOBS = 50
 MAX_SCOPE_CHARS = 200
+MAX_DEPENDENCIES = 20
 
 
 def _task(text: str) -> str:
@@ -278,6 +289,16 @@ def _lock_key(key: str) -> str:
             "no control characters such as newlines or tabs.",
         )
     return key
+
+
+def _workspace_name(name: str) -> str:
+    """A workspace another argument names (``org/repo/slug``); whether it exists is the service's to say."""
+    try:
+        return "/".join(split_workspace_name(name))
+    except InvalidInputError:
+        raise InvalidInputError(
+            "workspace", f"{name!r} is not a workspace name; names look like 'org/repo/task-12' (see agentic_status)."
+        ) from None
 
 
 def _scope_glob(glob: str) -> str:
@@ -313,6 +334,8 @@ ScopeMode = Literal["warn", "fail"]
 # What `clean` keeps: finished longer ago than an age (in days), beyond a count of the newest.
 AgeDays = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=0)]
+WorkspaceName = Annotated[str, AfterValidator(_workspace_name)]
+DependsOn = Annotated[list[WorkspaceName], Field(min_length=1, max_length=MAX_DEPENDENCIES)]
 
 
 class DispatchRequest(BaseModel):
@@ -338,6 +361,8 @@ class DispatchRequest(BaseModel):
     lock: LockKey | None = None
     scope: Scope | None = None
     scope_mode: ScopeMode | None = None  # None: [defaults] scope_mode
+    depends_on: DependsOn | None = None
+    base_workspace: WorkspaceName | None = None
     dry_run: bool = False
     qa: bool | None = None
 
@@ -408,8 +433,16 @@ class WorkspaceRow(BaseModel):
     delivery_commands: list[str] = Field(default_factory=list, description="commands to look at the delivered branch")
     error: str | None = Field(default=None, description="set when the record itself could not be read")
     waiting_for: str | None = Field(
-        default=None, description="queued: what it waits for besides a slot, e.g. 'lock <key> held by <workspace>'"
+        default=None,
+        description="queued: what it waits for besides a slot: 'lock <key> held by <workspace>', or the "
+        "workspaces it depends on that have not completed (and what to do when one of them ended otherwise)",
     )
+    depends_on: list[str] = Field(default_factory=list, description="workspaces that must complete before it runs")
+    base_workspace: str | None = Field(
+        default=None, description="the workspace whose branch, as it ended, this one's branch started from"
+    )
+    base_commit: str | None = Field(default=None, description="the commit its branch started from")
+    dependents: list[str] = Field(default_factory=list, description="workspaces that wait for this one to complete")
 
 
 class StatusReport(BaseModel):
@@ -438,6 +471,9 @@ class CancelResult(BaseModel):
     status: str
     changed: bool
     message: str
+    also_cancelled: list[str] = Field(
+        default_factory=list, description="queued workspaces that waited for this one, cancelled with it"
+    )
 
 
 class QueueState(BaseModel):

@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,7 +41,16 @@ from .events import EventLog
 from .fileio import ReentrantFileLock, write_atomic
 from .models import Event, EventKind, Priority, Status, WorkspaceRecord, utcnow
 
-__all__ = ["ALL_POOLS", "BudgetUse", "PoolHold", "RunUsage", "Scheduler", "SchedulerState", "UsageMeter"]
+__all__ = [
+    "ALL_POOLS",
+    "BudgetUse",
+    "PoolHold",
+    "RunUsage",
+    "Scheduler",
+    "SchedulerState",
+    "UsageMeter",
+    "dependency_wait",
+]
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +187,38 @@ def budget_uses(limits: Limits, runs: list[RunUsage], now: float) -> list[Budget
             known = [f for f in figures if f is not None]
             out.append(BudgetUse(key, kind, sum(known), limit, len(mine), len(figures) - len(known), resets))
     return out
+
+
+def dependency_wait(rec: WorkspaceRecord, lookup: Callable[[str], WorkspaceRecord | None]) -> str | None:
+    """What a queued ``rec`` waits for among the workspaces it depends on (``None``: each of them
+    ended ``completed``, its QA gate passed where on), said for a person: the ones still at work,
+    and the ones that ended otherwise with what to do. ``lookup`` gives a record (``None``: gone or
+    unreadable)."""
+    if rec.status != Status.QUEUED or not rec.depends_on:
+        return None
+    at_work: list[str] = []
+    ended: list[str] = []
+    for name in rec.depends_on:
+        dep = lookup(name)
+        if dep is None:
+            ended.append(
+                f"{name} to complete, but it is gone or its record cannot be read: cancel {rec.name} "
+                "(agentic_cancel) and dispatch it again without that dependency"
+            )
+        elif dep.status == Status.COMPLETED:
+            continue
+        elif dep.status in (Status.QUEUED, Status.RUNNING):
+            at_work.append(f"{name} ({dep.status.value})")
+        else:
+            why = (dep.reason or dep.question or "").strip().splitlines()
+            ended.append(
+                f"{name}, which ended {dep.status.value}"
+                + (f" ({why[0][:200]})" if why else "")
+                + f": resume it (agentic_resume {name}) and this one starts once it completes, "
+                f"or cancel {rec.name} (agentic_cancel)"
+            )
+    parts = ([f"{', '.join(at_work)} to complete"] if at_work else []) + ended
+    return "; ".join(parts) or None
 
 
 class Scheduler:
@@ -400,11 +441,28 @@ class Scheduler:
             if r.status == Status.QUEUED and r.lock_key is not None and r.lock_key in holders
         }
 
-    def pick(self, records: list[WorkspaceRecord], now: float | None = None) -> list[WorkspaceRecord]:
+    @staticmethod
+    def dependency_waits(
+        records: list[WorkspaceRecord], lookup: Callable[[str], WorkspaceRecord | None]
+    ) -> dict[str, str]:
+        """Queued workspace -> what it waits for among its dependencies (:func:`dependency_wait`),
+        among ``records``; a dependency among them is not looked up again."""
+        known = {r.name: r for r in records}
+
+        def find(name: str) -> WorkspaceRecord | None:
+            return known[name] if name in known else lookup(name)
+
+        waits = {r.name: dependency_wait(r, find) for r in records if r.status == Status.QUEUED and r.depends_on}
+        return {name: why for name, why in waits.items() if why is not None}
+
+    def pick(
+        self, records: list[WorkspaceRecord], now: float | None = None, waiting: Mapping[str, str] | None = None
+    ) -> list[WorkspaceRecord]:
         """The queued records that may start now, in start order (call under :meth:`admission`).
 
         ``records`` are the queued and running records of every server on the root: no two runs
-        with one lock key are ever running, and a run waiting for its lock is skipped, not a barrier."""
+        with one lock key are ever running, and a run waiting for its lock is skipped, not a barrier.
+        Neither is a run in ``waiting`` (its dependencies have not completed: :meth:`dependency_waits`)."""
         state, problem = self._load()
         if state.frozen or problem is not None:
             return []
@@ -421,7 +479,8 @@ class Scheduler:
         models = Counter(r.agent for r in running)
         locks = self.lock_holders(running)
         chosen: list[WorkspaceRecord] = []
-        for rec in self.order([r for r in records if r.status == Status.QUEUED]):
+        waiting = waiting or {}
+        for rec in self.order([r for r in records if r.status == Status.QUEUED and r.name not in waiting]):
             base = _base(rec.agent)
             if total >= self.limits.total:
                 break

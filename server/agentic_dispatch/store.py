@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from . import safefs
 from .config import Paths
-from .errors import CorruptRecordError, UnsafePathError, WorkspaceNotFoundError
+from .errors import CorruptRecordError, InvalidInputError, UnsafePathError, WorkspaceNotFoundError
 from .events import EventLog
 from .fileio import folder_lock, write_atomic
 from .index import IndexRow, StatusIndex
@@ -295,6 +295,17 @@ class StatusStore:
     def unreadable(self) -> list[str]:
         """The names of workspaces whose record cannot be read."""
         return self.index.names(["unreadable"])
+
+    def find(self, name: str) -> WorkspaceRecord | None:
+        """The record of ``name``, or ``None`` when there is none or it cannot be read."""
+        try:
+            return self.read(name)
+        except (WorkspaceNotFoundError, CorruptRecordError, InvalidInputError):
+            return None
+
+    def dependents(self, name: str) -> list[str]:
+        """The workspaces whose ``depends_on`` names ``name``, from the index (oldest name first)."""
+        return self.index.dependents(name)
 
     def with_key(self, key: str) -> WorkspaceRecord | None:
         """The record dispatched with idempotency key ``key``, if any."""

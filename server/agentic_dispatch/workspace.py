@@ -11,6 +11,7 @@ after an agent has written to it (always with :data:`.gitops.HOST_GIT_OVERRIDES`
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,9 +22,22 @@ from . import safefs
 from .errors import RepoError
 from .gitops import GIT_ENV, HOST_GIT_OVERRIDES, file_lock, git_error_text, host_git, safe_directory
 from .mirrors import MirrorDamaged, dir_id, mirror_lock, repair_mirror, start_point
-from .naming import slugify
+from .naming import check_git_ref, slugify
+from .sync.gitrun import FETCH_CONFIG, git_error, run_git
+from .sync.shim import check_objects, read_ref_value, remove_stale_shims, shim_repository
 
-__all__ = ["bounded_git", "clone_workspace", "commits_ahead", "exclude_paths", "recent_log", "task_slug"]
+__all__ = [
+    "bounded_git",
+    "clone_workspace",
+    "commits_ahead",
+    "exclude_paths",
+    "recent_log",
+    "start_from_workspace",
+    "task_slug",
+]
+
+_OBJECT_ID = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+_BASE_REF = "refs/agentic/base"
 
 
 # Failures of a clone from the mirror that are this machine's, not the mirror's: rebuilding the
@@ -121,6 +135,50 @@ def clone_workspace(
             "Check that the remote repository itself is sound (git fsck there) and that this machine's "
             "disk is healthy, then dispatch again."
         ) from e
+
+
+def start_from_workspace(
+    clone: Path, branch: str, base_clone: Path, base_branch: str, scratch: Path, timeout: float = 900
+) -> str:
+    """Move ``branch`` of ``clone`` (checked out, and no agent has worked in it yet) to the tip of
+    ``base_branch`` in another workspace's clone ``base_clone``, with its work tree. Returns that commit.
+
+    ``base_clone`` is an agent's, so no git runs in it (as delivery, :mod:`.sync.git_delivery`): its
+    ref is read through :mod:`.safefs`, its object folder checked, and a throw-away shim of ours under
+    ``scratch`` borrows its objects, from which ``clone`` fetches them (every object checked), into
+    files of its own: nothing of one workspace is shared with the other.
+
+    Raises:
+        RepoError: the branch cannot be read there, or git refused its objects (what to do is said).
+        UnsafePathError: a link or a special file on the way in ``base_clone``.
+    """
+    check_git_ref("base_branch", base_branch)
+    tip = read_ref_value(base_clone, f"refs/heads/{base_branch}")
+    if tip is None or not _OBJECT_ID.match(tip):
+        raise RepoError(
+            f"the branch {base_branch} of {base_clone} holds no commit to start from "
+            f"({'missing' if tip is None else repr(tip[:60])}); make it point at a commit, then resume this workspace."
+        )
+    try:
+        objects = check_objects(base_clone)
+    except FileNotFoundError as e:
+        raise RepoError(f"{base_clone} has no objects folder: its clone is incomplete; restore it, then resume") from e
+    config = (*FETCH_CONFIG, safe_directory(clone))
+    scratch.mkdir(parents=True, exist_ok=True)
+    remove_stale_shims(scratch)
+    with shim_repository(scratch, objects, timeout) as shim:
+        (shim / "refs" / "heads" / "base").write_text(f"{tip}\n", encoding="utf-8")
+        args = ["fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--no-recurse-submodules"]
+        fetch = run_git(["-C", str(clone), *args, "--", str(shim), f"+refs/heads/base:{_BASE_REF}"], config, timeout)
+    if not fetch.ok:
+        raise RepoError(
+            f"cannot copy {base_branch} from {base_clone}: {git_error(fetch)}. Look at that clone (git fsck)."
+        )
+    moved = run_git(["-C", str(clone), "reset", "--quiet", "--hard", tip, "--"], config, timeout)
+    run_git(["-C", str(clone), "update-ref", "-d", _BASE_REF], config, timeout)
+    if not moved.ok:
+        raise RepoError(f"cannot move {branch} to {tip[:12]}: {git_error(moved)}")
+    return tip
 
 
 def _identity(repo: git.Repo) -> tuple[str, str]:

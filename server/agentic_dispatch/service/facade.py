@@ -116,7 +116,16 @@ class Dispatcher:
             self.store, runtime, self.scheduler, self.catalog, qa, self.delivery, finished, paths.checkpoints, network
         )
         self.drainer = QueueDrainer(
-            settings, self.store, self.scheduler, runtime, self.catalog, self.runs, paths.root_id, self._wake, network
+            settings,
+            self.store,
+            self.scheduler,
+            runtime,
+            self.catalog,
+            self.runs,
+            paths.root_id,
+            self._wake,
+            paths.checkpoints,
+            network,
         )
         self.retention = Retention(settings.retention, paths, self.store, self.delivery)
         self.recovery = Recovery(self.store, runtime, self.scheduler, self.drainer, self.runs, self.retention)
@@ -267,16 +276,18 @@ class Dispatcher:
         limit: int = 50,
         log_lines: int = 0,
         offset: int = 0,
+        chain: bool = False,
     ) -> StatusReport:
         """Counts per status and a row per workspace, newest first (``offset`` skips that many: the
         board's pages), with what holds the queue and what the timer last saw of the engine. Never
-        calls the engine.
+        calls the engine. With ``chain``: the rows of ``workspace``'s chain (what it depends on, it,
+        what depends on it), in that order.
 
         Raises:
-            InvalidInputError: a bad workspace name, status, limit or offset.
+            InvalidInputError: a bad workspace name, status, limit or offset; ``chain`` without a workspace.
             WorkspaceNotFoundError: ``workspace`` does not exist.
         """
-        return self.reports.status(workspace, status, limit, log_lines, offset)
+        return self.reports.status(workspace, status, limit, log_lines, offset, chain)
 
     def wait(self, workspace: str, timeout: float) -> WorkspaceRecord:
         """Block until ``workspace`` leaves queued/running or ``timeout`` passes; its record then.

@@ -83,6 +83,8 @@ class Intake:
             StateError: the workspace could not be recorded (nothing is kept).
         """
         spec = self.catalog.parse(req.agent or self.settings.default_agent)
+        req = self._with_base(req)
+        self._check_dependencies(req.depends_on or [])
         template = req.template or self.settings.default_template
         self.run_files.prompts.check(template, req.persona, req.plan_template, req.variables)
         timeout = req.timeout_seconds if req.timeout_seconds is not None else self.settings.timeout_seconds
@@ -94,6 +96,53 @@ class Intake:
                 self._same_request(existing, req, str(spec))
                 return self.result(existing)
             return self._dispatch(req, spec, template, timeout)
+
+    def _with_base(self, req: DispatchRequest) -> DispatchRequest:
+        """A dispatch with ``base_workspace`` depends on it, and its clone starts from the branch that
+        workspace started from (its own branch moves to the base's end when it first starts).
+
+        Raises:
+            InvalidInputError: no such base workspace, or it is of another repository.
+        """
+        if req.base_workspace is None:
+            return req
+        base = self.store.find(req.base_workspace)
+        if base is None:
+            raise InvalidInputError(
+                "base_workspace",
+                f"there is no workspace {req.base_workspace} (or its record cannot be read). Name one agentic_status "
+                "lists.",
+            )
+        ref = resolve_repo(req.repo, req.org, self.settings.repo_url_template, self.paths.root)
+        if (ref.org, ref.name) != (base.org, base.repo_name):
+            raise InvalidInputError(
+                "base_workspace",
+                f"{base.name} is a workspace of {base.org}/{base.repo_name}, not of {ref.org}/{ref.name}: "
+                f"dispatch on {base.repo} to start from its branch.",
+            )
+        return req.model_copy(update={"depends_on": list(dict.fromkeys([*(req.depends_on or []), base.name]))})
+
+    def _start_branch(self, req: DispatchRequest) -> str | None:
+        """The branch the clone is made from: the one asked for, else a base workspace's own start."""
+        base = self.store.find(req.base_workspace) if req.base_workspace else None
+        if req.branch is None and base is not None and base.base_branch not in (None, "HEAD"):
+            return base.base_branch
+        return req.branch
+
+    def _check_dependencies(self, names: list[str]) -> None:
+        """Each workspace a dispatch depends on exists (so a chain can never be a cycle: what it waits
+        for was there before it).
+
+        Raises:
+            InvalidInputError: one of them does not exist.
+        """
+        for name in names:
+            if not self.store.exists(name):
+                raise InvalidInputError(
+                    "depends_on",
+                    f"there is no workspace {name}. Name workspaces that exist (agentic_status lists them); "
+                    "dispatch the first step of a chain before the steps that wait for it.",
+                )
 
     @staticmethod
     def _same_request(existing: WorkspaceRecord, req: DispatchRequest, agent: str) -> None:
@@ -135,11 +184,13 @@ class Intake:
                 "workspace",
                 f"{name} exists already. Call agentic_resume on it, or dispatch with another issue/pr/branch.",
             )
-        mirror = self.mirrors.ensure(ref, req.branch)
+        start_branch = self._start_branch(req)
+        mirror = self.mirrors.ensure(ref, start_branch)
         staging = self.paths.staging / generated_id()
         staging.mkdir(parents=True)
         try:
-            record, prompt = self._stage(WorkspacePaths(staging), mirror, ref, req, name, spec, template, timeout)
+            staged = WorkspacePaths(staging)
+            record, prompt = self._stage(staged, mirror, ref, req, name, spec, template, timeout, start_branch)
             if req.dry_run:
                 return self.result(record, dry_run_prompt=prompt)
             target.dir.parent.mkdir(parents=True, exist_ok=True)
@@ -177,13 +228,14 @@ class Intake:
         spec: AgentSpec,
         template: str,
         timeout: int,
+        start_branch: str | None,
     ) -> tuple[WorkspaceRecord, str]:
         """Clone and write the first run's files into the staging folder ``ws``; the record to commit."""
         task = req.task
         # The workspace's own name leads the branch's: two workspaces of one repository (the same task
         # to three agents) never share a branch, so no delivery can overwrite another's.
         branch_slug = slugify(f"{name.rsplit('/', 1)[-1]}-{task}", 80)
-        branch, base_branch = clone_workspace(mirror, ws.repo, ref.fetch_url, req.branch, branch_slug)
+        branch, base_branch = clone_workspace(mirror, ws.repo, ref.fetch_url, start_branch, branch_slug)
         # Read now, while the clone is ours alone: the agent could move its origin refs later.
         base_commit = read_ref_value(ws.repo, f"refs/heads/{branch}")
         record = new_record(
@@ -212,6 +264,8 @@ class Intake:
             base_commit=base_commit,
             scope=req.scope if req.scope is not None else self.settings.defaults.scope,
             scope_mode=req.scope_mode or self.settings.defaults.scope_mode,
+            depends_on=list(dict.fromkeys(req.depends_on or [])),
+            base_workspace=req.base_workspace,
             qa_enabled=self.settings.qa.enabled if req.qa is None else req.qa,
         )
         return record, self.run_files.prepare(ws, record, req.variables)

@@ -27,6 +27,14 @@ class Control:
         Raises:
             WorkspaceNotFoundError: no such workspace.
         """
+        result = self._cancel_one(workspace)
+        if result.status != Status.COMPLETED:  # what waits for it would wait for ever
+            result.also_cancelled = self._cancel_dependents(workspace)
+            if result.also_cancelled:
+                result.message += f"; cancelled {len(result.also_cancelled)} workspace(s) that waited for it"
+        return result
+
+    def _cancel_one(self, workspace: str) -> CancelResult:
         with self.scheduler.admission():  # so a drain cannot start it while we look
             done = self.runs.apply(workspace, Cancelled("cancelled before it started"))
         if done is not None:
@@ -54,6 +62,24 @@ class Control:
             changed=False,
             message=f"nothing to cancel: the workspace is {rec.status}",
         )
+
+    def _cancel_dependents(self, workspace: str) -> list[str]:
+        """Cancel the queued runs that wait for ``workspace`` (and, in turn, what waits for them),
+        each with the reason; their names."""
+        cancelled: list[str] = []
+        todo = [workspace]
+        while todo:
+            upstream = todo.pop(0)
+            why = f"cancelled because {upstream}, which it waited for, was cancelled or will not complete"
+            with self.scheduler.admission():
+                for item in self.store.active():
+                    rec = item.record
+                    if rec is None or rec.status != Status.QUEUED or upstream not in rec.depends_on:
+                        continue
+                    if self.runs.apply(rec.name, Cancelled(why)) is not None:
+                        cancelled.append(rec.name)
+                        todo.append(rec.name)
+        return cancelled
 
     def freeze(self, now: bool = False) -> QueueState:
         """Stop starting work (new dispatches queue); with ``now``, also stop running agents."""

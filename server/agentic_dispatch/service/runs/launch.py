@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 from ... import safefs
 from ...agents import (
@@ -21,11 +22,19 @@ from ...agents import (
 )
 from ...config import Settings
 from ...credentials import Credentials
-from ...errors import CorruptRecordError, LaunchError, RuntimeUnavailableError, UnsafePathError, WorkspaceNotFoundError
+from ...errors import (
+    CorruptRecordError,
+    LaunchError,
+    RepoError,
+    RuntimeUnavailableError,
+    UnsafePathError,
+    WorkspaceNotFoundError,
+)
 from ...models import Status, WorkspaceRecord, utcnow
 from ...runtime.base import LABEL_ROOT, LABEL_RUN, LABEL_WORKSPACE, ContainerSpec, Mount, Runtime
 from ...scheduler import Scheduler
 from ...store import StatusStore, WorkspacePaths
+from ...workspace import start_from_workspace
 from ..catalog import AgentCatalog
 from ..containers import container_spec, container_url, hand_over
 from .executor import RunLifecycle
@@ -50,6 +59,7 @@ class QueueDrainer:
         runs: RunLifecycle,
         root_id: str,
         started: threading.Event,
+        scratch: Path,
         network: NetworkJobs | None = None,
     ) -> None:
         self.settings = settings
@@ -63,6 +73,7 @@ class QueueDrainer:
         self.root_labels = {LABEL_ROOT: root_id}
         self._started = started  # set after each start: the timer recomputes the nearest deadline
         self.stalled: str | None = None  # why queued work cannot start, from the last drain
+        self.scratch = scratch  # where throw-away repositories are made (copying a base workspace's branch)
 
     def drain(self) -> list[str]:
         """Start every queued workspace that has a free slot now. Returns the names started.
@@ -78,8 +89,9 @@ class QueueDrainer:
             # the serialised pools follow what is on disk now.
             self.scheduler.limits = self.catalog.effective_limits()
             records = [i.record for i in self.store.active() if i.record is not None]
+            waiting = self.scheduler.dependency_waits(records, self.store.find)
             stalled = None
-            for rec in self.scheduler.pick(records):
+            for rec in self.scheduler.pick(records, waiting=waiting):
                 try:
                     if self.launch(rec.name):
                         started.append(rec.name)
@@ -120,11 +132,33 @@ class QueueDrainer:
             if record.status != Status.QUEUED:
                 return False
             adopted = self._adoptable(name, record.runs)
+            base_commit = self._start_from_base(ws, record) if adopted is None else None
             container_id = adopted or self._start(ws, record)
             self.scheduler.note_start(record.agent)
-            self.runs.apply(name, Started(container_id, adopted=adopted is not None))
+            self.runs.apply(name, Started(container_id, adopted=adopted is not None, base_commit=base_commit))
         self._started.set()
         return True
+
+    def _start_from_base(self, ws: WorkspacePaths, record: WorkspaceRecord) -> str | None:
+        """Before a workspace with ``base_workspace`` first starts, its branch moves to where that
+        workspace's branch ended (it has completed: the run waited for it), whatever happened to it
+        since this one was dispatched (a resume): the commit, or ``None`` when there is nothing to do.
+
+        Raises:
+            LaunchError: the base workspace's branch cannot be read or copied (the run fails, saying why).
+            UnsafePathError: the base workspace's clone holds a link or a special file on the way.
+        """
+        if record.base_workspace is None or record.started_at is not None:
+            return None  # an agent has worked on this branch: it is its own now
+        base = self.store.find(record.base_workspace)
+        if base is None:
+            raise LaunchError(f"its base workspace {record.base_workspace} is gone or unreadable")
+        try:
+            return start_from_workspace(
+                ws.repo, record.branch, self.store.paths(base.name).repo, base.branch, self.scratch
+            )
+        except RepoError as e:
+            raise LaunchError(f"it cannot start from {base.name}'s branch {base.branch}: {e}") from e
 
     def _adoptable(self, name: str, run: int) -> str | None:
         """A crash between starting a container and recording it leaves a labelled container:

@@ -114,6 +114,7 @@ class Started:
 
     container_id: str
     adopted: bool = False
+    base_commit: str | None = None  # the first start of a dispatch with base_workspace: where its branch now starts
 
 
 @dataclass(frozen=True)
@@ -372,6 +373,8 @@ def _end(new: WorkspaceRecord, status: Status, reason: str | None, now: str, que
 def _started(new: WorkspaceRecord, h: Started, now: str) -> Outcome:
     new.status, new.phase = Status.RUNNING, "agent"
     new.container_id, new.started_at = h.container_id, now
+    if h.base_commit is not None:
+        new.base_commit = h.base_commit
     new.finished_at = new.exit_code = new.reason = new.question = new.stalled_since = None
     return Outcome(new, [(EventKind.STARTED, {"container_id": h.container_id})])
 

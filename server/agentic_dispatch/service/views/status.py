@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -51,13 +52,22 @@ class Reports:
         limit: int = 50,
         log_lines: int = 0,
         offset: int = 0,
+        chain: bool = False,
     ) -> StatusReport:
-        """Counts per status and a row per workspace (newest first, from the ``offset``-th on: a page).
+        """Counts per status and a row per workspace (newest first, from the ``offset``-th on: a page);
+        with ``chain``, the rows of ``workspace``'s whole chain instead: what it waits for (recursively)
+        first, then it, then what waits for it.
 
         Raises:
-            InvalidInputError: a bad workspace name, status, limit or offset.
+            InvalidInputError: a bad workspace name, status, limit or offset; ``chain`` without a workspace.
             WorkspaceNotFoundError: ``workspace`` does not exist.
         """
+        if chain:
+            if workspace is None:
+                raise InvalidInputError("chain", "needs a workspace: the chain of which one?")
+            self.store.catch_up()  # the dependents come from the index
+            chained = self.rows(self.chain(workspace))
+            return self._report({s.value: 0 for s in Status} | Counter(str(r.status) for r in chained), chained)
         if status is not None and status not in {s.value for s in Status}:
             raise InvalidInputError("status", f"unknown status {status!r}; use one of {', '.join(Status)}.")
         if limit < 1:
@@ -80,8 +90,35 @@ class Reports:
                 rows.append(self._unreadable_row(item))
             elif status is None or item.record.status.value == status:
                 rows.append(self._row(item.record, log_lines, syncing.get(item.name)))
-        self._add_lock_waits(rows, [i.record for i in listed if i.record is not None])
+        self._add_waits(rows, [i.record for i in listed if i.record is not None])
         return self._report(counts, rows[:limit])
+
+    def chain(self, workspace: str) -> list[str]:
+        """``workspace``'s chain: the workspaces it depends on (theirs first), it, then those that depend
+        on it (breadth first). A workspace gone or unreadable ends its branch of the walk.
+
+        Raises:
+            WorkspaceNotFoundError: ``workspace`` does not exist.
+        """
+        self.store.read(workspace)
+        upstream: list[str] = []
+
+        def up(name: str) -> None:
+            rec = self.store.find(name)
+            for dep in rec.depends_on if rec is not None else []:
+                if dep not in upstream:
+                    up(dep)
+                    upstream.append(dep)
+
+        up(workspace)
+        downstream: list[str] = []
+        todo = [workspace]
+        while todo:
+            for dependent in self.store.dependents(todo.pop(0)):
+                if dependent not in downstream and dependent != workspace and dependent not in upstream:
+                    downstream.append(dependent)
+                    todo.append(dependent)
+        return [*upstream, workspace, *downstream]
 
     def rows(self, names: list[str]) -> list[WorkspaceRow]:
         """The status rows of ``names`` (a workspace gone since is left out), without the table's extras."""
@@ -96,16 +133,17 @@ class Reports:
             out.append(self._row(item.record, 0, syncing.get(name)) if item.record else self._unreadable_row(item))
             if item.record is not None:
                 records.append(item.record)
-        self._add_lock_waits(out, records)
+        self._add_waits(out, records)
         return out
 
-    def _add_lock_waits(self, rows: list[WorkspaceRow], records: list[WorkspaceRecord]) -> None:
-        """Say on each queued row whose lock key a running run holds which one it waits for. The
-        holder may be any server's run: the root's active records are read only when a listed
-        queued run has a key."""
-        if not any(r.status == Status.QUEUED and r.lock_key is not None for r in records):
-            return
-        waits = self.scheduler.lock_waits([i.record for i in self.store.active() if i.record is not None])
+    def _add_waits(self, rows: list[WorkspaceRow], records: list[WorkspaceRecord]) -> None:
+        """Say on each queued row what it waits for besides a slot: the workspaces it depends on that
+        have not completed (read directly), else the run that holds its lock key. The holder may be
+        any server's run: the root's active records are read only when a listed queued run has a key."""
+        waits = self.scheduler.dependency_waits(records, self.store.find)
+        if any(r.status == Status.QUEUED and r.lock_key is not None for r in records):
+            held = self.scheduler.lock_waits([i.record for i in self.store.active() if i.record is not None])
+            waits = held | waits
         for row in rows:
             row.waiting_for = waits.get(row.name)
 
@@ -150,6 +188,10 @@ class Reports:
             delivery=delivered,
             checkpoint=rec.checkpoint,
             out_of_scope=rec.out_of_scope,
+            depends_on=rec.depends_on,
+            base_workspace=rec.base_workspace,
+            base_commit=rec.base_commit,
+            dependents=self.store.dependents(rec.name),
             sync=sync,
             delivery_commands=self.delivery.view_commands(rec, delivered),
         )

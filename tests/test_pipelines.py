@@ -1,0 +1,213 @@
+"""Pipelines on real containers (the ``shell`` agent): a run that waits for others to complete,
+what it says while it waits, cancelling a chain, and a chain kept across a server SIGKILLed."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import time
+from pathlib import Path
+
+import docker
+import pytest
+from rich.console import Console
+
+from agentic_dispatch.cli_views import print_status
+from agentic_dispatch.errors import InvalidInputError
+from agentic_dispatch.models import Status
+from agentic_dispatch.service import Dispatcher
+
+from .conftest import git, make_user_repo, serve_process, wait_for
+from .test_lock_keys import engine_intervals
+from .test_scheduler import _cli, new_dispatcher, shell, write_config
+
+pytestmark = pytest.mark.docker
+
+# The agent waits until the test lets it go (a file in its logs folder), then commits one file.
+HOLD = "until [ -e /agentic/logs/go ]; do sleep 0.1; done; "
+COMMIT = "echo {0} > {0}.txt && git add {0}.txt && git commit -qm 'add {0}'"
+# Fails (exit 3) until the test leaves /agentic/logs/ok, then commits.
+FAILS_UNTIL_OK = "[ -e /agentic/logs/ok ] || exit 3; " + COMMIT.format("a")
+
+
+def release(svc: Dispatcher, workspace: str, flag: str = "go") -> None:
+    (svc.store.paths(workspace).logs / flag).write_text("", encoding="utf-8")
+
+
+def table(svc: Dispatcher, workspace: str, chain: bool = False) -> str:
+    out = io.StringIO()
+    print_status(svc.status(workspace, chain=chain), False, Console(file=out, width=300, highlight=False))
+    return out.getvalue()
+
+
+def test_a_run_that_depends_on_another_waits_queued_naming_it_and_starts_only_after_it_completed(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path, isolated_home: Path
+) -> None:
+    write_config(isolated_home, "[limits]\ntotal = 4\n")
+    svc = new_dispatcher(docker_client)
+    since = int(time.time()) - 1
+    try:
+        a = svc.dispatch(shell(user_repo, HOLD + COMMIT.format("a")))
+        b = svc.dispatch(shell(user_repo, COMMIT.format("b"), depends_on=[a.workspace]))
+        assert (a.status, b.status) == ("running", "queued")  # free slots, and still it waits
+
+        row_a, row_b = svc.status(a.workspace).workspaces[0], svc.status(b.workspace).workspaces[0]
+        assert row_b.waiting_for == f"{a.workspace} (running) to complete"
+        assert row_b.depends_on == [a.workspace] and row_a.dependents == [b.workspace]
+        watched = svc.watch([b.workspace], timeout=0).workspaces[0]
+        assert watched.waiting_for == row_b.waiting_for and watched.depends_on == [a.workspace]
+        assert f"waiting for {a.workspace} (running) to complete" in table(svc, b.workspace)
+        assert [r.name for r in svc.status(b.workspace, chain=True).workspaces] == [a.workspace, b.workspace]
+        assert f"dependents: {b.workspace}" in table(svc, a.workspace)
+
+        release(svc, a.workspace)
+        assert svc.wait(a.workspace, 60).status == Status.COMPLETED
+        assert svc.wait(b.workspace, 60).status == Status.COMPLETED
+        assert svc.status(b.workspace).workspaces[0].waiting_for is None
+    finally:
+        svc.close()
+    events = engine_intervals(docker_client, since)
+    assert events.index(("die", a.workspace)) < events.index(("start", b.workspace))
+
+
+def test_a_failed_dependency_leaves_its_dependent_waiting_with_what_to_do_and_once_resumed_and_completed_it_runs(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path
+) -> None:
+    svc = new_dispatcher(docker_client)
+    try:
+        a = svc.dispatch(shell(user_repo, FAILS_UNTIL_OK))
+        b = svc.dispatch(shell(user_repo, COMMIT.format("b"), depends_on=[a.workspace]))
+        assert svc.wait(a.workspace, 60).status == Status.FAILED
+        svc.drain()  # whatever a drain decides now, b must not start
+
+        b_row = svc.status(b.workspace).workspaces[0]
+        assert b_row.status == Status.QUEUED
+        assert b_row.waiting_for is not None
+        assert b_row.waiting_for.startswith(f"{a.workspace}, which ended failed (the agent exited with code 3")
+        assert f"agentic_resume {a.workspace}" in b_row.waiting_for and f"cancel {b.workspace}" in b_row.waiting_for
+
+        release(svc, a.workspace, "ok")
+        svc.resume(a.workspace)
+        done = svc.wait(a.workspace, 60)
+        assert done.status == Status.COMPLETED and done.runs == 2
+        after = svc.wait(b.workspace, 60)
+        assert after.status == Status.COMPLETED and after.runs == 1
+    finally:
+        svc.close()
+
+
+def test_cancelling_a_workspace_cancels_the_runs_waiting_for_it_down_the_chain_each_with_the_reason(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path
+) -> None:
+    svc = new_dispatcher(docker_client)
+    try:
+        a = svc.dispatch(shell(user_repo, HOLD + COMMIT.format("a")))
+        b = svc.dispatch(shell(user_repo, COMMIT.format("b"), depends_on=[a.workspace]))
+        c = svc.dispatch(shell(user_repo, COMMIT.format("c"), depends_on=[b.workspace]))
+        other = svc.dispatch(shell(user_repo, HOLD + COMMIT.format("o")))
+
+        result = svc.cancel(a.workspace)
+
+        assert result.also_cancelled == [b.workspace, c.workspace]
+        assert svc.store.read(a.workspace).status == Status.CANCELLED
+        for name, upstream in ((b.workspace, a.workspace), (c.workspace, b.workspace)):
+            rec = svc.store.read(name)
+            assert rec.status == Status.CANCELLED and rec.started_at is None
+            assert f"cancelled because {upstream}, which it waited for" in (rec.reason or "")
+        assert svc.store.read(other.workspace).status == Status.RUNNING  # not in the chain: untouched
+    finally:
+        svc.close()
+
+
+def test_a_dispatch_depending_on_an_unknown_workspace_or_based_on_another_repository_is_refused_keeping_nothing(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path, tmp_path: Path
+) -> None:
+    svc = new_dispatcher(docker_client, start=False)
+    with pytest.raises(InvalidInputError, match="depends_on: there is no workspace local/user-repo/nope"):
+        svc.dispatch(shell(user_repo, "true", depends_on=["local/user-repo/nope"]))
+    with pytest.raises(InvalidInputError, match="base_workspace: there is no workspace local/user-repo/nope"):
+        svc.dispatch(shell(user_repo, "true", base_workspace="local/user-repo/nope"))
+    assert svc.status().counts == dict.fromkeys(svc.status().counts, 0)
+    first = svc.dispatch(shell(user_repo, "true"))
+    (tmp_path / "other").mkdir()
+    other = make_user_repo(tmp_path / "other").rename(tmp_path / "other" / "second-repo")
+    wrong = f"base_workspace: {first.workspace} is a workspace of local/user-repo, not of local/second-repo"
+    with pytest.raises(InvalidInputError, match=wrong):
+        svc.dispatch(shell(other, "true", base_workspace=first.workspace))
+    assert [r.name for r in svc.status().workspaces] == [first.workspace]
+
+
+def test_a_chain_waiting_when_the_server_is_sigkilled_runs_each_step_once_under_the_next_server(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path
+) -> None:
+    since = int(time.time()) - 1
+    server = serve_process(dict(os.environ))
+    try:
+        a = _cli("dispatch", str(user_repo), HOLD + COMMIT.format("a"), "--agent", "shell")
+        b = _cli(
+            "dispatch", str(user_repo), COMMIT.format("b"), "--agent", "shell", "--depends-on", str(a["workspace"])
+        )
+        assert (a["status"], b["status"]) == ("running", "queued")
+    finally:
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+    svc = new_dispatcher(docker_client, start=False)
+    assert svc.store.read(str(b["workspace"])).depends_on == [a["workspace"]]
+    assert svc.status(str(a["workspace"])).workspaces[0].dependents == [b["workspace"]]
+    chain = _cli("status", str(b["workspace"]), "--chain")["workspaces"]
+    assert [(r["name"], r["status"]) for r in chain] == [(a["workspace"], "running"), (b["workspace"], "queued")]
+    release(svc, str(a["workspace"]))
+    container = str(svc.store.read(str(a["workspace"])).container_id)
+    wait_for(lambda: docker_client.api.inspect_container(container)["State"]["Running"] is False, 30, "a to exit")
+
+    svc.start()  # the restart: settles a, then starts b
+    try:
+        assert svc.wait(str(a["workspace"]), 30).status == Status.COMPLETED
+        done = svc.wait(str(b["workspace"]), 60)
+        assert done.status == Status.COMPLETED and done.runs == 1
+    finally:
+        svc.close()
+    starts = [w for kind, w in engine_intervals(docker_client, since) if kind == "start"]
+    assert starts.count(str(a["workspace"])) == 1 and starts.count(str(b["workspace"])) == 1
+
+
+def test_a_chain_a_then_b_then_c_from_b_runs_in_order_and_c_starts_from_the_commits_of_b_final_run(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path, isolated_home: Path
+) -> None:
+    write_config(isolated_home, "[limits]\ntotal = 4\n")
+    svc = new_dispatcher(docker_client)
+    since = int(time.time()) - 1
+    # b commits once per run, so its final commit says which run made it
+    b_task = 'echo "$AGENTIC_RUN" >> b.txt && git add b.txt && git commit -qm "b run $AGENTIC_RUN"'
+    try:
+        a = svc.dispatch(shell(user_repo, HOLD + COMMIT.format("a")))
+        b = svc.dispatch(shell(user_repo, b_task, depends_on=[a.workspace], branch="feature"))
+        held = svc.dispatch(shell(user_repo, HOLD + COMMIT.format("h")))
+        c_task = "git log --format=%s > seen.txt && " + COMMIT.format("c")
+        c = svc.dispatch(shell(user_repo, c_task, base_workspace=b.workspace, depends_on=[held.workspace]))
+        assert (a.status, b.status, held.status, c.status) == ("running", "queued", "running", "queued")
+        assert svc.store.read(c.workspace).depends_on == [held.workspace, b.workspace]
+        assert svc.status(b.workspace).workspaces[0].dependents == [c.workspace]
+
+        release(svc, a.workspace)
+        assert svc.wait(b.workspace, 60).status == Status.COMPLETED
+        svc.resume(b.workspace)  # b's final commit is its second run's, made after c was dispatched
+        assert svc.wait(b.workspace, 60).runs == 2
+        assert svc.store.read(c.workspace).status == Status.QUEUED  # still waiting for `held`
+
+        release(svc, held.workspace)
+        done = svc.wait(c.workspace, 60)
+        assert done.status == Status.COMPLETED
+    finally:
+        svc.close()
+    seen = (Path(c.repo_path) / "seen.txt").read_text(encoding="utf-8").splitlines()
+    assert seen[:2] == ["b run 2", "b run 1"] and "add a" not in seen  # b's work on its own start, not a's
+    b_tip = git(Path(b.repo_path), "rev-parse", "HEAD")
+    assert done.base_workspace == b.workspace and done.base_commit == b_tip
+    assert git(Path(c.repo_path), "rev-parse", f"{done.branch}~1") == b_tip  # c's own commit on top of b's end
+    assert done.branch != svc.store.read(b.workspace).branch
+    events = engine_intervals(docker_client, since)
+    assert events.index(("die", a.workspace)) < events.index(("start", b.workspace))
+    starts = [w for kind, w in events if kind == "start"]
+    assert starts.index(c.workspace) > len(starts) - 2  # c started last
