@@ -87,6 +87,11 @@ class Fail:
 
     status: int = 500
     message: str = "scripted failure"
+    retry_after: str | None = None  # the Retry-After header's value, when given (e.g. "1" with a 429)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": self.retry_after} if self.retry_after is not None else {}
 
 
 @dataclass(frozen=True)
@@ -537,6 +542,7 @@ class _OpenAI(_Provider):
             self.h._json(
                 turn.status,
                 {"error": {"message": turn.message, "type": "server_error", "code": None}},
+                turn.headers,
             )
             return
         target: tuple[str | None, str] | None = None
@@ -676,10 +682,8 @@ class _Anthropic(_Provider):
     def respond(self, turn: Turn, consume: bool) -> None:
         s, h = self.s, self.h
         if isinstance(turn, Fail):
-            h._json(
-                turn.status,
-                {"type": "error", "error": {"type": "api_error", "message": turn.message}},
-            )
+            kind = "rate_limit_error" if turn.status == 429 else "api_error"
+            h._json(turn.status, {"type": "error", "error": {"type": kind, "message": turn.message}}, turn.headers)
             return
         model = str(self.body.get("model") or "test-model")
         inp, out = s._usage(turn)
@@ -841,6 +845,7 @@ class _Gemini(_Provider):
             self.h._json(
                 turn.status,
                 {"error": {"code": turn.status, "message": turn.message, "status": status_name}},
+                turn.headers,
             )
             return
         if isinstance(turn, Call):

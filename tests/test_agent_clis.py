@@ -20,6 +20,8 @@ import anyio
 import pytest
 from mcp import Client
 
+from agentic_dispatch.models import parse_time
+
 from .conftest import call, git, poll_until_final, with_stdio_client
 from .model_server import Fail, ModelServer, Say, Shell
 
@@ -329,3 +331,40 @@ def test_doctor_tool_names_found_credentials_without_their_values(
     assert not checks["gemini"]["ok"] and "GEMINI_API_KEY" in checks["gemini"]["problems"][0]
     assert report["ok"] is False
     assert secret not in json.dumps(report) + " ".join(getattr(c, "text", "") for c in result.content)
+
+
+def test_a_provider_429_with_retry_after_is_retried_by_policy_and_the_real_cli_continues_its_session(
+    docker_env: str, user_repo: Path, isolated_home: Path, tmp_path: Path
+) -> None:
+    with ModelServer() as model:
+        model.script([Fail(429, "slow down", retry_after="1"), Say("Done on the second attempt.")])
+        setup = Setup(isolated_home, tmp_path, "claude", model.port)
+        with (isolated_home / "config.toml").open("a", encoding="utf-8") as f:
+            f.write("\n[retry]\nbackoff_seconds = 1\n")
+
+        async def run(client: Client) -> dict[str, Any]:
+            started = await setup.call(
+                client,
+                "agentic_dispatch",
+                repo=str(user_repo),
+                task="Say done",
+                agent="claude",
+                retry={"max": 1, "on": ["provider"]},
+            )
+            return await setup.final(client, started["workspace"], timeout=120)
+
+        final = with_stdio_client(run, setup.env)
+        turns = [r for r in model.model_requests if r.body.get("tools")]
+    assert final["status"] == "completed", final
+    assert final["runs"] == 2 and final["summary"]["final_message"] == "Done on the second attempt."
+    retry = final["retry"]
+    assert retry["attempt"] == 2 and retry["last_class"] == "provider"
+    assert "429" in retry["history"][0] and retry["history"][0].startswith("attempt 1: provider: ")
+    # The retry waited at least the backoff (and the provider's Retry-After of 1 s), by the recorded times.
+    waited = parse_time(retry["next_at"]) - parse_time(retry["failed_at"])  # type: ignore[operator]
+    assert waited >= 1
+    # The second attempt continued the first's session: the CLI sent the task again with the retry message.
+    last = json.dumps(turns[-1].body)
+    assert "Say done" in last and "started attempt 2 of 2 on its own" in last and "provider failure" in last
+    assert "Continuing an earlier run" not in last  # not a fresh session told the story again: the same one
+    setup.assert_secret_kept()

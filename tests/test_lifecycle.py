@@ -10,7 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from agentic_dispatch.models import EventKind, OutOfScope, QaResult, RunSummary, Status, WorkspaceRecord
+from agentic_dispatch.models import (
+    EventKind,
+    FailureClass,
+    OutOfScope,
+    QaResult,
+    RetryState,
+    RunSummary,
+    Status,
+    WorkspaceRecord,
+    parse_time,
+)
 from agentic_dispatch.service.runs.lifecycle import (
     Cancelled,
     Checkpoint,
@@ -19,6 +29,7 @@ from agentic_dispatch.service.runs.lifecycle import (
     Exited,
     Happening,
     LaunchFailed,
+    PrepareRetry,
     QaExited,
     QaLaunchFailed,
     QaStarted,
@@ -41,6 +52,20 @@ NOW = "2026-12-06T10:00:00Z"
 CID = "c0ffee" * 10
 OUTSIDE = OutOfScope(paths=["README.md", "docs/x.md"], count=2)
 SCOPED = {"scope": ["src/**"], "base_commit": "b" * 40}
+LATER = "2026-12-06T10:00:31Z"  # NOW + 30 s, the first backoff
+ALL_CLASSES: list[FailureClass] = ["provider", "timeout", "crash", "lost", "qa"]
+
+
+def retrying(on: list[FailureClass] | None = None, attempt: int = 1, **update: object) -> dict[str, object]:
+    """A record's retry state: two retries of ``on`` (every class by default), at ``attempt``."""
+    state = RetryState(max=2, on=ALL_CLASSES if on is None else on, attempt=attempt, backoff_seconds=1)
+    if attempt > 1:
+        state.history = [f"attempt {n}: crash: the agent exited with code 3" for n in range(1, attempt)]
+    return {"retry": state, **update}
+
+
+PROVIDER_429 = RunSummary(error="API Error: Request rejected (429)", error_status=429, session_id="s-1")
+PROVIDER_429_WAIT = PROVIDER_429.model_copy(update={"retry_after_seconds": 90})
 
 
 def _rec(status: Status = Status.QUEUED, **update: object) -> WorkspaceRecord:
@@ -150,6 +175,35 @@ TABLE: list[tuple[str, WorkspaceRecord, Happening, Status, str, list[EventKind],
     ("a blocked agent outside the scope (fail) is blocked, the paths listed", running(**SCOPED, scope_mode="fail"),
      Exited(CID, 0, question="Which?", out_of_scope=OUTSIDE), Status.BLOCKED, "agent", [EventKind.BLOCKED],
      ["RemoveContainer", "Settled"], {"out_of_scope": OUTSIDE}),
+    ("a crash with retries left queues the next attempt, its work kept, counted", running(**retrying()),
+     Exited(CID, 3), Status.QUEUED, "agent", [EventKind.RETRYING],
+     ["RemoveContainer", "Checkpoint", "PrepareRetry", "CountFailure"],
+     {"runs": 2, "reason": None, "finished_at": None, "container_id": None}),
+    ("a provider's 429 is retried no sooner than its Retry-After, in the same session",
+     running(**retrying(["provider"])), Exited(CID, 1, summary=PROVIDER_429_WAIT),
+     Status.QUEUED, "agent", [EventKind.RETRYING], ["RemoveContainer", "Checkpoint", "PrepareRetry", "CountFailure"],
+     {"resume_session": "s-1"}),
+    ("a class the policy does not list is never retried", running(**retrying(["provider"])), Exited(CID, 3),
+     Status.FAILED, "agent", [EventKind.FAILED], ["RemoveContainer", "Checkpoint", "Settled", "CountFailure"],
+     {"reason": "the agent exited with code 3"}),
+    ("spent retries fail the run with every attempt's reason", running(**retrying(attempt=3)), Exited(CID, 3),
+     Status.FAILED, "agent", [EventKind.FAILED], ["RemoveContainer", "Checkpoint", "Settled", "CountFailure"],
+     {"reason": "the agent exited with code 3 (every attempt: attempt 1: crash: the agent exited with code 3 | "
+               "attempt 2: crash: the agent exited with code 3 | attempt 3: crash: the agent exited with code 3)"}),
+    ("a timeout the server asked for is retried as a timeout",
+     running(**retrying(["timeout"]), stop_status=Status.FAILED, stop_reason="timed out after 5 s",
+             stop_cause="timeout"), Exited(CID, 143), Status.QUEUED, "agent", [EventKind.RETRYING],
+     ["RemoveContainer", "Checkpoint", "PrepareRetry"], {"stop_status": None, "stop_cause": None}),
+    ("a cancel is never retried", running(**retrying(), stop_status=Status.CANCELLED, stop_reason="cancelled"),
+     Exited(CID, 143), Status.CANCELLED, "agent", [EventKind.CANCELLED], ["RemoveContainer", "Checkpoint", "Settled"],
+     {}),
+    ("a failed QA gate resumes the agent with the test output", qa_running(**retrying(["qa"])),
+     QaExited(CID, 1, "E assert 1 == 2\n1 failed", "1 failed"), Status.QUEUED, "agent", [EventKind.RETRYING],
+     ["RemoveContainer", "PrepareRetry"], {"qa": None, "runs": 2}),
+    ("a vanished container is retried as lost", running(**retrying(["lost"])), Vanished(CID), Status.QUEUED, "agent",
+     [EventKind.RETRYING], ["Checkpoint", "PrepareRetry"], {}),
+    ("a resume starts the attempts afresh", _rec(Status.FAILED, **retrying(attempt=3)),
+     Resumed("codex", None, None, 7), Status.QUEUED, "agent", [EventKind.RESUMED], [], {}),
     ("a resume forgets the last run's paths outside the scope",
      _rec(Status.FAILED, **SCOPED, scope_mode="fail", out_of_scope=OUTSIDE), Resumed("codex", None, None, 7),
      Status.QUEUED, "agent", [EventKind.RESUMED], [], {"out_of_scope": None}),
@@ -178,6 +232,39 @@ def test_the_lifecycle_table(
     assert rec == before  # the function is pure: the record it was given is unchanged
     if status != before.status and status not in (Status.QUEUED, Status.RUNNING):
         assert out.record.finished_at == NOW and [e for e in out.effects if isinstance(e, Settled)]
+
+
+def test_a_retry_waits_its_backoff_says_why_to_the_agent_and_records_each_attempt() -> None:
+    out = transition(running(**retrying()), Exited(CID, 3, summary=RunSummary(session_id="s-1")), NOW)
+    assert out is not None
+    r = out.record.retry
+    assert r is not None and (r.attempt, r.last_class, r.failed_at) == (2, "crash", NOW)
+    assert r.history == ["attempt 1: crash: the agent exited with code 3"]
+    due = parse_time(r.next_at)
+    assert due is not None and 1 <= due - parse_time(NOW) <= 2  # 1 s, plus at most a quarter, to whole seconds
+    assert out.record.resume_session == "s-1" and out.record.answer is not None
+    assert "attempt 2 of 3" in out.record.answer and "crash failure" in out.record.answer
+    line = dict(out.events)[EventKind.RETRYING]
+    assert line["reason"] == f"crash: the agent exited with code 3; attempt 2 of 3 at {r.next_at}"
+    prepare = next(e for e in out.effects if isinstance(e, PrepareRetry))
+    assert prepare.question == "the agent exited with code 3" and prepare.answer == out.record.answer
+
+    slow = transition(
+        running(**retrying(["provider"])),
+        Exited(CID, 1, summary=PROVIDER_429_WAIT),
+        NOW,
+    )
+    assert slow is not None and slow.record.retry is not None
+    assert parse_time(slow.record.retry.next_at) == parse_time(NOW) + 90  # the provider's Retry-After wins
+
+    qa = transition(qa_running(**retrying(["qa"])), QaExited(CID, 1, "E assert 1 == 2\n1 failed", "1 failed"), NOW)
+    assert qa is not None and qa.record.answer is not None and "E assert 1 == 2" in qa.record.answer
+
+
+def test_spent_retries_say_so_in_the_failed_event_line() -> None:
+    out = transition(running(**retrying(attempt=3)), Exited(CID, 3), NOW)
+    assert out is not None
+    assert dict(out.events)[EventKind.FAILED]["reason"] == "retries spent: 3 attempts, the last ended crash"
 
 
 # happenings that do not apply to the record as it is: nothing changes, nothing is written

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from agentic_dispatch.cli_views import print_status
 from agentic_dispatch.errors import InvalidInputError
-from agentic_dispatch.models import Status
+from agentic_dispatch.models import RetryPolicy, Status, parse_time
 from agentic_dispatch.service import Dispatcher
 
 from .conftest import git, make_user_repo, serve_process, wait_for
@@ -211,3 +211,80 @@ def test_a_chain_a_then_b_then_c_from_b_runs_in_order_and_c_starts_from_the_comm
     assert events.index(("die", a.workspace)) < events.index(("start", b.workspace))
     starts = [w for kind, w in events if kind == "start"]
     assert starts.index(c.workspace) > len(starts) - 2  # c started last
+
+
+# -- retries ------------------------------------------------------------------------------------
+CRASHES_ONCE = '[ "$AGENTIC_RUN" -ge 2 ] || exit 3; ' + COMMIT.format("r")
+
+
+def events_of(svc: Dispatcher, workspace: str) -> list[tuple[str, str | None]]:
+    changes, _ = svc.changes(0, {workspace})
+    return [(c.kind, c.reason) for c in changes]
+
+
+def test_a_crash_retried_by_policy_completes_on_the_second_run_and_status_shows_the_attempts(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path, isolated_home: Path
+) -> None:
+    write_config(isolated_home, "[retry]\nbackoff_seconds = 0\n")
+    svc = new_dispatcher(docker_client)
+    try:
+        res = svc.dispatch(shell(user_repo, CRASHES_ONCE, retry=RetryPolicy(max=1, on=["crash"])))
+        done = svc.wait(res.workspace, 60)
+        row = svc.status(res.workspace).workspaces[0]
+    finally:
+        svc.close()
+    assert done.status == Status.COMPLETED and done.runs == 2
+    assert row.retry is not None and (row.retry.attempt, row.retry.last_class) == (2, "crash")
+    assert row.retry.history == ["attempt 1: crash: the agent exited with code 3"]
+    kinds = [k for k, _ in events_of(svc, res.workspace)]
+    assert kinds == ["dispatched", "started", "retrying", "started", "completed"]
+    assert "started attempt 2 of 2 on its own" in (Path(res.path) / ".meta" / "prompt-2.md").read_text(encoding="utf-8")
+
+
+def test_a_failure_of_a_class_the_policy_does_not_list_is_not_retried(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path, isolated_home: Path
+) -> None:
+    write_config(isolated_home, '[retry]\nmax = 3\non = ["provider", "lost"]\nbackoff_seconds = 0\n')
+    svc = new_dispatcher(docker_client)
+    try:
+        res = svc.dispatch(shell(user_repo, CRASHES_ONCE))  # the config's policy: crashes are not listed
+        done = svc.wait(res.workspace, 60)
+    finally:
+        svc.close()
+    assert done.status == Status.FAILED and done.runs == 1 and done.reason == "the agent exited with code 3"
+    assert done.retry is not None and done.retry.attempt == 1 and done.retry.history == []
+    assert "retrying" not in [k for k, _ in events_of(svc, res.workspace)]
+
+
+def test_a_retry_waiting_its_backoff_when_the_server_is_sigkilled_runs_once_when_due_under_the_next_server(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path, isolated_home: Path
+) -> None:
+    write_config(isolated_home, "[retry]\nbackoff_seconds = 4\n")
+    since = int(time.time()) - 1
+    server = serve_process(dict(os.environ))
+    try:
+        res = _cli("dispatch", str(user_repo), CRASHES_ONCE, "--agent", "shell", "--retry", "1", "--retry-on", "crash")
+        name = str(res["workspace"])
+        probe = new_dispatcher(docker_client, start=False)
+        wait_for(lambda: probe.store.read(name).retry.next_at is not None, 60, "the retry to be scheduled")  # type: ignore[union-attr]
+    finally:
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+    svc = new_dispatcher(docker_client, start=False)
+    scheduled = svc.store.read(name)
+    assert scheduled.status == Status.QUEUED and scheduled.runs == 2 and scheduled.retry is not None
+    next_at = scheduled.retry.next_at
+    assert next_at is not None and scheduled.retry.failed_at is not None
+    assert parse_time(next_at) - parse_time(scheduled.retry.failed_at) >= 4  # type: ignore[operator]
+    row = svc.status(name).workspaces[0]
+    assert row.waiting_for == f"attempt 2 of 2 at {next_at}, after a crash failure"
+
+    svc.start()  # the restart: the timer wakes when the retry falls due
+    try:
+        done = svc.wait(name, 60)
+    finally:
+        svc.close()
+    assert done.status == Status.COMPLETED and done.runs == 2
+    assert done.started_at is not None and done.started_at >= next_at  # not before its time (recorded times)
+    starts = [w for kind, w in engine_intervals(docker_client, since) if kind == "start"]
+    assert starts.count(name) == 2  # the first attempt and the retry, nothing twice

@@ -22,12 +22,15 @@ from pydantic import TypeAdapter, ValidationError
 
 from .errors import ConfigError, DispatchError, InvalidInputError, WorkspaceNotFoundError, describe_state_failure
 from .models import (
+    FAILURE_CLASSES,
+    MAX_RETRIES,
     BranchName,
     DispatchRequest,
     IdempotencyKey,
     LockKey,
     PositiveNumber,
     Priority,
+    RetryPolicy,
     ScopeGlob,
     ScopeMode,
     Status,
@@ -151,6 +154,8 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
         if not sep:
             raise InvalidInputError("--var", f"{item!r} is not NAME=VALUE")
         variables[key] = value
+    if args.retry_on and args.retry is None:
+        raise InvalidInputError("--retry-on", "says which failures to retry; give --retry N too (how many times).")
     task = _read_stdin_task() if args.task == "-" else args.task
     req = DispatchRequest(
         repo=args.repo,
@@ -173,6 +178,7 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
         scope_mode=args.scope_mode,
         depends_on=args.depends_on,
         base_workspace=args.base_workspace,
+        retry=None if args.retry is None else RetryPolicy(max=args.retry, on=args.retry_on),
         dry_run=args.dry_run,
         qa=args.qa,
     )
@@ -619,6 +625,19 @@ def _add_pipeline_arguments(d: argparse.ArgumentParser) -> None:
         type=_request_field(WorkspaceName),
         metavar="WORKSPACE",
         help="start this workspace's branch from where that one's branch ends (implies --depends-on it)",
+    )
+    d.add_argument(
+        "--retry",
+        type=lambda text: _whole_number(text, 0, MAX_RETRIES),
+        metavar="N",
+        help=f"retry a failed run up to N times (0-{MAX_RETRIES}; default: [retry] max in the config)",
+    )
+    d.add_argument(
+        "--retry-on",
+        action="append",
+        choices=FAILURE_CLASSES,
+        metavar="CLASS",
+        help=f"a failure class to retry (repeatable; {', '.join(FAILURE_CLASSES)}; default: [retry] on)",
     )
 
 

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 from .http_auth import HttpSettings
-from .models import Scope, ScopeMode
+from .models import MAX_RETRIES, FailureClass, Scope, ScopeMode
 
 __all__ = [
     "IMAGE_ENV",
@@ -36,6 +36,7 @@ __all__ = [
     "QaSettings",
     "Resources",
     "RetentionSettings",
+    "RetrySettings",
     "RuntimeSettings",
     "Settings",
     "SyncSettings",
@@ -352,6 +353,25 @@ class RuntimeSettings(_Model):
         return self
 
 
+DEFAULT_RETRY_ON: tuple[FailureClass, ...] = ("provider", "lost")  # not the agent's own failings
+
+
+class RetrySettings(_Model):
+    """Retries by cause, for every dispatch that does not give its own ``retry``: a failed attempt of a
+    listed class runs again (the next run of the workspace, continuing the agent's session) after a
+    backoff that doubles from ``backoff_seconds`` up to ``max_backoff_seconds``, with up to a quarter
+    added as jitter; a provider's Retry-After, when the CLI reports one, is waited for at least."""
+
+    max: Annotated[int, Field(ge=0, le=MAX_RETRIES)] = Field(
+        default=0, description="attempts after the first (0: none)"
+    )
+    on: list[FailureClass] = Field(
+        default_factory=lambda: list(DEFAULT_RETRY_ON), description="the failure classes retried"
+    )
+    backoff_seconds: Annotated[float, Field(ge=0)] = 30.0
+    max_backoff_seconds: Annotated[float, Field(ge=0)] = 900.0
+
+
 class Settings(_Model):
     """The contents of the config file, with defaults for every key."""
 
@@ -372,6 +392,7 @@ class Settings(_Model):
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     defaults: Defaults = Field(default_factory=Defaults)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("repo_url_template")

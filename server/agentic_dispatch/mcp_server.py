@@ -49,6 +49,7 @@ from .models import (
     PositiveNumber,
     Priority,
     QueueState,
+    RetryPolicy,
     Scope,
     ScopeMode,
     StatusReport,
@@ -310,6 +311,13 @@ def build_server(
                 "from (so it sees that agent's commits; implies depends_on it)"
             ),
         ] = None,
+        retry: Annotated[
+            RetryPolicy | None,
+            Field(
+                description='retries by cause, e.g. {"max": 2, "on": ["provider", "crash"]}: classes provider, '
+                "timeout, crash, lost, qa; a retry continues the agent's session (default: [retry] in the config)"
+            ),
+        ] = None,
         dry_run: Annotated[bool, Field(description="prepare and return the prompt without launching")] = False,
         qa: Annotated[
             bool | None,
@@ -342,6 +350,7 @@ def build_server(
             scope_mode=scope_mode,
             depends_on=depends_on,
             base_workspace=base_workspace,
+            retry=retry,
             dry_run=dry_run,
             qa=qa,
         )

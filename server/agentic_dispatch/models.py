@@ -14,11 +14,13 @@ from .naming import check_component, check_git_ref, split_workspace_name
 
 __all__ = [
     "ACTIVE_STATUSES",
+    "FAILURE_CLASSES",
     "FINAL_STATUSES",
     "MAX_DEPENDENCIES",
     "MAX_KEY_CHARS",
     "MAX_LISTED",
     "MAX_LOCK_CHARS",
+    "MAX_RETRIES",
     "MAX_SCOPE_CHARS",
     "MAX_SCOPE_GLOBS",
     "MAX_TAIL_LINES",
@@ -43,6 +45,7 @@ __all__ = [
     "DoctorReport",
     "Event",
     "EventKind",
+    "FailureClass",
     "IdempotencyKey",
     "InsightRow",
     "InsightsReport",
@@ -56,6 +59,8 @@ __all__ = [
     "QaResult",
     "QueueState",
     "RemovedWorkspace",
+    "RetryPolicy",
+    "RetryState",
     "RunSummary",
     "Scope",
     "ScopeGlob",
@@ -118,12 +123,51 @@ class RunSummary(BaseModel):
     cost_usd: float | None = None
     session_id: str | None = None
     error: str | None = None
+    error_status: int | None = Field(
+        default=None, description="the HTTP status of the provider's refusal the run ended with, when the CLI said"
+    )
+    retry_after_seconds: float | None = Field(
+        default=None, description="how long the provider asked to wait (Retry-After), when the CLI said"
+    )
 
     @property
     def tokens(self) -> int | None:
         """Input plus output tokens, counting what the CLI reported; ``None`` when it reported neither."""
         said = [t for t in (self.input_tokens, self.output_tokens) if t is not None]
         return sum(said) if said else None
+
+
+# Why a run failed, for retries: the provider refused or was overloaded (the CLI's own error events), the run
+# timed out, the agent crashed (a non-zero exit, out of memory), its container was lost (vanished, or killed from
+# outside), or the QA gate failed.
+FailureClass = Literal["provider", "timeout", "crash", "lost", "qa"]
+FAILURE_CLASSES: tuple[FailureClass, ...] = ("provider", "timeout", "crash", "lost", "qa")
+MAX_RETRIES = 10
+
+
+class RetryPolicy(BaseModel):
+    """Retries of one dispatch: up to ``max`` more attempts, for the failure classes in ``on`` only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max: int = Field(ge=0, le=MAX_RETRIES, description="attempts after the first (0: none)")
+    on: list[FailureClass] | None = Field(
+        default=None, description="the failure classes retried (default: [retry] on); any other failure is final"
+    )
+
+
+class RetryState(BaseModel):
+    """A workspace's retries: its policy, the attempt it is at, and what ended the earlier ones."""
+
+    max: int
+    on: list[FailureClass]
+    backoff_seconds: float = Field(default=30.0, description="the wait before the first retry (doubling after)")
+    max_backoff_seconds: float = Field(default=900.0, description="the longest wait between attempts")
+    attempt: int = Field(default=1, description="the attempt the current (or last) run is, from 1")
+    last_class: FailureClass | None = Field(default=None, description="the class of the last attempt's failure")
+    next_at: str | None = Field(default=None, description="queued: when the next attempt may start")
+    failed_at: str | None = Field(default=None, description="when the last attempt failed")
+    history: list[str] = Field(default_factory=list, description="each failed attempt: its class and reason")
 
 
 class Delivery(BaseModel):
@@ -240,6 +284,8 @@ class WorkspaceRecord(BaseModel):
         default=None,
         description="the workspace whose branch, as it ended, this one's branch starts from (at its first start)",
     )
+    stop_cause: Literal["timeout"] | None = Field(default=None, description="why the server stops it, for retries")
+    retry: RetryState | None = None
 
     @model_validator(mode="after")
     def _question_is_only_a_question(self) -> WorkspaceRecord:
@@ -363,6 +409,7 @@ class DispatchRequest(BaseModel):
     scope_mode: ScopeMode | None = None  # None: [defaults] scope_mode
     depends_on: DependsOn | None = None
     base_workspace: WorkspaceName | None = None
+    retry: RetryPolicy | None = None
     dry_run: bool = False
     qa: bool | None = None
 
@@ -442,6 +489,9 @@ class WorkspaceRow(BaseModel):
         default=None, description="the workspace whose branch, as it ended, this one's branch started from"
     )
     base_commit: str | None = Field(default=None, description="the commit its branch started from")
+    retry: RetryState | None = Field(
+        default=None, description="retries: the attempt, the last failure's class, the next try, each attempt's reason"
+    )
     dependents: list[str] = Field(default_factory=list, description="workspaces that wait for this one to complete")
 
 
@@ -569,6 +619,7 @@ class EventKind(StrEnum):
     QUEUED = "queued"  # dispatched or resumed, and no slot yet
     STARTED = "started"
     RESUMED = "resumed"
+    RETRYING = "retrying"  # a failed attempt is tried again (the line carries the class and the reason)
     STALLED = "stalled"  # a running agent showed no activity for ``limits.stall_seconds`` (once per stall)
     # a run's status changed to one of these (the line carries ``previous``)
     RUNNING = "running"

@@ -39,7 +39,7 @@ from .agents import agent_base as _base
 from .config import Limits
 from .events import EventLog
 from .fileio import ReentrantFileLock, write_atomic
-from .models import Event, EventKind, Priority, Status, WorkspaceRecord, utcnow
+from .models import Event, EventKind, Priority, Status, WorkspaceRecord, parse_time, utcnow
 
 __all__ = [
     "ALL_POOLS",
@@ -50,6 +50,7 @@ __all__ = [
     "SchedulerState",
     "UsageMeter",
     "dependency_wait",
+    "retry_wait",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,10 @@ class PoolHold:
         return f"{self.pool} held{until}: {self.reason}"
 
 
-_RUN_ENDS = frozenset({EventKind.COMPLETED, EventKind.FAILED, EventKind.BLOCKED, EventKind.CANCELLED})
+# The lines that end a run (or an attempt a retry follows): each carries what the run used.
+_RUN_ENDS = frozenset(
+    {EventKind.COMPLETED, EventKind.FAILED, EventKind.BLOCKED, EventKind.CANCELLED, EventKind.RETRYING}
+)
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,14 @@ def budget_uses(limits: Limits, runs: list[RunUsage], now: float) -> list[Budget
             known = [f for f in figures if f is not None]
             out.append(BudgetUse(key, kind, sum(known), limit, len(mine), len(figures) - len(known), resets))
     return out
+
+
+def retry_wait(rec: WorkspaceRecord, now: float) -> str | None:
+    """A queued retry still in its backoff: when it may start, and after what."""
+    r = rec.retry
+    if rec.status != Status.QUEUED or r is None or r.next_at is None or (parse_time(r.next_at) or 0) <= now:
+        return None
+    return f"attempt {r.attempt} of {r.max + 1} at {r.next_at}, after a {r.last_class} failure"
 
 
 def dependency_wait(rec: WorkspaceRecord, lookup: Callable[[str], WorkspaceRecord | None]) -> str | None:
@@ -481,6 +493,8 @@ class Scheduler:
         chosen: list[WorkspaceRecord] = []
         waiting = waiting or {}
         for rec in self.order([r for r in records if r.status == Status.QUEUED and r.name not in waiting]):
+            if rec.retry is not None and (parse_time(rec.retry.next_at) or 0) > now:
+                continue  # a retry still in its backoff: it takes no slot
             base = _base(rec.agent)
             if total >= self.limits.total:
                 break

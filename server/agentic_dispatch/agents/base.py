@@ -14,6 +14,7 @@ knows where its CLI keeps sessions and credentials. The container layout every a
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ __all__ = [
     "as_int",
     "json_events",
     "log_runs",
+    "provider_refusal",
 ]
 
 CONTAINER_WORKDIR = "/workspace"
@@ -149,3 +151,20 @@ def as_dict(value: object) -> dict[str, Any]:
 
 def as_int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+# How the CLIs word a provider's HTTP status in their error text ("last status: 429 Too Many Requests",
+# "Request rejected (429)", "HTTP 503"), and a Retry-After they pass on ("retry after 12s", "retry-after: 12").
+_STATUS_IN_TEXT = re.compile(r"(?:status:?\s*|\(|HTTP\s+|\bcode:?\s*)([45]\d\d)\b")
+_RETRY_AFTER_IN_TEXT = re.compile(r"retry[- ]after:?\s*(\d+(?:\.\d+)?)\s*s?", re.IGNORECASE)
+
+
+def provider_refusal(text: str | None, status: object = None) -> tuple[int | None, float | None]:
+    """``(HTTP status, Retry-After seconds)`` of a provider's refusal as a CLI reported it: ``status``
+    when the CLI gave one as a number, else read from its error ``text``; either is ``None`` when not said."""
+    code = as_int(status)
+    if code is None and text:
+        found = _STATUS_IN_TEXT.search(text)
+        code = int(found.group(1)) if found else None
+    after = _RETRY_AFTER_IN_TEXT.search(text or "")
+    return code, float(after.group(1)) if after else None

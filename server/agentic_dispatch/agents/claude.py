@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models import RunSummary
-from .base import LaunchPlan, LoginFile, RunContext, as_dict, as_int, json_events, log_runs
+from .base import LaunchPlan, LoginFile, RunContext, as_dict, as_int, json_events, log_runs, provider_refusal
 
 __all__ = ["ClaudeAgent"]
 
@@ -50,10 +50,10 @@ class ClaudeAgent:
         runs = log_runs(log_path)
         if not runs:
             return None
-        this = _result_of(runs[-1])
-        session, result, api_error = this
+        session, result, api_error, status = _events_of(runs[-1])
+        refused, after = provider_refusal(api_error, status) if api_error or status is not None else (None, None)
         if result is None:  # killed or crashed before the result event
-            return RunSummary(session_id=session, error=api_error)
+            return RunSummary(session_id=session, error=api_error, error_status=refused, retry_after_seconds=after)
         usage = as_dict(result.get("usage"))
         inputs = [as_int(usage.get(k)) for k in INPUT_KEYS]
         cost = result.get("total_cost_usd")
@@ -74,6 +74,8 @@ class ClaudeAgent:
             cost_usd=round(cost, 6) if cost is not None else None,
             session_id=session,
             error=(text or api_error or str(result.get("terminal_reason") or "error")) if is_error else None,
+            error_status=refused if is_error else None,
+            retry_after_seconds=after if is_error else None,
         )
 
     def has_session(self, home: Path, session_id: str) -> bool:
@@ -83,16 +85,25 @@ class ClaudeAgent:
 
 def _result_of(lines: list[str]) -> tuple[str | None, dict[str, Any] | None, str | None]:
     """(session id, the result event, the last API error text) of one run."""
+    session, result, api_error, _ = _events_of(lines)
+    return session, result, api_error
+
+
+def _events_of(lines: list[str]) -> tuple[str | None, dict[str, Any] | None, str | None, object]:
+    """:func:`_result_of`, and the HTTP status of the last API error (``api_error_status``)."""
     session: str | None = None
     result: dict[str, Any] | None = None
     api_error: str | None = None
+    status: object = None
     for ev in json_events(lines):
         if isinstance(ev.get("session_id"), str):
             session = ev["session_id"]
+        if ev.get("api_error_status") is not None:
+            status = ev["api_error_status"]
         if ev.get("type") == "result":
             result = ev
         elif ev.get("type") == "assistant" and ev.get("error"):
             content = as_dict(ev.get("message")).get("content") or []
             texts = [c.get("text", "") for c in content if isinstance(c, dict) and c.get("type") == "text"]
             api_error = " ".join(t for t in texts if t) or str(ev.get("error"))
-    return session, result, api_error
+    return session, result, api_error, status

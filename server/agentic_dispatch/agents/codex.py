@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models import RunSummary
-from .base import LaunchPlan, LoginFile, RunContext, as_dict, as_int, json_events, log_runs
+from .base import LaunchPlan, LoginFile, RunContext, as_dict, as_int, json_events, log_runs, provider_refusal
 
 __all__ = ["CodexAgent"]
 
@@ -92,6 +92,9 @@ class CodexAgent:
         if earlier is not None and inp is not None and out is not None:  # usage is per thread, not per run
             inp -= earlier.tokens("input_tokens") or 0
             out -= earlier.tokens("output_tokens") or 0
+        refused, after = provider_refusal(this.error)
+        if refused is None and this.error and HTTP_5XX_TEXT in this.error:
+            refused = 503  # Codex's words for any 5xx
         return RunSummary(
             final_message=this.final,
             turns=this.turns or None,
@@ -99,6 +102,8 @@ class CodexAgent:
             output_tokens=out,
             session_id=this.thread,
             error=this.error,
+            error_status=refused,
+            retry_after_seconds=after,
         )
 
     def has_session(self, home: Path, session_id: str) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models import RunSummary
-from .base import LaunchPlan, LoginFile, RunContext, as_dict, as_int, json_events, log_runs
+from .base import LaunchPlan, LoginFile, RunContext, as_dict, as_int, json_events, log_runs, provider_refusal
 
 __all__ = ["GeminiAgent"]
 
@@ -87,6 +87,7 @@ class GeminiAgent:
         if result.get("status") != "success":
             err = result.get("error")
             error = str(err.get("message") if isinstance(err, dict) else err or "error")
+        refused, after = provider_refusal(error, as_dict(result.get("error")).get("code"))
         return RunSummary(
             final_message=None if error else final,
             turns=turns,
@@ -94,6 +95,8 @@ class GeminiAgent:
             output_tokens=as_int(stats.get("output_tokens")),
             session_id=session,
             error=error,
+            error_status=refused if error else None,
+            retry_after_seconds=after,
         )
 
     def has_session(self, home: Path, session_id: str) -> bool:

@@ -49,7 +49,7 @@ from .catalog import AgentCatalog
 from .delivery import ResultDelivery
 from .intake.dispatch import Intake
 from .intake.preflight import Preflight
-from .intake.run_files import RunFiles
+from .run_files import RunFiles
 from .runs.control import Control
 from .runs.executor import RunLifecycle
 from .runs.launch import QueueDrainer
@@ -112,8 +112,18 @@ class Dispatcher:
         self.delivery = ResultDelivery(settings.sync, paths, self.store)
         self.network = network = _network_jobs(settings, runtime, self.store)
         qa = QaGate(settings, runtime, self.catalog, paths.root_id, network)
+        run_files = RunFiles(self.prompts)
         self.runs = RunLifecycle(
-            self.store, runtime, self.scheduler, self.catalog, qa, self.delivery, finished, paths.checkpoints, network
+            self.store,
+            runtime,
+            self.scheduler,
+            self.catalog,
+            qa,
+            self.delivery,
+            finished,
+            paths.checkpoints,
+            run_files,
+            network,
         )
         self.drainer = QueueDrainer(
             settings,
@@ -139,7 +149,7 @@ class Dispatcher:
             self.catalog,
             self.mirrors,
             self.preflight,
-            RunFiles(self.prompts),
+            run_files,
             self.runs,
         )
         self.control = Control(self.store, self.scheduler, self.drainer, self.runs)

@@ -27,6 +27,8 @@ from ...models import (
     RESUMABLE_STATUSES,
     DispatchRequest,
     DispatchResult,
+    RetryPolicy,
+    RetryState,
     WorkspaceRecord,
 )
 from ...naming import generated_id, slugify
@@ -37,11 +39,11 @@ from ...sync.shim import read_ref_value
 from ...workspace import clone_workspace
 from ..catalog import AgentCatalog
 from ..containers import git_in
+from ..run_files import RunFiles
 from ..runs.executor import RunLifecycle
 from ..runs.lifecycle import Resumed, new_record
 from ..runs.retention import check_disk_floor
 from .preflight import Preflight
-from .run_files import RunFiles
 
 __all__ = ["Intake"]
 
@@ -128,6 +130,20 @@ class Intake:
         if req.branch is None and base is not None and base.base_branch not in (None, "HEAD"):
             return base.base_branch
         return req.branch
+
+    def _retry_state(self, req: DispatchRequest) -> RetryState | None:
+        """The dispatch's retry policy (its own ``retry``, else ``[retry]``), with the backoff from the config."""
+        cfg = self.settings.retry
+        policy = req.retry or RetryPolicy(max=cfg.max, on=cfg.on)
+        on = cfg.on if policy.on is None else policy.on
+        if policy.max == 0 or not on:
+            return None
+        return RetryState(
+            max=policy.max,
+            on=list(dict.fromkeys(on)),
+            backoff_seconds=cfg.backoff_seconds,
+            max_backoff_seconds=cfg.max_backoff_seconds,
+        )
 
     def _check_dependencies(self, names: list[str]) -> None:
         """Each workspace a dispatch depends on exists (so a chain can never be a cycle: what it waits
@@ -266,6 +282,7 @@ class Intake:
             scope_mode=req.scope_mode or self.settings.defaults.scope_mode,
             depends_on=list(dict.fromkeys(req.depends_on or [])),
             base_workspace=req.base_workspace,
+            retry=self._retry_state(req),
             qa_enabled=self.settings.qa.enabled if req.qa is None else req.qa,
         )
         return record, self.run_files.prepare(ws, record, req.variables)

@@ -37,6 +37,7 @@ from ...scope import out_of_scope
 from ...store import StatusStore, WorkspacePaths, log_tail
 from ..catalog import AgentCatalog
 from ..delivery import ResultDelivery
+from ..run_files import RunFiles
 from .lifecycle import (
     Checkpoint,
     CountFailure,
@@ -45,6 +46,7 @@ from .lifecycle import (
     Exited,
     Happening,
     Outcome,
+    PrepareRetry,
     QaExited,
     QaLaunchFailed,
     QaStarted,
@@ -81,6 +83,7 @@ class RunLifecycle:
         delivery: ResultDelivery,
         finished: threading.Condition,
         checkpoints: Path,
+        run_files: RunFiles,
         network: NetworkJobs | None = None,
     ) -> None:
         self.store = store
@@ -94,6 +97,7 @@ class RunLifecycle:
         self.network = network  # set: runs fetch and send their workspace through the run gateway
         # How long a stopped container may take: with network transfer it sends its work back first.
         self.stop_grace = network.stop_grace if network is not None else 5.0
+        self.run_files = run_files  # a retry's prompt and files
 
     # -- the one way in ----------------------------------------------------------------------
     def apply(
@@ -166,7 +170,14 @@ class RunLifecycle:
 
         return self.apply(name, observed) is not None
 
-    def stop(self, name: str, status: Status, reason: str, container_id: str | None = None) -> StopOutcome:
+    def stop(
+        self,
+        name: str,
+        status: Status,
+        reason: str,
+        container_id: str | None = None,
+        cause: Literal["timeout"] | None = None,
+    ) -> StopOutcome:
         """Stop a running workspace's container; it ends ``status`` with ``reason``.
 
         The mark is written before the container is stopped, so whichever of the exit watcher and
@@ -175,7 +186,7 @@ class RunLifecycle:
         engine cannot be reached; the timer stops the container (and the run ends as asked) once
         it answers again. ``"idle"``: nothing of that run was running.
         """
-        rec = self.apply(name, StopRequested(status, reason, container_id))
+        rec = self.apply(name, StopRequested(status, reason, container_id, cause))
         if rec is None or rec.container_id is None:
             return "idle"
         return self.stop_marked(rec.name, rec.container_id)
@@ -259,6 +270,8 @@ class RunLifecycle:
         for effect in out.effects:
             if isinstance(effect, Checkpoint):
                 self._checkpoint(ws, out.record, effect.why)
+            elif isinstance(effect, PrepareRetry):
+                self._prepare_retry(ws, out.record, effect)
         for effect in out.effects:
             if not isinstance(effect, StartQa):
                 continue
@@ -273,6 +286,24 @@ class RunLifecycle:
                 return out
             return Outcome(then.record, out.events + then.events, rest + then.effects)
         return out
+
+    def _prepare_retry(self, ws: WorkspacePaths, rec: WorkspaceRecord, retry: PrepareRetry) -> None:
+        """The next attempt's prompt and files: a message to the agent's own session when the agent home
+        still holds it (else the whole task, with why the last attempt ended), and ``ANSWER.md``. When
+        they cannot be written (logged), the attempt runs with the last run's files."""
+        base = agent_base(rec.agent)
+        if rec.resume_session is not None and not self.catalog.agents[base].has_session(ws.home, rec.resume_session):
+            rec.resume_session = None  # a fresh session, with the whole task
+        asked = rec.model_copy(update={"question": retry.question})
+        try:
+            variables = self.run_files.saved_variables(ws)
+            prompt = self.run_files.render(ws, asked, variables, native=rec.resume_session is not None)
+            self.run_files.prepare(ws, asked, variables, prompt)
+            safefs.write_text(ws.repo, ws.repo / "ANSWER.md", retry.answer + "\n")
+        except (DispatchError, OSError) as e:
+            log.warning("%s: the files of attempt %s could not be written: %s", rec.name, rec.runs, e)
+            return
+        rec.prompt_sha256 = asked.prompt_sha256
 
     def _checkpoint(self, ws: WorkspacePaths, rec: WorkspaceRecord, why: str) -> None:
         """Commit what the work tree holds beyond the branch (server-side git only, never in the
@@ -327,5 +358,5 @@ class RunLifecycle:
                 self.runtime.remove(cid)
             case StopContainer():
                 pass  # the caller of :meth:`stop` stops it, and says when it could not
-            case Checkpoint():
+            case Checkpoint() | PrepareRetry():
                 pass  # made under the lock, before the record was written (_during)

@@ -28,6 +28,9 @@ carries the effects out against the engine, the store, the scheduler and the out
     running, not stalled  Stalled                    → running, stalled_since   event stalled
                           Stalled, stop              → running, stalled, marked stop the container (ends failed)
     running, stalled   StallEnded (activity again)   → running          —
+    running            a failure of a class the retry policy lists, attempts left
+                                                     → queued, runs+1, retry.next_at   event retrying;
+                                                       remove, checkpoint (agent), count*, prepare the retry
 
     * a failure counts towards pausing the pool only when it is the agent's or its provider's:
       not a stop the server asked for, not a QA verdict, not a signal from outside (an engine
@@ -40,12 +43,16 @@ reported nothing or its container vanished. The daily budgets count these lines.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
 
 from ...models import (
     FINAL_STATUSES,
     RESUMABLE_STATUSES,
     EventKind,
+    FailureClass,
     OutOfScope,
     QaResult,
     RunSummary,
@@ -64,6 +71,7 @@ __all__ = [
     "Happening",
     "LaunchFailed",
     "Outcome",
+    "PrepareRetry",
     "QaExited",
     "QaLaunchFailed",
     "QaStarted",
@@ -139,6 +147,7 @@ class StopRequested:
     status: Status
     reason: str
     container_id: str | None = None  # only this run (a timeout decided on an older view)
+    cause: Literal["timeout"] | None = None  # a timeout may be retried ([retry] on = ["timeout"])
 
 
 @dataclass(frozen=True)
@@ -264,7 +273,16 @@ class Settled:
     """The run ended for good: waiters wake, and its delivery is enqueued (``[sync] auto``)."""
 
 
-Effect = RemoveContainer | StopContainer | StartQa | Checkpoint | CountFailure | Settled
+@dataclass(frozen=True)
+class PrepareRetry:
+    """Write the next attempt's files (its prompt: the reason the last attempt ended and ``answer``,
+    as a message to the agent's own session when it still exists), before the record is written."""
+
+    question: str
+    answer: str
+
+
+Effect = RemoveContainer | StopContainer | StartQa | Checkpoint | CountFailure | Settled | PrepareRetry
 
 
 EventFields = dict[str, str | int | float | None]  # what an event line says beyond its kind and the record
@@ -299,10 +317,12 @@ def new_record(**fields: object) -> WorkspaceRecord:
 def transition(rec: WorkspaceRecord, happening: Happening, now: str) -> Outcome | None:
     """The one place a run's state changes. ``rec`` is not modified; ``None``: nothing to do."""
     out = _transition(rec, happening, now)
-    if out is not None and rec.status == Status.RUNNING and out.record.status in FINAL_STATUSES:
+    retried = out is not None and any(kind == EventKind.RETRYING for kind, _ in out.events)
+    if out is not None and rec.status == Status.RUNNING and (out.record.status in FINAL_STATUSES or retried):
         summary = happening.summary if isinstance(happening, Exited) else rec.summary if rec.phase == "qa" else None
-        if summary is not None:  # the line that ends the run: what it used, for the daily budgets
-            end = next(extra for kind, extra in out.events if kind == out.record.status.value)
+        if summary is not None:  # the line that ends the run (or attempt): what it used, for the daily budgets
+            ends = EventKind.RETRYING if retried else EventKind(out.record.status.value)
+            end = next(extra for kind, extra in out.events if kind == ends)
             end.update(tokens=summary.tokens, cost_usd=summary.cost_usd)
     return out
 
@@ -330,7 +350,7 @@ def _transition(rec: WorkspaceRecord, happening: Happening, now: str) -> Outcome
         case StopRequested():
             if not _runs(rec, happening.container_id) or rec.container_id is None:
                 return None
-            new.stop_status, new.stop_reason = happening.status, happening.reason
+            new.stop_status, new.stop_reason, new.stop_cause = happening.status, happening.reason, happening.cause
             return Outcome(new, effects=[StopContainer(rec.container_id)])
         case Exited():
             if not _runs(rec, happening.container_id) or rec.phase != "agent":
@@ -366,7 +386,7 @@ def _end(new: WorkspaceRecord, status: Status, reason: str | None, now: str, que
     previous = new.status
     new.status, new.finished_at = status, now
     new.reason, new.question = reason, question
-    new.stop_status = new.stop_reason = new.stalled_since = None
+    new.stop_status = new.stop_reason = new.stalled_since = new.stop_cause = None
     return Outcome(new, [(EventKind(status.value), {"previous": previous.value})], [Settled()])
 
 
@@ -417,7 +437,7 @@ def _vanished(new: WorkspaceRecord, h: Vanished, now: str) -> Outcome:
         f"the {what} container {h.container_id[:12]} vanished (removed outside agentic-dispatch); "
         "its work so far is in the workspace. Resume to run again."
     )
-    out = _end(new, Status.FAILED, reason, now)
+    out = _failed(new, "lost", reason, now)
     if what == "agent":
         out.effects.insert(0, Checkpoint(_short(reason)))
     return out
@@ -433,6 +453,10 @@ def _resumed(new: WorkspaceRecord, h: Resumed) -> Outcome | None:
     new.container_id = new.exit_code = new.finished_at = new.qa = None
     new.question = new.reason = None  # the new run's prompt carries them; a queued run has none
     new.out_of_scope = None  # the new run's exit reads it again
+    if new.retry is not None:  # a person sent it back: its attempts count afresh
+        new.retry = new.retry.model_copy(
+            update={"attempt": 1, "next_at": None, "last_class": None, "failed_at": None, "history": []}
+        )
     return Outcome(new, [(EventKind.RESUMED, {"previous": previous.value})])
 
 
@@ -451,10 +475,12 @@ def _agent_exited(new: WorkspaceRecord, h: Exited, now: str) -> Outcome:
         out = _end(new, Status.FAILED, f"the agent's BLOCKED.md cannot be read: {h.unsafe_question}", now)
     elif h.question:
         out = _end(new, Status.BLOCKED, None, now, question=h.question)
+    elif stop_status == Status.FAILED and new.stop_cause == "timeout":
+        out = _failed(new, "timeout", stop_reason or "timed out", now)
     elif stop_status is not None:
         out = _end(new, stop_status, stop_reason, now)
     elif h.exit_code != 0:
-        out = _end(new, Status.FAILED, failure_reason(h), now)
+        out = _failed(new, _exit_class(h), failure_reason(h), now, h.summary)
         if new.started_at and not _signalled_from_outside(h):
             out.effects.append(CountFailure(new.agent, new.started_at))
     elif new.scope_mode == "fail" and h.out_of_scope is not None and h.out_of_scope.count:
@@ -468,8 +494,8 @@ def _agent_exited(new: WorkspaceRecord, h: Exited, now: str) -> Outcome:
         out = _end(new, Status.COMPLETED, None, now)
         if new.qa_enabled:
             new.qa = QaResult(state="skipped", reason="no test command configured or recognised in the repository")
-    if out.record.status in (Status.FAILED, Status.CANCELLED):  # ended before the agent was done
-        out.effects.insert(0, Checkpoint(_short(out.record.reason)))
+    if out.record.status in (Status.FAILED, Status.CANCELLED) or _retrying(out):  # before the agent was done
+        out.effects.insert(0, Checkpoint(_short(out.record.reason or _last_failure(out.record))))
     out.effects.insert(0, remove)
     return out
 
@@ -520,7 +546,11 @@ def _qa_exited(new: WorkspaceRecord, h: QaExited, now: str) -> Outcome:
     stop_status, stop_reason = new.stop_status, new.stop_reason
     new.phase = "agent"
     qa.exit_code, qa.finished_at, qa.output_tail = h.exit_code, now, h.output_tail
-    if stop_status is not None:
+    if stop_status == Status.FAILED and new.stop_cause == "timeout":
+        qa.state, qa.reason = "failed", stop_reason
+        new.qa = qa
+        out = _failed(new, "timeout", stop_reason or "the QA gate timed out", now)
+    elif stop_status is not None:
         qa.state, qa.reason = "failed", stop_reason
         new.qa = qa
         out = _end(new, stop_status, stop_reason, now)
@@ -535,6 +565,116 @@ def _qa_exited(new: WorkspaceRecord, h: QaExited, now: str) -> Outcome:
             f"the QA gate failed ({qa.command}, exit code {h.exit_code}): {qa.reason}. "
             "Call agentic_resume to send the agent back to fix it."
         )
-        out = _end(new, Status.FAILED, reason, now)
+        tail = f"\n\nThe end of the test output:\n\n{h.output_tail.strip()}" if h.output_tail.strip() else ""
+        out = _failed(new, "qa", reason, now, hint=f"Fix what the tests ({qa.command}) found.{tail}")
     out.effects.insert(0, RemoveContainer(h.container_id))
     return out
+
+
+# -- retries ------------------------------------------------------------------------------------
+# Provider statuses that mean "try again later": too many requests, a timeout, overload, a server error.
+_PROVIDER_STATUSES = frozenset({408, 409, 429, 529})
+JITTER = 0.25  # at most this fraction of the backoff is added, spread by workspace and attempt
+
+
+def _exit_class(h: Exited) -> FailureClass:
+    """The class of an agent's non-zero exit: the provider's refusal (read from the CLI's own error
+    events), a kill from outside (the container was lost with the engine), else the agent crashed."""
+    status = h.summary.error_status if h.summary else None
+    if status is not None and (status in _PROVIDER_STATUSES or status >= 500):
+        return "provider"
+    if _signalled_from_outside(h):
+        return "lost"
+    return "crash"
+
+
+def _failed(
+    new: WorkspaceRecord,
+    cls: FailureClass,
+    reason: str,
+    now: str,
+    summary: RunSummary | None = None,
+    hint: str = "",
+) -> Outcome:
+    """A run fails with ``reason`` (of class ``cls``): the next attempt is queued when the retry
+    policy lists the class and has attempts left; else it ends ``failed``, listing every attempt."""
+    r = new.retry
+    if r is None or cls not in r.on:
+        if r is not None and r.history:
+            reason = _every_attempt(new, cls, reason)
+        return _end(new, Status.FAILED, reason, now)
+    if r.attempt > r.max:
+        out = _end(new, Status.FAILED, _every_attempt(new, cls, reason), now)
+        out.events[0][1]["reason"] = f"retries spent: {r.max + 1} attempts, the last ended {cls}"
+        return out
+    return _retry(new, cls, reason, now, summary, hint)
+
+
+def _every_attempt(new: WorkspaceRecord, cls: FailureClass, reason: str) -> str:
+    assert new.retry is not None
+    attempts = [*new.retry.history, f"attempt {new.retry.attempt}: {cls}: {reason}"]
+    return f"{reason} (every attempt: {' | '.join(attempts)})"
+
+
+def backoff_seconds(rec: WorkspaceRecord, retry_after: float | None) -> float:
+    """How long the next attempt of ``rec`` waits: doubling from its base up to its cap, plus up to
+    :data:`JITTER` of that (spread by workspace and attempt, so retries do not all come at once),
+    and at least what the provider asked (Retry-After)."""
+    assert rec.retry is not None
+    r = rec.retry
+    delay = min(r.max_backoff_seconds, r.backoff_seconds * 2 ** (r.attempt - 1))
+    spread = int.from_bytes(hashlib.sha256(f"{rec.name}:{r.attempt}".encode()).digest()[:4]) / 2**32
+    return float(max(delay * (1 + JITTER * spread), retry_after or 0.0))
+
+
+def _retry(
+    new: WorkspaceRecord, cls: FailureClass, reason: str, now: str, summary: RunSummary | None, hint: str
+) -> Outcome:
+    """The next attempt: the next run of the workspace, queued until its backoff is over."""
+    r = new.retry
+    assert r is not None
+    previous = new.status
+    delay = backoff_seconds(new, summary.retry_after_seconds if summary else None)
+    due = (parse_time(now) or 0.0) + delay
+    next_at = datetime.fromtimestamp(due, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    if delay > 0 and next_at == now:  # whole seconds: never earlier than the backoff
+        next_at = datetime.fromtimestamp(due + 1, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    history = [*r.history, f"attempt {r.attempt}: {cls}: {reason}"]
+    new.retry = r.model_copy(
+        update={"attempt": r.attempt + 1, "last_class": cls, "failed_at": now, "next_at": next_at, "history": history}
+    )
+    session = (summary.session_id if summary else None) or new.resume_session
+    answer = (
+        f"agentic-dispatch started attempt {r.attempt + 1} of {r.max + 1} on its own: the last attempt ended with a "
+        f"{cls} failure ({_CLASS_WORDS[cls]}). Go on with the task from where it stopped; your earlier work is on "
+        "this branch." + (f"\n\n{hint}" if hint else "")
+    )
+    new.runs += 1
+    new.status, new.phase, new.queued_ns = Status.QUEUED, "agent", int(due * 1e9)
+    new.answer, new.resume_session = answer, session
+    new.container_id = new.finished_at = new.qa = new.question = new.reason = None
+    new.stop_status = new.stop_reason = new.stalled_since = new.stop_cause = None
+    new.out_of_scope = None
+    line = f"{cls}: {_short(reason)}; attempt {r.attempt + 1} of {r.max + 1} at {next_at}"
+    return Outcome(
+        new,
+        [(EventKind.RETRYING, {"previous": previous.value, "reason": line})],
+        [PrepareRetry(question=reason, answer=answer)],
+    )
+
+
+_CLASS_WORDS: dict[FailureClass, str] = {
+    "provider": "the model provider refused or was overloaded",
+    "timeout": "it ran out of time",
+    "crash": "the agent exited with an error",
+    "lost": "its container was lost",
+    "qa": "the QA gate failed",
+}
+
+
+def _retrying(out: Outcome) -> bool:
+    return any(isinstance(e, PrepareRetry) for e in out.effects)
+
+
+def _last_failure(rec: WorkspaceRecord) -> str | None:
+    return rec.retry.history[-1] if rec.retry and rec.retry.history else None

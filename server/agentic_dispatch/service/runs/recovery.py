@@ -22,7 +22,7 @@ from ...errors import (
     RuntimeUnavailableError,
     WorkspaceNotFoundError,
 )
-from ...models import ACTIVE_STATUSES, CleanupReport, Status, WorkspaceRecord, utcnow
+from ...models import ACTIVE_STATUSES, CleanupReport, Status, WorkspaceRecord, parse_time, utcnow
 from ...runtime.base import LABEL_RUN, LABEL_WORKSPACE, ContainerInfo, Runtime
 from ...scheduler import Scheduler
 from ...store import Listed, StatusStore
@@ -116,7 +116,7 @@ class Recovery:
         elif rec.stop_status is not None:  # a stop the engine did not take (it was away)
             self.runs.stop_marked(rec.name, container_id)
         elif (deadline := run_deadline(rec)) is not None and time.time() > deadline[0]:
-            self.runs.stop(rec.name, Status.FAILED, deadline[1], container_id)
+            self.runs.stop(rec.name, Status.FAILED, deadline[1], container_id, cause="timeout")
         elif (reason := disk_cap.over_cap(self.drainer.settings, self.store, rec)) is not None:
             self.runs.stop(rec.name, Status.FAILED, reason, container_id)
         elif (stall := self.stalls.observe(rec)) is not None:
@@ -145,6 +145,8 @@ class Recovery:
         now = time.time()
         for item in self.store.active():
             rec = item.record
+            if rec is not None and rec.status == Status.QUEUED and rec.retry is not None and rec.retry.next_at:
+                wait = min(wait, max(0.2, (parse_time(rec.retry.next_at) or now) - now + 0.1))  # a retry falls due
             if rec is None or rec.status != Status.RUNNING:
                 continue
             deadline = run_deadline(rec)

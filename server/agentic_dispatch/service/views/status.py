@@ -13,7 +13,7 @@ from ...agents import agent_base
 from ...credentials import redact
 from ...errors import CorruptRecordError, InvalidInputError, WorkspaceNotFoundError
 from ...models import ACTIVE_STATUSES, PoolHoldRow, Status, StatusReport, WorkspaceRecord, WorkspaceRow
-from ...scheduler import Scheduler
+from ...scheduler import Scheduler, retry_wait
 from ...store import Listed, StatusStore, log_tail
 from ..catalog import AgentCatalog
 from ..delivery import ResultDelivery
@@ -140,7 +140,9 @@ class Reports:
         """Say on each queued row what it waits for besides a slot: the workspaces it depends on that
         have not completed (read directly), else the run that holds its lock key. The holder may be
         any server's run: the root's active records are read only when a listed queued run has a key."""
-        waits = self.scheduler.dependency_waits(records, self.store.find)
+        now = time.time()
+        waits = {r.name: w for r in records if (w := retry_wait(r, now)) is not None}
+        waits |= self.scheduler.dependency_waits(records, self.store.find)
         if any(r.status == Status.QUEUED and r.lock_key is not None for r in records):
             held = self.scheduler.lock_waits([i.record for i in self.store.active() if i.record is not None])
             waits = held | waits
@@ -191,6 +193,7 @@ class Reports:
             depends_on=rec.depends_on,
             base_workspace=rec.base_workspace,
             base_commit=rec.base_commit,
+            retry=rec.retry,
             dependents=self.store.dependents(rec.name),
             sync=sync,
             delivery_commands=self.delivery.view_commands(rec, delivered),

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 
-from ... import safefs
-from ...errors import InvalidInputError
-from ...models import WorkspaceRecord
-from ...prompts import MANAGED_FILES, PromptContext, PromptLibrary, detect_repo_facts, prompt_hash
-from ...store import WorkspacePaths
-from ...workspace import exclude_paths, recent_log
+from .. import safefs
+from ..errors import InvalidInputError
+from ..models import WorkspaceRecord
+from ..prompts import MANAGED_FILES, PromptContext, PromptLibrary, detect_repo_facts, prompt_hash
+from ..store import WorkspacePaths
+from ..workspace import exclude_paths, recent_log
 
 __all__ = ["MAX_PROMPT_BYTES", "RunFiles"]
 
