@@ -113,45 +113,19 @@ class Dispatcher:
         self.network = network = _network_jobs(settings, runtime, self.store)
         qa = QaGate(settings, runtime, self.catalog, paths.root_id, network)
         run_files = RunFiles(self.prompts)
+        store, scheduler, catalog, scratch = self.store, self.scheduler, self.catalog, paths.checkpoints
         self.runs = RunLifecycle(
-            self.store,
-            runtime,
-            self.scheduler,
-            self.catalog,
-            qa,
-            self.delivery,
-            finished,
-            paths.checkpoints,
-            run_files,
-            network,
+            store, runtime, scheduler, catalog, qa, self.delivery, finished, scratch, run_files, network
         )
         self.drainer = QueueDrainer(
-            settings,
-            self.store,
-            self.scheduler,
-            runtime,
-            self.catalog,
-            self.runs,
-            paths.root_id,
-            self._wake,
-            paths.checkpoints,
-            network,
+            settings, store, scheduler, runtime, catalog, self.runs, paths.root_id, self._wake, scratch, network
         )
         self.retention = Retention(settings.retention, paths, self.store, self.delivery)
         self.recovery = Recovery(self.store, runtime, self.scheduler, self.drainer, self.runs, self.retention)
         self.reports = Reports(
             self.store, self.scheduler, self.catalog, self.drainer, self.recovery, self.delivery, finished
         )
-        self.intake = Intake(
-            settings,
-            paths,
-            self.store,
-            self.catalog,
-            self.mirrors,
-            self.preflight,
-            run_files,
-            self.runs,
-        )
+        self.intake = Intake(settings, paths, store, catalog, self.mirrors, self.preflight, run_files, self.runs)
         self.control = Control(self.store, self.scheduler, self.drainer, self.runs)
         self.watching = Watching(self.store, finished, self.reports)
         self.inspector = Inspector(self.store, self.catalog)
