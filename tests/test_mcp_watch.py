@@ -346,7 +346,7 @@ def test_tools_and_resource_templates_are_listed_with_annotations_and_schemas() 
         assert tool.annotations.idempotent_hint is True and tool.output_schema is not None, name
         assert tool.description and "\n    " not in tool.description, name
     watch = by_name["agentic_watch"]
-    assert set(watch.input_schema["properties"]) == {"workspaces", "timeout_seconds", "cursor", "workspace"}
+    assert set(watch.input_schema["properties"]) == {"workspaces", "timeout_seconds", "cursor", "workspace", "ask"}
     assert watch.input_schema["properties"]["timeout_seconds"]["maximum"] == 50
     assert "cursor" in (watch.description or "")
     assert {"changes", "cursor", "workspaces", "timed_out"} <= set(watch.output_schema["properties"])

@@ -12,26 +12,39 @@ publishes ``ResourceUpdated`` / ``ResourcesListChanged`` for ``subscriptions/lis
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sqlite3
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import anyio
 import anyio.from_thread
 import anyio.to_thread
 from mcp.server.connection import Connection
 from mcp.server.context import ServerRequestContext
+from mcp.server.elicitation import AcceptedElicitation, render_elicitation_schema
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError, ToolError
 from mcp.server.subscriptions import InMemorySubscriptionBus, ResourcesListChanged, ResourceUpdated, ServerEvent
-from mcp_types import EmptyResult, SubscribeRequestParams, ToolAnnotations, UnsubscribeRequestParams
-from pydantic import Field
+from mcp_types import (
+    ElicitRequest,
+    ElicitRequestFormParams,
+    ElicitResult,
+    EmptyResult,
+    InputRequiredResult,
+    SubscribeRequestParams,
+    ToolAnnotations,
+    UnsubscribeRequestParams,
+)
+from mcp_types.version import is_version_at_least
+from pydantic import BaseModel, Field
 
-from .errors import DispatchError, InvalidInputError, WorkspaceNotFoundError
+from .errors import DispatchError, InvalidInputError, StateError, WorkspaceNotFoundError
 from .mcp_tools import register_tool
 from .models import (
     ACTIVE_STATUSES,
@@ -39,6 +52,7 @@ from .models import (
     MAX_TAIL_LINES,
     MAX_WATCH_SECONDS,
     MAX_WINDOW_DAYS,
+    AskedPerson,
     Change,
     DiffResult,
     InsightsReport,
@@ -52,7 +66,7 @@ if TYPE_CHECKING:
 else:  # what the tools' context holds at run time (see mcp_server); the service is imported when it is built
     from .mcp_tools import LazyDispatcher as Dispatcher
 
-__all__ = ["LIST_URI", "WatchFeed", "WorkspaceWatch", "register_watch", "status_uri"]
+__all__ = ["LIST_URI", "PersonAnswer", "WatchFeed", "WorkspaceWatch", "register_watch", "status_uri"]
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +243,144 @@ async def _wait_one(ctx: Ctx, svc: Dispatcher, workspace: str, timeout: float, c
     return WorkspaceWatch(**row.model_dump(), **result.model_dump())
 
 
+# -- asking the person (agentic_watch(ask=true)) -------------------------------------------------
+ASK_IN_RESULT_VERSION = "2026-07-28"  # from this protocol on, elicitation rides an InputRequiredResult
+MAX_QUESTION_CHARS = 4000  # of a question shown in the host's form
+NO_ELICITATION = "this host cannot ask the person (it declared no form elicitation): answer with agentic_resume"
+Watch = Callable[[str | None, float], Awaitable[WatchResult]]
+
+
+class PersonAnswer(BaseModel):
+    """The form the host shows the person: one text answer."""
+
+    answer: str = Field(min_length=1, description="Your answer to the agent's question; the run resumes with it")
+
+
+@dataclass(frozen=True)
+class _Question:
+    workspace: str
+    runs: int
+    question: str
+
+    @property
+    def message(self) -> str:
+        text = self.question if len(self.question) <= MAX_QUESTION_CHARS else self.question[:MAX_QUESTION_CHARS] + "…"
+        return (
+            f"{self.workspace} is blocked and asks:\n\n{text}\n\nYour answer resumes the run. "
+            "Decline to leave the answer to the assistant."
+        )
+
+
+def _can_elicit(ctx: Ctx) -> bool:
+    """Whether the client declared form elicitation (a bare ``elicitation: {}`` is form, as before modes)."""
+    capabilities = ctx.client_capabilities
+    elicitation = capabilities.elicitation if capabilities is not None else None
+    return elicitation is not None and (elicitation.form is not None or elicitation.url is None)
+
+
+def _questions(result: WatchResult) -> list[_Question]:
+    """The watched runs that became blocked and still are, on that same run (one question each)."""
+    now = {r.name: r for r in result.workspaces}
+    found: dict[str, _Question] = {}
+    for c in result.changes:
+        row = now.get(c.workspace)
+        if c.kind == "blocked" and c.question and row is not None and row.status == "blocked" and row.runs == c.runs:
+            found[c.workspace] = _Question(c.workspace, c.runs, c.question)
+    return list(found.values())
+
+
+async def _settle(svc: Dispatcher, q: _Question, action: str, answer: str | None) -> AskedPerson:
+    """Resume ``q``'s run with the person's answer (when they gave one, and it still waits for it)."""
+    if action != "accept" or not answer:
+        outcome: Literal["cancelled", "declined"] = "cancelled" if action == "cancel" else "declined"
+        return AskedPerson(workspace=q.workspace, question=q.question, outcome=outcome)
+
+    def resume() -> str:
+        row = svc.row(q.workspace)
+        if row.status != "blocked" or row.runs != q.runs:
+            raise StateError(f"{q.workspace} no longer waits for this answer: it is {row.status}, run {row.runs}")
+        return str(svc.resume(q.workspace, answer).status)
+
+    try:
+        resumed = await _run(resume)
+    except DispatchError as e:
+        return AskedPerson(
+            workspace=q.workspace, question=q.question, outcome="not resumed", answer=answer, note=str(e)
+        )
+    return AskedPerson(workspace=q.workspace, question=q.question, outcome="answered", answer=answer, resumed=resumed)
+
+
+def _reported(result: WatchResult, asked: list[AskedPerson]) -> WatchResult:
+    said = "; ".join(f"asked the person about {a.workspace}: {a.outcome}" for a in asked)
+    return result.model_copy(
+        update={"asked": asked, "message": f"{result.message}; {said}" if said else result.message}
+    )
+
+
+async def _watch_and_ask(
+    ctx: Ctx, svc: Dispatcher, watch: Watch, cursor: str | None, timeout: float
+) -> WatchResult | InputRequiredResult:
+    """The watch; then each run that became blocked has its question put to the person.
+
+    Protocol 2026-07-28 and later: the questions go back as an ``InputRequiredResult`` (the client asks and
+    calls again with the answers and our ``request_state``: where the watch started, which runs were asked).
+    Before: each is a mid-call ``elicitation/create`` request. Either way an answered run is resumed and the
+    watch is read again from where it started, so the result carries the resume too."""
+    if ctx.request_state is not None:
+        start, asked_runs = _parse_state(ctx.request_state)
+        responses = ctx.input_responses or {}
+        asked = [
+            await _answered(svc, name, runs, responses.get(f"answer-{i}")) for i, (name, runs) in enumerate(asked_runs)
+        ]
+        return _reported(await watch(str(start), 0), asked)
+    start = await _run(lambda: svc.watch_cursor(cursor))
+    result = await watch(str(start), timeout)
+    questions = _questions(result)
+    if not questions:
+        return result
+    if ctx.protocol_version is not None and is_version_at_least(ctx.protocol_version, ASK_IN_RESULT_VERSION):
+        schema = render_elicitation_schema(PersonAnswer)
+        requests = {
+            f"answer-{i}": ElicitRequest(params=ElicitRequestFormParams(message=q.message, requested_schema=schema))
+            for i, q in enumerate(questions)
+        }
+        state = json.dumps({"start": start, "asked": [[q.workspace, q.runs] for q in questions]})
+        return InputRequiredResult(input_requests=dict(requests), request_state=state)
+    asked = []
+    for q in questions:
+        try:
+            got = await ctx.elicit(q.message, PersonAnswer)
+        except ValueError:  # accepted with content that does not fit the form: nothing to resume with
+            asked.append(AskedPerson(workspace=q.workspace, question=q.question, outcome="declined", note="no answer"))
+            continue
+        answer = got.data.answer if isinstance(got, AcceptedElicitation) else None
+        asked.append(await _settle(svc, q, got.action, answer))
+    return _reported(await watch(str(start), 0), asked)
+
+
+async def _answered(svc: Dispatcher, name: str, runs: int, reply: object) -> AskedPerson:
+    """What came of one question asked in an ``InputRequiredResult``: the client's reply to it (none: cancelled)."""
+    row = await _run(lambda: svc.row(name))
+    question = _Question(name, runs, row.question or "")
+    if not isinstance(reply, ElicitResult):
+        return await _settle(svc, question, "cancel", None)
+    answer = (reply.content or {}).get("answer")
+    return await _settle(svc, question, reply.action, answer if isinstance(answer, str) else None)
+
+
+def _parse_state(raw: str) -> tuple[int, list[tuple[str, int]]]:
+    """Raises:
+    ToolError: not the request_state this tool returned.
+    """
+    try:
+        state = json.loads(raw)
+        start = int(state["start"])
+        asked = [(str(name), int(runs)) for name, runs in state["asked"]]
+    except (ValueError, TypeError, KeyError) as e:
+        raise ToolError("request_state is not one agentic_watch returned; call it again without one.") from e
+    return start, asked
+
+
 def register_watch(server: MCPServer[Dispatcher], feed: WatchFeed) -> None:
     """Register the watching tools and the workspace resources on ``server`` (built with
     ``subscriptions=feed.bus``; its lifespan runs ``feed.running(dispatcher)``)."""
@@ -271,7 +423,15 @@ def register_watch(server: MCPServer[Dispatcher], feed: WatchFeed) -> None:
         workspace: Annotated[
             str | None, Field(description="wait for this one workspace to stop running (instead of `workspaces`)")
         ] = None,
-    ) -> WatchResult:
+        ask: Annotated[
+            bool,
+            Field(
+                description="when a watched run becomes blocked, ask the person its question through the host "
+                "(if the host can show a form) and resume the run with their answer; if they decline, it stays "
+                "blocked for you to answer"
+            ),
+        ] = False,
+    ) -> WatchResult | InputRequiredResult:
         """Wait until one of many workspaces changes state (started, blocked, completed, failed, cancelled, …)
         or `timeout_seconds` pass, with a progress notification per change and every 5 s while waiting.
         Returns `changes` (each with the blocked `question` or the failure's `reason`), `workspaces` (the
@@ -280,12 +440,26 @@ def register_watch(server: MCPServer[Dispatcher], feed: WatchFeed) -> None:
         next.
 
         With `workspace` instead: wait until that one workspace leaves queued/running and return its row
-        (with the last 20 log lines) at the top level, as well as the fields above."""
+        (with the last 20 log lines) at the top level, as well as the fields above.
+
+        With `ask`: a run that became blocked has its question put to the person (MCP elicitation); `asked` says
+        what they answered (the run was resumed with it: the only change this tool makes, on the person's own
+        answer) or that they declined (answer it yourself)."""
         if workspace is not None and workspaces:
             raise ToolError("give `workspace` (wait for one run to end) or `workspaces` (watch many), not both.")
-        if workspace is not None:
-            return await _wait_one(ctx, _svc(ctx), workspace, timeout_seconds, cursor)
-        return await _watch_many(ctx, _svc(ctx), workspaces, timeout_seconds, cursor)
+        svc = _svc(ctx)
+
+        async def watch(since: str | None, wait: float) -> WatchResult:
+            if workspace is not None:
+                return await _wait_one(ctx, svc, workspace, wait, since)
+            return await _watch_many(ctx, svc, workspaces, wait, since)
+
+        if ask and _can_elicit(ctx):
+            return await _watch_and_ask(ctx, svc, watch, cursor, timeout_seconds)
+        result = await watch(cursor, timeout_seconds)
+        if ask and _questions(result):
+            return result.model_copy(update={"message": f"{result.message}; {NO_ELICITATION}"})
+        return result
 
     @tool("agentic_logs", "Read an agent's log")
     def agentic_logs(

@@ -30,6 +30,7 @@ __all__ = [
     "RESUMABLE_STATUSES",
     "AgeDays",
     "AgentCheck",
+    "AskedPerson",
     "BranchName",
     "CancelResult",
     "Change",
@@ -666,6 +667,20 @@ class Change(BaseModel):
     reason: str | None = Field(default=None, description="failed or cancelled: why (while that run is the last)")
 
 
+class AskedPerson(BaseModel):
+    """agentic_watch(ask=true): a blocked run's question put to the person through the host (MCP elicitation)."""
+
+    workspace: str
+    question: str
+    outcome: Literal["answered", "declined", "cancelled", "not resumed"] = Field(
+        description="answered: the run was resumed with the person's answer; declined or cancelled: it is still "
+        "blocked, for you to answer with agentic_resume; not resumed: the answer came but the resume failed (note)"
+    )
+    answer: str | None = None
+    resumed: str | None = Field(default=None, description="answered: the run's status right after the resume")
+    note: str | None = None
+
+
 class WatchResult(BaseModel):
     """What agentic_watch saw: the changes since the cursor, and where each watched workspace stands."""
 
@@ -674,6 +689,10 @@ class WatchResult(BaseModel):
     workspaces: list[WorkspaceRow] = Field(description="the watched workspaces as they are now")
     timed_out: bool
     message: str
+    asked: list[AskedPerson] = Field(
+        default_factory=list,
+        description="ask=true: the blocked runs whose question the person was asked, and what came of it",
+    )
 
 
 class LogsResult(BaseModel):
