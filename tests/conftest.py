@@ -360,7 +360,21 @@ def second_engine(engine_template: engines.EngineTemplate) -> Iterator[engines.S
         yield engine
 
 
-ENGINE_FIXTURES = {"docker_client", "agent_image", "docker_env", "second_engine"}
+@pytest.fixture(scope="session")
+def full_engine_template(docker_client: docker.DockerClient, agent_image: str) -> engines.EngineTemplate:
+    """The whole agent image (its CLIs too) for engines that run real CLIs (made once, about 40 s)."""
+    return engines.engine_template(docker_client, agent_image, with_clis=True)
+
+
+@pytest.fixture
+def remote_engine(full_engine_template: engines.EngineTemplate) -> Iterator[engines.RemoteEngine]:
+    """An engine as if on another machine: no disk shared with the server, TCP with TLS, the whole
+    agent image loaded (it has no route out to build). Torn down after the test, also when it fails."""
+    with engines.remote_engine(full_engine_template) as engine:
+        yield engine
+
+
+ENGINE_FIXTURES = {"docker_client", "agent_image", "docker_env", "second_engine", "remote_engine"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

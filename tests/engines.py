@@ -48,9 +48,11 @@ from agentic_dispatch.runtime.images import CLI_VERSIONS_LABEL
 __all__ = [
     "EngineError",
     "EngineTemplate",
+    "RemoteEngine",
     "SecondEngine",
     "engine_template",
     "export_shell_image",
+    "remote_engine",
     "second_engine",
 ]
 
@@ -59,6 +61,8 @@ PREFIX = "ad-engine"
 NETNS_DIR = Path("/run/netns")
 TEMPLATES = Path(tempfile.gettempdir()) / f"{PREFIX}-templates"  # kept across runs: see engine_template
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+# A remote engine's folder: not under the temp dir, which its own mount namespace hides.
+REMOTE_BASE = Path("/var/tmp")
 START_TIMEOUT = 60.0  # a start on a machine loaded with other test runs
 STOP_TIMEOUT = 60.0  # dockerd stops its containers (10 s each at most) before it exits
 
@@ -162,6 +166,7 @@ class SecondEngine:
             # nsenter, not `ip netns exec`: the latter remounts /sys and dockerd then finds no cgroups.
             "nsenter",
             f"--net={NETNS_DIR / self.name}",
+            *self._wrapper(),
             "dockerd",
             f"--config-file={config}",
             f"--data-root={self.data_root}",
@@ -170,6 +175,7 @@ class SecondEngine:
             f"--host={self.base_url}",
             # Container cgroups apart from the main engine's (/docker), so teardown finds every process.
             f"--cgroup-parent=/{self.name}",
+            *self._extra_args(),
         ]
         with self.log_path.open("ab") as log:
             # nsenter execs dockerd in place (only the network namespace changes): this pid is dockerd's.
@@ -188,6 +194,13 @@ class SecondEngine:
                 time.sleep(0.05)
         finally:
             probe.close()
+
+    def _wrapper(self) -> list[str]:
+        """What runs between nsenter and dockerd (each part execs the next: the pid stays dockerd's)."""
+        return []
+
+    def _extra_args(self) -> list[str]:
+        return []
 
     def stop(self) -> None:
         """Stop ``dockerd`` as an administrator would (SIGTERM) and wait for it to exit. Like any
@@ -352,11 +365,14 @@ def _teardown(name: str, directory: Path) -> None:
 def _sweep_stale() -> None:
     """Remove engines and templates left by test processes that died before their teardown ran."""
     names = {ns.split(" ")[0] for ns in _ip("netns", "list", check=False).stdout.splitlines()}
-    names.update(p.name for p in Path(tempfile.gettempdir()).glob(f"{PREFIX}-*"))
+    for base in (Path(tempfile.gettempdir()), REMOTE_BASE):
+        names.update(p.name for p in base.glob(f"{PREFIX}-*"))
     for name in sorted(names):
         parts = name.split("-")
         if name.startswith(f"{PREFIX}-") and len(parts) > 2 and parts[2].isdigit() and not _alive(int(parts[2])):
-            _teardown(name, Path(tempfile.gettempdir()) / name)
+            base = REMOTE_BASE if (REMOTE_BASE / name).exists() else Path(tempfile.gettempdir())
+            _teardown(name, base / name)
+            _ip("link", "del", _veth_host(name), check=False)
 
 
 def _new_name(kind: str = "") -> tuple[str, Path]:
@@ -408,7 +424,7 @@ def _template_lock(kind: int) -> Iterator[None]:
         yield
 
 
-def engine_template(client: docker.DockerClient, agent_image: str) -> EngineTemplate:
+def engine_template(client: docker.DockerClient, agent_image: str, with_clis: bool = False) -> EngineTemplate:
     """The template holding the shell image made from ``agent_image`` (see
     :func:`export_shell_image`), tagged ``agentic-dispatch-shell:<agent image id>``.
 
@@ -423,19 +439,19 @@ def engine_template(client: docker.DockerClient, agent_image: str) -> EngineTemp
         image_id = str(client.images.get(agent_image).id).removeprefix("sha256:")[:12]
     except docker.errors.DockerException as e:
         raise EngineError(f"the agent image {agent_image} is not on the main engine: {e}") from e
-    root = TEMPLATES / image_id
-    template = EngineTemplate(root / "data", f"agentic-dispatch-shell:{image_id}")
+    root = TEMPLATES / (f"{image_id}-full" if with_clis else image_id)
+    template = EngineTemplate(root / "data", f"agentic-dispatch-{'full' if with_clis else 'shell'}:{image_id}")
     with _template_lock(fcntl.LOCK_EX):
         if (root / "ready").exists():
             return template
         for old in TEMPLATES.iterdir():
-            if old.is_dir():
+            if old.is_dir() and not old.name.startswith(image_id):  # another agent image's
                 shutil.rmtree(old, ignore_errors=True)
         _sweep_stale()
         _, directory = _new_name("template-")
         try:
             rootfs = directory / "rootfs.tar"
-            changes = export_shell_image(client, agent_image, rootfs)
+            changes = export_shell_image(client, agent_image, rootfs, with_clis)
             with second_engine() as engine:
                 engine.import_image(rootfs, template.image, changes)
                 engine.stop()  # no mounts left: its data root can be moved and cloned
@@ -470,7 +486,7 @@ def _clone_data_root(template: Path, dest: Path) -> None:
             tmp.replace(path)
 
 
-def export_shell_image(client: docker.DockerClient, agent_image: str, dest: Path) -> list[str]:
+def export_shell_image(client: docker.DockerClient, agent_image: str, dest: Path, with_clis: bool = False) -> list[str]:
     """Write ``dest``: the agent image's file system without the three agent CLIs (``/opt/agent``,
     about 1 GB that only the CLI agents use), and return the agent image's configuration (user,
     working directory, environment, labels) as Dockerfile lines for :meth:`SecondEngine.import_image`
@@ -494,7 +510,7 @@ def export_shell_image(client: docker.DockerClient, agent_image: str, dest: Path
             tarfile.open(fileobj=out, mode="w|") as dst,
         ):
             for member in src:
-                if member.name == "opt/agent" or member.name.startswith("opt/agent/"):
+                if not with_clis and (member.name == "opt/agent" or member.name.startswith("opt/agent/")):
                     continue
                 dst.addfile(member, src.extractfile(member) if member.isfile() else None)
     finally:
@@ -505,7 +521,7 @@ def export_shell_image(client: docker.DockerClient, agent_image: str, dest: Path
         key, _, value = variable.partition("=")
         changes.append(f"ENV {key}={json.dumps(value)}")
     for key, value in (config.get("Labels") or {}).items():
-        if key != CLI_VERSIONS_LABEL:
+        if key != CLI_VERSIONS_LABEL or with_clis:
             changes.append(f"LABEL {json.dumps(key)}={json.dumps(value)}")
     return changes
 
@@ -530,3 +546,174 @@ class _ChunkReader(io.RawIOBase):
         b[:n] = self._buf[:n]
         self._buf = self._buf[n:]
         return n
+
+
+# -- an engine on "another machine" ----------------------------------------------------------
+def _veth_host(name: str) -> str:
+    """The host's end of an engine's veth pair (at most 15 characters)."""
+    return f"adh{abs(hash(name)) % 10**10}"
+
+
+@dataclass(frozen=True)
+class Tls:
+    """Certificates made by a test: a CA, the engine's server certificate, a client's, the gateway's."""
+
+    dir: Path
+
+    @property
+    def client_dir(self) -> Path:
+        """A ``DOCKER_CERT_PATH``: ca.pem, cert.pem, key.pem."""
+        return self.dir / "client"
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca.pem"
+
+    def server(self, name: str) -> tuple[Path, Path]:
+        return self.dir / f"{name}.pem", self.dir / f"{name}-key.pem"
+
+
+def make_tls(directory: Path, servers: dict[str, str]) -> Tls:
+    """A CA and, per ``servers`` entry (name → IP address), a server certificate for that address,
+    plus a client certificate (Docker's ``--tlsverify`` asks for one)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agentic-dispatch test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def leaf(common: str, sans: list[x509.GeneralName], usage: x509.ObjectIdentifier) -> tuple[bytes, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM), key_pem(key)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tls = Tls(directory)
+    ca_pem = ca.public_bytes(serialization.Encoding.PEM)
+    tls.ca.write_bytes(ca_pem)
+    for name, address in servers.items():
+        cert, key = leaf(name, [x509.IPAddress(ipaddress.ip_address(address))], ExtendedKeyUsageOID.SERVER_AUTH)
+        cert_path, key_path = tls.server(name)
+        cert_path.write_bytes(cert)
+        key_path.write_bytes(key)
+        key_path.chmod(0o600)
+    cert, key = leaf("client", [], ExtendedKeyUsageOID.CLIENT_AUTH)
+    tls.client_dir.mkdir()
+    (tls.client_dir / "ca.pem").write_bytes(ca_pem)
+    (tls.client_dir / "cert.pem").write_bytes(cert)
+    (tls.client_dir / "key.pem").write_bytes(key)
+    (tls.client_dir / "key.pem").chmod(0o600)
+    return tls
+
+
+class RemoteEngine(SecondEngine):
+    """A second engine as if on another machine: it shares no disk with the server (its own mount
+    namespace, where the temp dir — every test's root, workspaces and repositories — is an empty
+    tmpfs), it is reached over TCP with TLS at :attr:`address`, and its containers reach the host
+    only at :attr:`host_address` (the host's end of a veth pair), where a run gateway listens."""
+
+    def __init__(self, name: str, directory: Path, subnet: int) -> None:
+        super().__init__(name, directory)
+        self.host_address = f"10.231.{subnet}.1"
+        self.address = f"10.231.{subnet}.2"
+        self.tls = make_tls(directory / "tls", {"engine": self.address, "gateway": self.host_address})
+
+    @property
+    def docker_host(self) -> str:
+        return f"tcp://{self.address}:2376"
+
+    def _wrapper(self) -> list[str]:
+        # A mount namespace of its own (unshare execs in place): the temp dir is hidden there.
+        hide = 'mount -t tmpfs tmpfs /tmp && exec "$@"'
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", hide, "-"]
+
+    def _extra_args(self) -> list[str]:
+        cert, key = self.tls.server("engine")
+        return [
+            f"--host={self.docker_host}",
+            "--tlsverify",
+            f"--tlscacert={self.tls.ca}",
+            f"--tlscert={cert}",
+            f"--tlskey={key}",
+        ]
+
+
+def _free_subnet() -> int:
+    used = _ip("-o", "addr", "show", check=False).stdout
+    for _ in range(200):
+        n = int.from_bytes(os.urandom(1), "big") % 250 + 1
+        if f"10.231.{n}." not in used:
+            return n
+    raise EngineError("no free 10.231.N.0/24 for a remote engine")
+
+
+@contextlib.contextmanager
+def remote_engine(template: EngineTemplate) -> Iterator[RemoteEngine]:
+    """A started :class:`RemoteEngine` holding ``template``'s image, torn down when the block ends
+    (also when it raises).
+
+    Raises:
+        EngineError: the engine did not come up.
+    """
+    _sweep_stale()
+    name = f"{PREFIX}-{os.getpid()}-remote{next(_counter)}"
+    directory = REMOTE_BASE / name
+    directory.mkdir(mode=0o700)
+    subnet = _free_subnet()
+    veth = _veth_host(name)
+    peer = veth.replace("adh", "adn", 1)
+    engine = RemoteEngine(name, directory, subnet)
+    try:
+        _ip("netns", "add", name)
+        _ip("-n", name, "link", "set", "lo", "up")
+        _ip("link", "add", veth, "type", "veth", "peer", "name", peer)
+        _ip("link", "set", peer, "netns", name)
+        _ip("addr", "add", f"{engine.host_address}/24", "dev", veth)
+        _ip("link", "set", veth, "up")
+        _ip("-n", name, "addr", "add", f"{engine.address}/24", "dev", peer)
+        _ip("-n", name, "link", "set", peer, "up")
+        _ip("-n", name, "route", "add", "default", "via", engine.host_address)
+        with _template_lock(fcntl.LOCK_SH):
+            _clone_data_root(template.data_root, engine.data_root)
+        engine.image = template.image
+        engine.start()
+        yield engine
+    finally:
+        engine.close()
+        _ip("link", "del", veth, check=False)

@@ -114,13 +114,23 @@ class _Server(ThreadingHTTPServer):
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(SOCKET_TIMEOUT)
-        if self.tls is not None:  # the handshake in this request's own thread, never in accept's
-            try:
-                request = self.tls.wrap_socket(request, server_side=True)
-            except (ssl.SSLError, OSError) as e:
-                log.debug("run gateway: TLS handshake with %s failed: %s", client_address[0], e)
-                return
-        super().finish_request(request, client_address)
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        try:  # the handshake in this request's own thread, never in accept's
+            secure = self.tls.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            log.debug("run gateway: TLS handshake with %s failed: %s", client_address[0], e)
+            return
+        try:
+            super().finish_request(secure, client_address)
+        finally:
+            # A streamed answer ends with the connection: TLS's close_notify tells the client it is
+            # whole (git's TLS library calls a connection closed without it an error).
+            with contextlib.suppress(OSError, ValueError):
+                secure.settimeout(2)
+                secure.unwrap()
+            secure.close()
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -119,21 +119,32 @@ def _bounded(client: docker.DockerClient, seconds: float) -> docker.DockerClient
     return view
 
 
+class _EngineAPI(docker.APIClient):  # type: ignore[misc]
+    """docker-py's API client, verifying a TLS engine with its own CA only: requests lets
+    ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` (a proxy's CA) replace the CA from
+    ``DOCKER_CERT_PATH``, and the server then fails where the docker CLI works."""
+
+    def merge_environment_settings(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        settings: dict[str, Any] = super().merge_environment_settings(*args, **kwargs)
+        if isinstance(self.verify, str):  # the engine's CA file
+            settings["verify"] = self.verify
+        return settings
+
+
 def engine_client(docker_host: str | None, timeout: float) -> docker.DockerClient:
     """A client of the engine chosen the Docker way: ``docker_host`` (``[runtime] docker_host``),
     else ``DOCKER_HOST``, with TLS from ``DOCKER_TLS_VERIFY`` / ``DOCKER_CERT_PATH``, else the local
-    socket. A TLS engine is verified with its own CA only: ``REQUESTS_CA_BUNDLE`` and
-    ``CURL_CA_BUNDLE`` (a proxy's CA) would otherwise replace it, and the docker CLI ignores them.
+    socket; a TLS engine is verified with its own CA only (:class:`_EngineAPI`).
 
     Raises:
-        docker.errors.DockerException: the settings are unusable (a missing certificate file).
+        docker.errors.DockerException: the settings are unusable (a missing certificate file), or
+            the engine did not tell its API version.
     """
     kwargs = docker.utils.kwargs_from_env()
     if docker_host:
         kwargs["base_url"] = docker_host
-    client = docker.DockerClient(timeout=int(timeout), **kwargs)
-    if kwargs.get("tls"):
-        client.api.trust_env = False  # requests would let the environment's CA bundle win
+    client: docker.DockerClient = docker.DockerClient.__new__(docker.DockerClient)
+    client.api = _EngineAPI(timeout=int(timeout), **kwargs)  # what DockerClient.__init__ does, with our class
     return client
 
 
