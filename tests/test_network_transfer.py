@@ -208,3 +208,29 @@ def test_a_network_run_whose_gateway_never_comes_back_fails_saying_so_and_keeps_
     assert rec.status == Status.FAILED
     assert "ended before its results came back" in (rec.reason or "")
     assert "early-output" in _log(first, res.workspace)
+
+
+def test_the_qa_gate_of_a_network_run_fetches_the_branch_and_its_verdict_comes_back(
+    docker_env: str, docker_client: docker.DockerClient, isolated_home: Path, tmp_path: Path
+) -> None:
+    from .test_qa import FIX_WHEN_ANSWERED, _python_repo
+
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    config = GATEWAY.format(address=docker0_address(docker_client)) + "[qa]\nenabled = true\n"
+    (isolated_home / "config.toml").write_text(config, encoding="utf-8")
+    settings, paths = load_settings()
+    svc = Dispatcher(settings, paths, DockerRuntime(docker_client))
+    svc.start()
+    try:
+        repo = _python_repo(tmp_path, expected=3)
+        res = svc.dispatch(DispatchRequest(repo=str(repo), task=FIX_WHEN_ANSWERED, agent="shell"))
+        rec = svc.wait(res.workspace, 180)
+        assert rec.status == Status.FAILED, rec.reason
+        assert rec.qa is not None and rec.qa.state == "failed", rec.qa
+        assert "1 failed, 1 passed" in (rec.qa.reason or ""), rec.qa
+        svc.resume(res.workspace, answer="The test expects the wrong sum: fix it.")
+        rec = svc.wait(res.workspace, 180)
+        assert rec.status == Status.COMPLETED, rec.reason
+        assert rec.qa is not None and rec.qa.state == "passed", rec.qa
+    finally:
+        svc.close()
