@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import docker
 import httpx2
@@ -149,3 +151,20 @@ def test_an_upload_of_twice_the_size_cap_is_refused(
     answer = httpx2.post(f"{url}/results", content=body, headers={"Authorization": f"Bearer {token}"}, timeout=60)
     assert answer.status_code == 413
     assert not (networked.store.paths(workspace).repo / "big.bin").exists()
+
+
+def test_an_upload_cut_off_midway_is_not_applied_and_the_next_whole_one_is(
+    networked: Dispatcher, docker_client: docker.DockerClient, user_repo: Path
+) -> None:
+    workspace, url, token = _running(networked, docker_client, user_repo)
+    parts = urlsplit(f"{url}/results")
+    body = _tar([_file("meta.json"), _file("tree/kept.txt")], {"meta.json": b'{"exit_code": 0}', "tree/kept.txt": b"k"})
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as s:
+        head = (
+            f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        s.sendall(head.encode() + body[: len(body) // 2])  # and the connection breaks
+    answer = httpx2.post(f"{url}/results", content=body, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert answer.status_code == 200 and answer.json() == {"applied": True}, answer.text
+    assert (networked.store.paths(workspace).repo / "kept.txt").read_text() == "k"

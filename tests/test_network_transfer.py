@@ -234,3 +234,14 @@ def test_the_qa_gate_of_a_network_run_fetches_the_branch_and_its_verdict_comes_b
         assert rec.qa is not None and rec.qa.state == "passed", rec.qa
     finally:
         svc.close()
+
+
+def test_a_network_runs_token_is_not_in_the_agents_environment(networked: Dispatcher, user_repo: Path) -> None:
+    svc = networked
+    task = "env > seen-env.txt && git add seen-env.txt && git commit -qm env"
+    res = svc.dispatch(DispatchRequest(repo=str(user_repo), task=task, agent="shell"))
+    rec = svc.wait(res.workspace, 120)
+    assert rec.status == Status.COMPLETED, rec.reason
+    seen = git(svc.store.paths(res.workspace).repo, "show", f"{rec.branch}:seen-env.txt")
+    assert "AGENTIC_GATEWAY=" in seen  # it is the agent's environment
+    assert "AGENTIC_TOKEN" not in seen

@@ -52,6 +52,10 @@ class _TooLarge(Exception):
     pass
 
 
+class _CutOff(ConnectionError):
+    """The body ended before its length (the connection broke): the client sends it again."""
+
+
 class _Body:
     """The request body (``Content-Length`` or chunked), read as it arrives, at most ``limit`` bytes."""
 
@@ -80,26 +84,25 @@ class _Body:
             piece = self.rfile.read(min(want, self.left))
             self.left -= len(piece)
             if not piece:
-                self.done = True
+                raise _CutOff
             return piece
         if self.chunk_left == 0:
             line = self.rfile.readline(1024).split(b";")[0].strip()
             try:
                 self.chunk_left = int(line, 16)
-            except ValueError:
-                self.done = True
-                return b""
+            except ValueError as e:
+                raise _CutOff from e
             if self.chunk_left == 0:
                 while self.rfile.readline(1024).strip():  # trailers, then the blank line
                     pass
                 self.done = True
                 return b""
         piece = self.rfile.read(min(want, self.chunk_left))
+        if not piece:
+            raise _CutOff
         self.chunk_left -= len(piece)
         if self.chunk_left == 0:
             self.rfile.readline(16)  # the CRLF after the chunk
-        if not piece:
-            self.done = True
         return piece
 
 
@@ -203,6 +206,11 @@ class _Handler(BaseHTTPRequestHandler):
         except _TooLarge:
             self.close_connection = True
             self._refuse(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "larger than resources.workspace_max_bytes")
+        except (_CutOff, TimeoutError):
+            self.close_connection = True
+            log.info("run gateway: the %s of %s was cut off; its container sends it again", route, name)
+            with contextlib.suppress(OSError):
+                self._refuse(HTTPStatus.SERVICE_UNAVAILABLE, "the request was cut off; send it again")
         except UploadRefused as e:
             self._refuse(HTTPStatus.BAD_REQUEST, str(e))
         except TransferError as e:
