@@ -243,6 +243,11 @@ def test_every_command_has_a_description_and_every_argument_a_help_text_in_plain
         (["insights", "--days", "367"], "--days"),
         (["insights", "--days", "inf"], "--days"),
         (["status", "--status", "finished"], "--status"),
+        (["clean", "--older-than", "-1d"], "--older-than"),
+        (["clean", "--older-than", "infd"], "--older-than"),
+        (["clean", "--older-than", "soon"], "--older-than"),
+        (["clean", "--keep", "-1"], "--keep"),
+        (["clean", "--keep", "1.5"], "--keep"),
     ],
 )
 def test_a_bad_value_for_a_command_exits_2_naming_the_option_before_anything_is_built(

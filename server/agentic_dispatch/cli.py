@@ -24,7 +24,9 @@ from .errors import ConfigError, DispatchError, InvalidInputError, WorkspaceNotF
 from .models import (
     FAILURE_CLASSES,
     MAX_RETRIES,
+    AgeDays,
     BranchName,
+    Count,
     DispatchRequest,
     IdempotencyKey,
     LockKey,
@@ -490,15 +492,13 @@ _AGE_UNITS = {"d": 86_400.0, "h": 3600.0, "m": 60.0}
 
 
 def _age_days(text: str) -> float:
-    """``7d``, ``12h``, ``30m`` or a plain number of days, as days."""
+    """``7d``, ``12h``, ``30m`` or a plain number of days, as days (checked as agentic_clean's ``older_than_days``)."""
     unit = _AGE_UNITS.get(text[-1:].lower())
     try:
         value = float(text[:-1] if unit else text) * (unit or 86_400.0) / 86_400.0
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an age such as 7d, 12h or 30m") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
-    return value
+    return float(_request_field(AgeDays)(str(value)))
 
 
 def _add_clean(sub: _Sub) -> None:
@@ -513,7 +513,7 @@ def _add_clean(sub: _Sub) -> None:
     cn.add_argument(
         "--older-than", type=_age_days, metavar="AGE", help="only what finished longer ago (7d, 12h, 30m; 0: any)"
     )
-    cn.add_argument("--keep", type=_count, metavar="N", help="always keep the N most recently finished")
+    cn.add_argument("--keep", type=_request_field(Count), metavar="N", help="always keep the N most recently finished")
     cn.add_argument("--dry-run", action="store_true", help="remove nothing; print what would go")
     cn.add_argument(
         "--force", action="store_true", help="also remove finished work that was not delivered (never active work)"
