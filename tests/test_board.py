@@ -129,11 +129,16 @@ def on_card(
     return result
 
 
+def buttons(scope: WebElement, name: str) -> list[WebElement]:
+    """The buttons whose accessible name is ``name`` (Chromium's computed name, as a screen reader gets it)."""
+    return [b for b in scope.find_elements(By.TAG_NAME, "button") if b.accessible_name == name]
+
+
 def button(scope: WebElement, name: str) -> WebElement:
-    """The button whose accessible name is ``name`` (Chromium's computed name, as a screen reader gets it)."""
-    buttons = [b for b in scope.find_elements(By.TAG_NAME, "button") if b.accessible_name == name]
-    assert len(buttons) == 1, [b.accessible_name for b in scope.find_elements(By.TAG_NAME, "button")]
-    return buttons[0]
+    """The one button named ``name`` in ``scope``."""
+    found = buttons(scope, name)
+    assert len(found) == 1, [b.accessible_name for b in scope.find_elements(By.TAG_NAME, "button")]
+    return found[0]
 
 
 # -- tests -----------------------------------------------------------------------------------
@@ -219,6 +224,42 @@ def test_a_runs_page_shows_its_diff_and_prompt_and_its_log_and_facts_follow_the_
     assert browser.execute_script("return window.notReloaded") is True, "the page was reloaded"
     browser.find_element(By.TAG_NAME, "summary").click()
     assert "first-line" in browser.find_element(By.CSS_SELECTOR, "details pre").text  # the task is in the prompt
+
+
+def test_a_failed_run_resumed_from_the_page_completes_and_insights_show_the_agents_outcomes(
+    served: Served, browser: webdriver.Chrome, user_repo: Path
+) -> None:
+    workspace = dispatch(served, user_repo, "if [ -e .tried ]; then echo fine; exit 0; fi; touch .tried; exit 5")
+    wait_status(served, workspace, "failed")
+    sign_in(browser, served)
+    on_card(browser, workspace, 5, "failed", lambda c: button(c, "Resume").click() or True)
+    card(browser, workspace, 60, "completed")
+    assert mcp(served, "agentic_status", workspace=workspace)["workspaces"][0]["runs"] == 2
+    wait_status(served, dispatch(served, user_repo, "exit 7"), "failed")  # insights count each workspace's end
+
+    browser.get(f"{base(served)}/insights")
+    row = browser.find_element(By.XPATH, "//tbody/tr[th[normalize-space()='shell']]")
+    cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
+    assert cells[:3] == ["2", "1", "1"] and cells[5] == "50%", cells  # runs, completed, failed; success
+    chart = browser.find_element(By.CSS_SELECTOR, "svg.chart")
+    assert chart.get_attribute("role") == "img" and "shell: 50% success" in chart.accessible_name
+
+
+def test_the_queue_is_frozen_and_unfrozen_from_the_page(
+    served: Served, browser: webdriver.Chrome, user_repo: Path
+) -> None:
+    sign_in(browser, served)
+    wait = WebDriverWait(browser, 10, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,))
+    wait.until(lambda d: button(d.find_element(By.ID, "toolbar"), "Freeze queue").click() or True)
+    wait.until(lambda d: buttons(d.find_element(By.ID, "toolbar"), "Unfreeze queue"), "the toolbar did not say frozen")
+    assert browser.switch_to.active_element.accessible_name == "Unfreeze queue", "the focus stays on the toggle"
+    assert mcp(served, "agentic_status")["frozen"] is True
+
+    workspace = dispatch(served, user_repo, "echo thawed")
+    card(browser, workspace, LIVE_SECONDS, "queued")
+    wait.until(lambda d: button(d.find_element(By.ID, "toolbar"), "Unfreeze queue").click() or True)
+    card(browser, workspace, 60, "completed")
+    assert mcp(served, "agentic_status")["frozen"] is False
 
 
 def test_a_page_opened_without_the_token_shows_the_sign_in_and_no_workspace_name(

@@ -117,6 +117,11 @@ def phases(row: WorkspaceRow) -> list[str]:
         out.append(f"stalled since {row.stalled_since}")
     if row.waiting_for:
         out.append(f"waiting for {row.waiting_for}")
+    retry = row.retry
+    if retry is not None and (retry.attempt > 1 or retry.next_at):
+        out.append(
+            f"attempt {retry.attempt} of {retry.max + 1}" + (f", next at {retry.next_at}" if retry.next_at else "")
+        )
     if row.sync:
         out.append(f"sync: {row.sync}")
     if row.error:
@@ -298,6 +303,13 @@ def facts_html(row: WorkspaceRow, back: str) -> str:
         ("QA", _e(f"{row.qa.state}{f': {row.qa.reason}' if row.qa.reason else ''}") if row.qa else None),
         ("Checkpoint", _e(f"{row.checkpoint.commit[:12]} ({row.checkpoint.why})") if row.checkpoint else None),
         ("Outside its scope", _e(", ".join(row.out_of_scope.paths)) if row.out_of_scope else None),
+        ("Depends on", _links(row.depends_on)),
+        ("Started from", _links([row.base_workspace] if row.base_workspace else [])),
+        ("Waited for by", _links(row.dependents)),
+        (
+            "Earlier attempts",
+            "<br>".join(_e(h) for h in row.retry.history) if row.retry and row.retry.history else None,
+        ),
         ("Delivery", delivery),
         ("Look at it", f"<ul>{commands}</ul>" if commands else None),
     ]
@@ -305,6 +317,10 @@ def facts_html(row: WorkspaceRow, back: str) -> str:
     if str(row.status) == "blocked":  # a blocked run may also be resumed without an answer, or cancelled
         actions += action_form("resume", "Resume", row.name, back)
     return f'<div class="actions">{actions}</div>{_dl(items)}'
+
+
+def _links(names: list[str]) -> str | None:
+    return ", ".join(f'<a href="{_e(run_href(n))}">{_e(n)}</a>' for n in names) or None
 
 
 def _patch_html(patch: str) -> str:

@@ -32,6 +32,21 @@
     if (focused && focused !== document.body && document.contains(focused)) focused.focus();
   }
 
+  // Replace a container's content; a button that had the focus hands it to its successor (the same
+  // action, or the first one), and nothing is replaced under an answer being typed.
+  function replaceKeepingFocus(container, html) {
+    const focused = document.activeElement;
+    const inside = focused && container.contains(focused) && focused !== container;
+    if (inside && focused.tagName === "TEXTAREA" && focused.value) return;
+    const form = inside ? focused.closest("form") : null;
+    const action = form ? form.getAttribute("action") : null;
+    container.innerHTML = html;
+    if (!inside) return;
+    const next =
+      (action && container.querySelector('form[action="' + action + '"] button')) || container.querySelector("button, a");
+    if (next) next.focus();
+  }
+
   let pending = null;
   async function refresh() {
     pending = null;
@@ -42,15 +57,13 @@
         const got = await r.json();
         mergeColumns(got.columns);
         const bar = document.getElementById("toolbar-wrap");
-        if (bar && !bar.contains(document.activeElement)) bar.innerHTML = got.toolbar;
+        if (bar) replaceKeepingFocus(bar, got.toolbar);
       }
       if (facts && workspace) {
         const r = await fetch("/run-facts/" + encodeURI(workspace), { headers: { Accept: "application/json" } });
         if (!r.ok) return;
         const got = await r.json();
-        if (!facts.contains(document.activeElement) || document.activeElement === document.body) {
-          facts.innerHTML = got.facts;
-        }
+        replaceKeepingFocus(facts, got.facts);
       }
     } catch (e) {
       /* the next change or the reconnect refreshes again */
@@ -76,8 +89,10 @@
     const form = ev.target;
     if (!(form instanceof HTMLFormElement) || !form.classList.contains("act") || form.action.endsWith("/signout")) return;
     ev.preventDefault();
-    const button = form.querySelector("button");
-    if (button) button.disabled = true;
+    // Busy, not disabled: disabling the button would drop the keyboard focus to the page's start.
+    if (form.dataset.busy) return;
+    form.dataset.busy = "1";
+    form.setAttribute("aria-busy", "true");
     try {
       const r = await fetch(form.action, {
         method: "POST",
@@ -93,7 +108,8 @@
     } catch (e) {
       say("The server could not be reached.");
     } finally {
-      if (button) button.disabled = false;
+      delete form.dataset.busy;
+      form.removeAttribute("aria-busy");
       soon();
     }
   });
