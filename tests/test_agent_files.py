@@ -93,6 +93,29 @@ def test_writes_and_appends_refuse_a_linked_folder(base: Path, tmp_path: Path) -
     assert list(outside.iterdir()) == []
 
 
+def test_a_link_written_replaces_a_link_and_removing_one_never_reaches_its_target(
+    base: Path, host_file: Path, tmp_path: Path
+) -> None:
+    (base / "notes").symlink_to(host_file)
+    safefs.write_link(base, base / "notes", "docs/notes.md")
+    assert (base / "notes").readlink() == Path("docs/notes.md")
+    assert host_file.read_text(encoding="utf-8") == "HOST-ONLY-CONTENT\n"
+    (base / "gone").symlink_to(host_file)
+    assert safefs.remove_file(base, base / "gone") is True
+    assert host_file.exists() and not (base / "gone").is_symlink()
+    assert safefs.remove_file(base, base / "never" / "there") is False
+    assert not (base / "never").exists()  # finding out made no folder
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x").write_text("x", encoding="utf-8")
+    (base / "linked").symlink_to(outside)
+    with pytest.raises(UnsafePathError):
+        safefs.remove_file(base, base / "linked" / "x")
+    with pytest.raises(UnsafePathError):
+        safefs.write_link(base, base / "linked" / "y", "/etc/passwd")
+    assert sorted(p.name for p in outside.iterdir()) == ["x"]
+
+
 def test_append_refuses_a_link_and_writes_nothing_through_it(base: Path, host_file: Path) -> None:
     (base / "agent.log").symlink_to(host_file)
     with pytest.raises(UnsafePathError, match="symbolic link"):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import UnsafePathError
@@ -205,12 +206,24 @@ def write_text(base: Path, path: Path, text: str | bytes, mode: int = 0o644) -> 
         UnsafePathError: a folder on the way is a link or not a folder, or ``path`` is a folder.
         OSError: the folder cannot be written.
     """
+    with _replacing(base, path) as folder:
+        write_atomic(Path(path.name), text, mode=mode, dir_fd=folder)
+
+
+@contextlib.contextmanager
+def _replacing(base: Path, path: Path) -> Iterator[int]:
+    """The fd of ``path``'s folder, reached link-free (:func:`_open_folder`), for replacing ``path``
+    in it; ``path`` must not be a folder.
+
+    Raises:
+        UnsafePathError: a folder on the way is a link or not a folder, or ``path`` is a folder.
+    """
     folder = _open_folder(base, path)
     try:
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISDIR(os.stat(path.name, dir_fd=folder, follow_symlinks=False).st_mode):
                 raise UnsafePathError(path, "is a folder")
-        write_atomic(Path(path.name), text, mode=mode, dir_fd=folder)
+        yield folder
     finally:
         os.close(folder)
 
@@ -243,18 +256,12 @@ def write_link(base: Path, path: Path, target: str) -> None:
         UnsafePathError: a folder on the way is a link or not a folder, or ``path`` is a folder.
         OSError: the folder cannot be written.
     """
-    folder = _open_folder(base, path)
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISDIR(os.stat(path.name, dir_fd=folder, follow_symlinks=False).st_mode):
-                raise UnsafePathError(path, "is a folder")
+    with _replacing(base, path) as folder:
         temp = f".{path.name}.link-{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp, dir_fd=folder)
         os.symlink(target, temp, dir_fd=folder)
         os.replace(temp, path.name, src_dir_fd=folder, dst_dir_fd=folder)
-    finally:
-        os.close(folder)
 
 
 def remove_file(base: Path, path: Path) -> bool:
