@@ -4,7 +4,12 @@ back, and the workspace then holds what a mounted run leaves."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +21,9 @@ from agentic_dispatch.config import load_settings
 from agentic_dispatch.models import DispatchRequest, Status
 from agentic_dispatch.runtime.docker import DockerRuntime
 from agentic_dispatch.service import Dispatcher
+from agentic_dispatch.store import StatusStore
 
-from .conftest import git, wait_for
+from .conftest import git, serve_process, wait_for
 
 GATEWAY = '[runtime]\ntransfer = "network"\ngateway_listen = "{address}:0"\ngateway_url = "http://host.docker.internal"\n'
 
@@ -168,29 +174,6 @@ def _server(home: Path, client: docker.DockerClient, port: int) -> Dispatcher:
     return svc
 
 
-def test_a_network_run_whose_server_restarts_sends_its_results_to_the_next_one_and_completes(
-    docker_env: str, docker_client: docker.DockerClient, isolated_home: Path, user_repo: Path
-) -> None:
-    isolated_home.mkdir(parents=True, exist_ok=True)
-    port = _free_port(docker0_address(docker_client))
-    first = _server(isolated_home, docker_client, port)
-    task = "echo started; sleep 2; echo w > w.txt && git add w.txt && git commit -qm 'before the restart'"
-    res = first.dispatch(DispatchRequest(repo=str(user_repo), task=f"{task}; touch /tmp/job-done", agent="shell"))
-    cid = _wait_running(first, res.workspace)
-    wait_for(lambda: "started" in _log(first, res.workspace), 60, "the job to start")
-    first.close()  # the server goes away with the run in flight (its gateway too)
-    wait_for(lambda: _job_done(docker_client, cid), 60, "the job to finish while no server listens")
-    second = _server(isolated_home, docker_client, port)
-    try:
-        rec = second.wait(res.workspace, 120)
-        assert rec.status == Status.COMPLETED, rec.reason
-        ws = second.store.paths(res.workspace)
-        assert git(ws.repo, "log", "-1", "--format=%s", rec.branch) == "before the restart"
-        assert docker_client.containers.list(all=True, filters={"id": cid}) == []  # no ghost
-    finally:
-        second.close()
-
-
 def test_a_network_run_whose_gateway_never_comes_back_fails_saying_so_and_keeps_its_log(
     docker_env: str, docker_client: docker.DockerClient, isolated_home: Path, user_repo: Path
 ) -> None:
@@ -245,3 +228,37 @@ def test_a_network_runs_token_is_not_in_the_agents_environment(networked: Dispat
     seen = git(svc.store.paths(res.workspace).repo, "show", f"{rec.branch}:seen-env.txt")
     assert "AGENTIC_GATEWAY=" in seen  # it is the agent's environment
     assert "AGENTIC_TOKEN" not in seen
+
+
+def test_a_network_run_survives_its_server_being_sigkilled_and_restarted(
+    docker_env: str, docker_client: docker.DockerClient, isolated_home: Path, user_repo: Path
+) -> None:
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    port = _free_port(docker0_address(docker_client))
+    config = GATEWAY.format(address=docker0_address(docker_client)).replace(":0", f":{port}")
+    (isolated_home / "config.toml").write_text(f"drain_interval_seconds = 0.5\n{config}", encoding="utf-8")
+    server = serve_process(dict(os.environ))
+    task = "echo started; sleep 2; echo k > k.txt && git add k.txt && git commit -qm 'across a crash'"
+    out = subprocess.run(
+        [sys.executable, "-m", "agentic_dispatch", "dispatch", str(user_repo), f"{task}; touch /tmp/job-done",
+         "--agent", "shell", "--json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    workspace = str(json.loads(out.stdout)["workspace"])
+    store = StatusStore.of(load_settings()[1])
+    log = store.paths(workspace).logs / "agent-shell.log"
+    wait_for(lambda: log.exists() and "started" in log.read_text(encoding="utf-8"), 60, "the job to start")
+    cid = str(store.read(workspace).container_id)
+    server.send_signal(signal.SIGKILL)
+    server.wait(10)
+    wait_for(lambda: _job_done(docker_client, cid), 60, "the job to finish while no server runs")
+    server = serve_process(dict(os.environ))
+    try:
+        wait_for(lambda: store.read(workspace).status != Status.RUNNING, 120, "the run to be settled")
+        rec = store.read(workspace)
+        assert rec.status == Status.COMPLETED, rec.reason
+        assert git(store.paths(workspace).repo, "log", "-1", "--format=%s", rec.branch) == "across a crash"
+        wait_for(lambda: docker_client.containers.list(all=True, filters={"id": cid}) == [], 30, "no ghost")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
