@@ -72,7 +72,7 @@ SERVICE_MODULES = {
         "recovery": 4,
         "control": 4,
     },
-    "intake": {"preflight": 0, "dispatch": 1},
+    "intake": {"preflight": 0, "dispatch": 1, "reviews": 2},
     "views": {"status": 0, "inspection": 0, "insights": 0, "watching": 1},
 }
 MAX_FUNCTION_LINES = 60

@@ -136,6 +136,13 @@ def test_a_dispatch_depending_on_an_unknown_workspace_or_based_on_another_reposi
     with pytest.raises(InvalidInputError, match=wrong):
         svc.dispatch(shell(other, "true", base_workspace=first.workspace))
     assert [r.name for r in svc.status().workspaces] == [first.workspace]
+    with pytest.raises(InvalidInputError, match="review_rounds: needs review_of"):
+        svc.dispatch(shell(user_repo, "true", review_rounds=1))
+    with pytest.raises(InvalidInputError, match="base_workspace: a reviewer starts from the branch it reviews"):
+        svc.dispatch(shell(user_repo, "true", review_of=first.workspace, base_workspace="local/user-repo/other"))
+    with pytest.raises(InvalidInputError, match="review_of: there is no workspace local/user-repo/nope"):
+        svc.dispatch(shell(user_repo, "true", review_of="local/user-repo/nope"))
+    assert [r.name for r in svc.status().workspaces] == [first.workspace]
 
 
 def test_a_chain_waiting_when_the_server_is_sigkilled_runs_each_step_once_under_the_next_server(
@@ -288,3 +295,70 @@ def test_a_retry_waiting_its_backoff_when_the_server_is_sigkilled_runs_once_when
     assert done.started_at is not None and done.started_at >= next_at  # not before its time (recorded times)
     starts = [w for kind, w in engine_intervals(docker_client, since) if kind == "start"]
     assert starts.count(name) == 2  # the first attempt and the retry, nothing twice
+
+
+# -- review loops -------------------------------------------------------------------------------
+CODER = (
+    'if [ -f ANSWER.md ]; then grep -q "rename x" ANSWER.md && echo fixed > fix.txt && git add fix.txt '
+    "&& git commit -qm 'fix what the review found'; else " + COMMIT.format("a") + "; fi"
+)
+REVIEWER = (
+    "if [ -f fix.txt ]; then printf 'approved\\nlooks good now\\n' > REVIEW.md; "
+    "else printf 'changes requested\\nrename x to y in a.txt\\n' > REVIEW.md; fi"
+)
+
+
+def test_a_review_asking_for_changes_sends_the_coder_back_with_the_comments_and_a_second_round_approves(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path, isolated_home: Path
+) -> None:
+    write_config(isolated_home, "[limits]\ntotal = 4\n")
+    svc = new_dispatcher(docker_client)
+    try:
+        coder = svc.dispatch(shell(user_repo, CODER))
+        first = svc.dispatch(shell(user_repo, REVIEWER, review_of=coder.workspace, review_rounds=1))
+        wait_for(
+            lambda: (r := svc.store.read(first.workspace).review) is not None and r.next_reviewer is not None,
+            90,
+            "the first review to be followed up",
+        )
+        reviewed = svc.store.read(first.workspace)
+        assert reviewed.status == Status.COMPLETED and reviewed.review is not None
+        assert (reviewed.review.verdict, reviewed.review.round) == ("changes requested", 1)
+        assert reviewed.review.comments == "rename x to y in a.txt"
+        second = str(reviewed.review.next_reviewer)
+        done = svc.wait(second, 90)
+        fixed = svc.wait(coder.workspace, 30)
+        rows = {r.name: r for r in svc.status(coder.workspace, chain=True).workspaces}
+    finally:
+        svc.close()
+    assert second.endswith("-round-2") and done.status == Status.COMPLETED
+    assert fixed.status == Status.COMPLETED and fixed.runs == 2  # sent back once, with the comments
+    assert "rename x to y in a.txt" in (Path(coder.path) / ".meta" / "prompt-2.md").read_text(encoding="utf-8")
+    assert done.review is not None and (done.review.verdict, done.review.round) == ("approved", 2)
+    assert done.review.comments == "looks good now" and done.review_of == coder.workspace
+    # Both rows carry the review: the coder's shows its latest one, each reviewer its own.
+    coder_row = rows[coder.workspace]
+    assert coder_row.review is not None
+    assert (coder_row.review.verdict, coder_row.review.round, coder_row.review.reviewer) == ("approved", 2, second)
+    assert rows[first.workspace].review is not None and rows[first.workspace].review.verdict == "changes requested"
+    assert set(rows) == {coder.workspace, first.workspace, second}
+    # The verdict stays out of the branch, and the second reviewer saw the fix.
+    clone = svc.store.paths(second).repo
+    assert "REVIEW.md" not in git(clone, "ls-files") and git(clone, "status", "--porcelain") == ""
+    assert (clone / "fix.txt").exists()
+
+
+def test_a_reviewer_that_leaves_a_link_for_its_verdict_fails_and_the_target_is_never_read(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path
+) -> None:
+    svc = new_dispatcher(docker_client)
+    try:
+        coder = svc.dispatch(shell(user_repo, COMMIT.format("a")))
+        reviewer = svc.dispatch(shell(user_repo, "ln -s /etc/passwd REVIEW.md", review_of=coder.workspace))
+        done = svc.wait(reviewer.workspace, 60)
+        row = svc.status(coder.workspace).workspaces[0]
+    finally:
+        svc.close()
+    assert done.status == Status.FAILED and "REVIEW.md cannot be read" in (done.reason or "")
+    assert "root:" not in (done.reason or "") and done.review is None
+    assert row.review is not None and row.review.verdict is None and row.review.reviewer == reviewer.workspace

@@ -24,6 +24,7 @@ from .errors import ConfigError, DispatchError, InvalidInputError, WorkspaceNotF
 from .models import (
     FAILURE_CLASSES,
     MAX_RETRIES,
+    MAX_REVIEW_ROUNDS,
     AgeDays,
     BranchName,
     Count,
@@ -181,6 +182,8 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
         depends_on=args.depends_on,
         base_workspace=args.base_workspace,
         retry=None if args.retry is None else RetryPolicy(max=args.retry, on=args.retry_on),
+        review_of=args.review_of,
+        review_rounds=args.review_rounds,
         dry_run=args.dry_run,
         qa=args.qa,
     )
@@ -638,6 +641,19 @@ def _add_pipeline_arguments(d: argparse.ArgumentParser) -> None:
         choices=FAILURE_CLASSES,
         metavar="CLASS",
         help=f"a failure class to retry (repeatable; {', '.join(FAILURE_CLASSES)}; default: [retry] on)",
+    )
+    d.add_argument(
+        "--review-of",
+        type=_request_field(WorkspaceName),
+        metavar="WORKSPACE",
+        help="review that workspace's branch once it completes (template review, persona reviewer by default)",
+    )
+    d.add_argument(
+        "--review-rounds",
+        type=lambda text: _whole_number(text, 0, MAX_REVIEW_ROUNDS),
+        default=0,
+        metavar="N",
+        help="with --review-of: on 'changes requested', send the reviewed agent back and review again, N times",
     )
 
 

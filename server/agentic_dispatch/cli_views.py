@@ -192,6 +192,22 @@ def print_status(report: StatusReport, as_json: bool, console: Console | None = 
             out.print(f"depends on: {', '.join(row.depends_on)}", markup=False)
         if row.dependents:
             out.print(f"dependents: {', '.join(row.dependents)} (status --chain shows them all)", markup=False)
+        if row.review:
+            rv = row.review
+            out.print(
+                f"review round {rv.round} by {rv.reviewer}: {rv.verdict or 'pending'}"
+                + (f" (round {rv.round + 1}: {rv.next_reviewer})" if rv.next_reviewer else ""),
+                markup=False,
+            )
+        if row.retry:
+            rt = row.retry
+            out.print(
+                f"retry: attempt {rt.attempt} of {rt.max + 1} (on {', '.join(rt.on)})"
+                + (f", next at {rt.next_at}" if row.status == "queued" and rt.next_at else ""),
+                markup=False,
+            )
+            for line in rt.history:
+                out.print(f"  {line}", markup=False)
         for command in row.delivery_commands:
             out.print(f"  {command}", markup=False)
         for line in (row.log_tail or "").splitlines():

@@ -35,6 +35,7 @@ from .errors import DispatchError
 from .mcp_tools import LazyDispatcher, register_tool
 from .mcp_watch import WatchFeed, register_watch
 from .models import (
+    MAX_REVIEW_ROUNDS,
     AgeDays,
     BranchName,
     CancelResult,
@@ -318,6 +319,22 @@ def build_server(
                 "timeout, crash, lost, qa; a retry continues the agent's session (default: [retry] in the config)"
             ),
         ] = None,
+        review_of: Annotated[
+            WorkspaceName | None,
+            Field(
+                description="review that workspace's branch once it completes (template `review`, persona `reviewer` "
+                "by default); the verdict, from REVIEW.md, shows on both workspaces' rows"
+            ),
+        ] = None,
+        review_rounds: Annotated[
+            int,
+            Field(
+                ge=0,
+                le=MAX_REVIEW_ROUNDS,
+                description="with review_of: after 'changes requested', send the reviewed agent back with the "
+                "comments and review again, up to this many more rounds",
+            ),
+        ] = 0,
         dry_run: Annotated[bool, Field(description="prepare and return the prompt without launching")] = False,
         qa: Annotated[
             bool | None,
@@ -351,6 +368,8 @@ def build_server(
             depends_on=depends_on,
             base_workspace=base_workspace,
             retry=retry,
+            review_of=review_of,
+            review_rounds=review_rounds,
             dry_run=dry_run,
             qa=qa,
         )

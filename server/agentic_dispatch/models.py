@@ -21,6 +21,7 @@ __all__ = [
     "MAX_LISTED",
     "MAX_LOCK_CHARS",
     "MAX_RETRIES",
+    "MAX_REVIEW_ROUNDS",
     "MAX_SCOPE_CHARS",
     "MAX_SCOPE_GLOBS",
     "MAX_TAIL_LINES",
@@ -62,6 +63,7 @@ __all__ = [
     "RemovedWorkspace",
     "RetryPolicy",
     "RetryState",
+    "ReviewInfo",
     "RunSummary",
     "Scope",
     "ScopeGlob",
@@ -71,6 +73,7 @@ __all__ = [
     "SyncReport",
     "Tag",
     "Task",
+    "Verdict",
     "WatchResult",
     "WorkspaceName",
     "WorkspaceRecord",
@@ -154,6 +157,23 @@ class RetryPolicy(BaseModel):
     max: int = Field(ge=0, le=MAX_RETRIES, description="attempts after the first (0: none)")
     on: list[FailureClass] | None = Field(
         default=None, description="the failure classes retried (default: [retry] on); any other failure is final"
+    )
+
+
+MAX_REVIEW_ROUNDS = 10
+Verdict = Literal["approved", "changes requested"]
+
+
+class ReviewInfo(BaseModel):
+    """A review: the reviewer's verdict on another workspace's branch (its ``REVIEW.md``), and its round."""
+
+    reviewer: str = Field(description="the reviewer's workspace")
+    reviewed: str = Field(description="the workspace under review")
+    round: int = Field(description="the round, from 1")
+    verdict: Verdict | None = Field(default=None, description="approved or changes requested; none while pending")
+    comments: str | None = Field(default=None, description="the rest of REVIEW.md")
+    next_reviewer: str | None = Field(
+        default=None, description="changes requested, rounds left: the workspace that reviews the fixed branch"
     )
 
 
@@ -287,6 +307,10 @@ class WorkspaceRecord(BaseModel):
     )
     stop_cause: Literal["timeout"] | None = Field(default=None, description="why the server stops it, for retries")
     retry: RetryState | None = None
+    review_of: str | None = Field(default=None, description="the workspace this one reviews")
+    review_rounds: int = Field(default=0, description="review rounds after the first: fix, then review again")
+    review_round: int = Field(default=1, description="a reviewer's round, from 1")
+    review: ReviewInfo | None = Field(default=None, description="a reviewer's verdict, once it ended")
 
     @model_validator(mode="after")
     def _question_is_only_a_question(self) -> WorkspaceRecord:
@@ -411,6 +435,8 @@ class DispatchRequest(BaseModel):
     depends_on: DependsOn | None = None
     base_workspace: WorkspaceName | None = None
     retry: RetryPolicy | None = None
+    review_of: WorkspaceName | None = None
+    review_rounds: Annotated[int, Field(ge=0, le=MAX_REVIEW_ROUNDS)] = 0
     dry_run: bool = False
     qa: bool | None = None
 
@@ -492,6 +518,10 @@ class WorkspaceRow(BaseModel):
     base_commit: str | None = Field(default=None, description="the commit its branch started from")
     retry: RetryState | None = Field(
         default=None, description="retries: the attempt, the last failure's class, the next try, each attempt's reason"
+    )
+    review: ReviewInfo | None = Field(
+        default=None,
+        description="a reviewer's verdict, or on a reviewed workspace its latest review: verdict, round, reviewer",
     )
     dependents: list[str] = Field(default_factory=list, description="workspaces that wait for this one to complete")
 

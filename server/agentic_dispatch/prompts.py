@@ -30,7 +30,7 @@ __all__ = [
 
 Kind = Literal["task", "persona", "plan"]
 _KIND_DIRS: dict[Kind, str] = {"task": ".", "persona": "personas", "plan": "plans"}
-MANAGED_FILES = ("BLOCKED.md", "ANSWER.md")
+MANAGED_FILES = ("BLOCKED.md", "ANSWER.md", "REVIEW.md")
 
 
 def prompt_hash(prompt: str) -> str:

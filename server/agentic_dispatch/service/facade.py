@@ -49,6 +49,7 @@ from .catalog import AgentCatalog
 from .delivery import ResultDelivery
 from .intake.dispatch import Intake
 from .intake.preflight import Preflight
+from .intake.reviews import ReviewLoop
 from .run_files import RunFiles
 from .runs.control import Control
 from .runs.executor import RunLifecycle
@@ -126,6 +127,7 @@ class Dispatcher:
             self.store, self.scheduler, self.catalog, self.drainer, self.recovery, self.delivery, finished
         )
         self.intake = Intake(settings, paths, store, catalog, self.mirrors, self.preflight, run_files, self.runs)
+        self.reviews = ReviewLoop(store, self.intake, self.runs)
         self.control = Control(self.store, self.scheduler, self.drainer, self.runs)
         self.watching = Watching(self.store, finished, self.reports)
         self.inspector = Inspector(self.store, self.catalog)
@@ -189,6 +191,7 @@ class Dispatcher:
                 self.recovery.reconcile()
             except Exception:  # the one top-level boundary of this background task
                 log.exception("reconcile failed; retrying on the next tick")
+            self._follow_reviews()
             self._wake.wait(self.recovery.next_wakeup(self.settings.drain_interval_seconds))
             self._wake.clear()
 
@@ -204,6 +207,15 @@ class Dispatcher:
             self.drainer.drain()
         except Exception:
             log.exception("cannot drain the queue after %s exited", name)
+        self._follow_reviews()
+
+    def _follow_reviews(self) -> None:
+        """The next round of each review loop whose reviewer asked for changes, then a drain."""
+        try:
+            if self.reviews.follow_up():
+                self.drainer.drain()
+        except Exception:  # a background boundary: the next tick looks again
+            log.exception("cannot follow up the review loops; the timer tries again")
 
     def _start_queued(self, result: DispatchResult) -> DispatchResult:
         """After a dispatch or resume: start what may start. The run is queued already, so a drain
@@ -417,8 +429,10 @@ class Dispatcher:
 
     def reconcile(self) -> None:
         """What the timer does, once: settle exited and vanished runs, timeouts, adoption, the engine
-        sweep, the drain. While the engine cannot be reached it decides nothing and says so in status."""
+        sweep, the drain, the next round of review loops. While the engine cannot be reached it decides
+        nothing and says so in status."""
         self.recovery.reconcile()
+        self._follow_reviews()
 
     def drain(self) -> list[str]:
         """Start every queued workspace that has a free slot now; the names started."""

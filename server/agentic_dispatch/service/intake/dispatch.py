@@ -48,6 +48,7 @@ from .preflight import Preflight
 __all__ = ["Intake"]
 
 MAX_ANSWER_CHARS = 50_000
+REVIEW_TEMPLATE, REVIEWER_PERSONA = "review", "reviewer"  # a reviewer's defaults
 MAX_QUESTION_BYTES = 64 * 1024  # what finalise reads of BLOCKED.md
 
 
@@ -74,8 +75,9 @@ class Intake:
         self.run_files = run_files
         self.runs = runs
 
-    def dispatch(self, req: DispatchRequest) -> DispatchResult:
-        """Prepare a workspace and queue its first run; returns at once.
+    def dispatch(self, req: DispatchRequest, *, slug: str | None = None, review_round: int = 1) -> DispatchResult:
+        """Prepare a workspace and queue its first run; returns at once. ``slug`` names the workspace and
+        ``review_round`` numbers a reviewer's round (a review loop's next round).
 
         Raises:
             InvalidInputError: a bad argument (nothing is written).
@@ -91,34 +93,52 @@ class Intake:
         self.run_files.prompts.check(template, req.persona, req.plan_template, req.variables)
         timeout = req.timeout_seconds if req.timeout_seconds is not None else self.settings.timeout_seconds
         if req.idempotency_key is None:
-            return self._dispatch(req, spec, template, timeout)
+            return self._dispatch(req, spec, template, timeout, slug, review_round)
         with self._key_lock(req.idempotency_key):
             existing = self.store.with_key(req.idempotency_key)
             if existing is not None:
                 self._same_request(existing, req, str(spec))
                 return self.result(existing)
-            return self._dispatch(req, spec, template, timeout)
+            return self._dispatch(req, spec, template, timeout, slug, review_round)
 
     def _with_base(self, req: DispatchRequest) -> DispatchRequest:
         """A dispatch with ``base_workspace`` depends on it, and its clone starts from the branch that
-        workspace started from (its own branch moves to the base's end when it first starts).
+        workspace started from (its own branch moves to the base's end when it first starts). A reviewer
+        (``review_of``) starts from the reviewed branch, with the review template and persona by default.
 
         Raises:
-            InvalidInputError: no such base workspace, or it is of another repository.
+            InvalidInputError: no such base workspace, or it is of another repository; a reviewer based
+                on another workspace than the one it reviews; review rounds without a workspace to review.
         """
+        if req.review_of is None and req.review_rounds:
+            raise InvalidInputError("review_rounds", "needs review_of: the workspace to review again after its fix.")
+        if req.review_of is not None:
+            if req.base_workspace not in (None, req.review_of):
+                raise InvalidInputError(
+                    "base_workspace",
+                    f"a reviewer starts from the branch it reviews ({req.review_of}); leave base_workspace out.",
+                )
+            req = req.model_copy(
+                update={
+                    "base_workspace": req.review_of,
+                    "template": req.template or REVIEW_TEMPLATE,
+                    "persona": req.persona or REVIEWER_PERSONA,
+                }
+            )
         if req.base_workspace is None:
             return req
         base = self.store.find(req.base_workspace)
+        field = "review_of" if req.review_of is not None else "base_workspace"
         if base is None:
             raise InvalidInputError(
-                "base_workspace",
+                field,
                 f"there is no workspace {req.base_workspace} (or its record cannot be read). Name one agentic_status "
                 "lists.",
             )
         ref = resolve_repo(req.repo, req.org, self.settings.repo_url_template, self.paths.root)
         if (ref.org, ref.name) != (base.org, base.repo_name):
             raise InvalidInputError(
-                "base_workspace",
+                field,
                 f"{base.name} is a workspace of {base.org}/{base.repo_name}, not of {ref.org}/{ref.name}: "
                 f"dispatch on {base.repo} to start from its branch.",
             )
@@ -188,12 +208,20 @@ class Intake:
         digest = hashlib.sha256(key.encode()).hexdigest()[:24]
         return file_lock(self.paths.key_locks / f"{digest}.lock")
 
-    def _dispatch(self, req: DispatchRequest, spec: AgentSpec, template: str, timeout: int) -> DispatchResult:
+    def _dispatch(
+        self,
+        req: DispatchRequest,
+        spec: AgentSpec,
+        template: str,
+        timeout: int,
+        slug: str | None = None,
+        review_round: int = 1,
+    ) -> DispatchResult:
         ref = resolve_repo(req.repo, req.org, self.settings.repo_url_template, self.paths.root)  # named first
         check_disk_floor(self.paths.root, self.settings.retention.min_free_gib)  # before anything is cloned
         if not req.dry_run:
             self.preflight.check(spec.base)
-        name = f"{ref.org}/{ref.name}/{self._slug(req)}"
+        name = f"{ref.org}/{ref.name}/{slug or self._slug(req)}"
         target = self.store.paths(name)
         if target.dir.exists():
             raise InvalidInputError(
@@ -207,6 +235,7 @@ class Intake:
         try:
             staged = WorkspacePaths(staging)
             record, prompt = self._stage(staged, mirror, ref, req, name, spec, template, timeout, start_branch)
+            record.review_round = review_round
             if req.dry_run:
                 return self.result(record, dry_run_prompt=prompt)
             target.dir.parent.mkdir(parents=True, exist_ok=True)
@@ -283,6 +312,8 @@ class Intake:
             depends_on=list(dict.fromkeys(req.depends_on or [])),
             base_workspace=req.base_workspace,
             retry=self._retry_state(req),
+            review_of=req.review_of,
+            review_rounds=req.review_rounds,
             qa_enabled=self.settings.qa.enabled if req.qa is None else req.qa,
         )
         return record, self.run_files.prepare(ws, record, req.variables)

@@ -23,14 +23,24 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 from ... import safefs
 from ...agents import RUN_HEADER, agent_base
 from ...checkpoints import checkpoint as keep_checkpoint
 from ...credentials import redact
 from ...errors import DispatchError, LaunchError, RuntimeUnavailableError, StateError, UnsafePathError
-from ...models import CheckpointInfo, Event, OutOfScope, RunSummary, Status, WorkspaceRecord, parse_time, utcnow
+from ...models import (
+    CheckpointInfo,
+    Event,
+    OutOfScope,
+    RunSummary,
+    Status,
+    Verdict,
+    WorkspaceRecord,
+    parse_time,
+    utcnow,
+)
 from ...runtime.base import Runtime
 from ...scheduler import Scheduler
 from ...scope import out_of_scope
@@ -212,6 +222,9 @@ class RunLifecycle:
         except UnsafePathError as e:
             question, unsafe = "", str(e)
         last = [ln for ln in log_tail(ws, base, 5).splitlines() if ln]
+        review, review_problem = (
+            self._review(ws, secrets) if rec.review_of is not None and exit_code == 0 else (None, None)
+        )
         qa_command = None
         if rec.qa_enabled and exit_code == 0 and not question and unsafe is None and rec.stop_status is None:
             found = self.qa.command(ws)
@@ -227,6 +240,8 @@ class RunLifecycle:
             qa_command=qa_command,
             out_of_scope=self._out_of_scope(ws, rec),
             transfer_failure=NetworkJobs.failure(ws, rec.runs, "agent"),
+            review=review,
+            review_problem=review_problem,
         )
 
     def _out_of_scope(self, ws: WorkspacePaths, rec: WorkspaceRecord) -> OutOfScope | None:
@@ -239,6 +254,22 @@ class RunLifecycle:
         except (DispatchError, OSError) as e:
             log.warning("%s: its changes could not be checked against its scope: %s", rec.name, e)
             return None
+
+    @staticmethod
+    def _review(ws: WorkspacePaths, secrets: Iterable[str]) -> tuple[tuple[Verdict, str] | None, str | None]:
+        """A reviewer's ``REVIEW.md`` (its first 64 KiB, key values masked): ``((verdict, comments), None)``,
+        or ``(None, why there is no verdict)``."""
+        try:
+            text = safefs.read_text(ws.repo, ws.repo / "REVIEW.md", MAX_QUESTION_BYTES)
+        except UnsafePathError as e:
+            return None, f"REVIEW.md cannot be read: {e}"
+        if text is None:
+            return None, "there is no REVIEW.md"
+        first, _, rest = text.strip().partition("\n")
+        verdict = first.strip().strip("#*` ").lower().rstrip(".:")
+        if verdict not in ("approved", "changes requested"):
+            return None, f"REVIEW.md's first line is {first.strip()[:80]!r}"
+        return (cast("Verdict", verdict), redact(rest.strip(), secrets) or ""), None
 
     @staticmethod
     def _blocked_question(ws: WorkspacePaths) -> str:

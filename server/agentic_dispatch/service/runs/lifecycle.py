@@ -28,6 +28,8 @@ carries the effects out against the engine, the store, the scheduler and the out
     running, not stalled  Stalled                    → running, stalled_since   event stalled
                           Stalled, stop              → running, stalled, marked stop the container (ends failed)
     running, stalled   StallEnded (activity again)   → running          —
+    running, agent     Exited: 0, a reviewer without a verdict → failed    remove, checkpoint, settled
+    completed reviewer ReviewFollowedUp              → completed, review.next_reviewer   —
     running            a failure of a class the retry policy lists, attempts left
                                                      → queued, runs+1, retry.next_at   event retrying;
                                                        remove, checkpoint (agent), count*, prepare the retry
@@ -55,8 +57,10 @@ from ...models import (
     FailureClass,
     OutOfScope,
     QaResult,
+    ReviewInfo,
     RunSummary,
     Status,
+    Verdict,
     WorkspaceRecord,
     parse_time,
 )
@@ -77,6 +81,7 @@ __all__ = [
     "QaStarted",
     "RemoveContainer",
     "Resumed",
+    "ReviewFollowedUp",
     "Settled",
     "StallEnded",
     "Stalled",
@@ -164,6 +169,16 @@ class Exited:
     qa_command: tuple[str, str] | None = None  # (command, why), when the QA gate is on and found one
     out_of_scope: OutOfScope | None = None  # when the dispatch has a scope: the branch's changes outside it
     transfer_failure: str | None = None  # network transfer: why its results did not all come back
+    review: tuple[Verdict, str] | None = None  # a reviewer's REVIEW.md: the verdict and the comments
+    review_problem: str | None = None  # a reviewer's: why REVIEW.md holds no verdict
+
+
+@dataclass(frozen=True)
+class ReviewFollowedUp:
+    """A reviewer's "changes requested" was acted on: the reviewed workspace was sent back with the
+    comments and ``next_reviewer`` dispatched to review it again."""
+
+    next_reviewer: str
 
 
 @dataclass(frozen=True)
@@ -231,6 +246,7 @@ Happening = (
     | Vanished
     | Stalled
     | StallEnded
+    | ReviewFollowedUp
 )
 
 
@@ -373,6 +389,11 @@ def _transition(rec: WorkspaceRecord, happening: Happening, now: str) -> Outcome
                 return None
             new.stalled_since = None
             return Outcome(new)
+        case ReviewFollowedUp():
+            if rec.status != Status.COMPLETED or new.review is None or new.review.next_reviewer is not None:
+                return None
+            new.review.next_reviewer = happening.next_reviewer
+            return Outcome(new)
     return None  # pragma: no cover (the match is exhaustive)
 
 
@@ -453,6 +474,7 @@ def _resumed(new: WorkspaceRecord, h: Resumed) -> Outcome | None:
     new.container_id = new.exit_code = new.finished_at = new.qa = None
     new.question = new.reason = None  # the new run's prompt carries them; a queued run has none
     new.out_of_scope = None  # the new run's exit reads it again
+    new.review = None  # a reviewer sent back gives a new verdict
     if new.retry is not None:  # a person sent it back: its attempts count afresh
         new.retry = new.retry.model_copy(
             update={"attempt": 1, "next_at": None, "last_class": None, "failed_at": None, "history": []}
@@ -465,6 +487,11 @@ def _agent_exited(new: WorkspaceRecord, h: Exited, now: str) -> Outcome:
     new.exit_code, new.summary = h.exit_code, h.summary
     if h.out_of_scope is not None:
         new.out_of_scope = h.out_of_scope
+    if new.review_of is not None and h.review is not None:
+        verdict, comments = h.review
+        new.review = ReviewInfo(
+            reviewer=new.name, reviewed=new.review_of, round=new.review_round, verdict=verdict, comments=comments
+        )
     remove = RemoveContainer(h.container_id)
     if stop_status == Status.CANCELLED:
         out = _end(new, Status.CANCELLED, stop_reason, now)
@@ -483,6 +510,13 @@ def _agent_exited(new: WorkspaceRecord, h: Exited, now: str) -> Outcome:
         out = _failed(new, _exit_class(h), failure_reason(h), now, h.summary)
         if new.started_at and not _signalled_from_outside(h):
             out.effects.append(CountFailure(new.agent, new.started_at))
+    elif new.review_of is not None and h.review is None:
+        why = h.review_problem or "there is no REVIEW.md"
+        reason = (
+            f"the reviewer ended without a verdict: {why}. REVIEW.md's first line must be `approved` or "
+            "`changes requested`; call agentic_resume to send it back"
+        )
+        out = _end(new, Status.FAILED, reason, now)
     elif new.scope_mode == "fail" and h.out_of_scope is not None and h.out_of_scope.count:
         out = _end(new, Status.FAILED, _scope_reason(h.out_of_scope), now)
     elif new.qa_enabled and h.qa_command is not None:

@@ -12,7 +12,15 @@ from datetime import UTC, datetime
 from ...agents import agent_base
 from ...credentials import redact
 from ...errors import CorruptRecordError, InvalidInputError, WorkspaceNotFoundError
-from ...models import ACTIVE_STATUSES, PoolHoldRow, Status, StatusReport, WorkspaceRecord, WorkspaceRow
+from ...models import (
+    ACTIVE_STATUSES,
+    PoolHoldRow,
+    ReviewInfo,
+    Status,
+    StatusReport,
+    WorkspaceRecord,
+    WorkspaceRow,
+)
 from ...scheduler import Scheduler, retry_wait
 from ...store import Listed, StatusStore, log_tail
 from ..catalog import AgentCatalog
@@ -170,6 +178,7 @@ class Reports:
             base = agent_base(rec.agent)
             tail = redact(log_tail(self.store.paths(rec.name), base, log_lines), self.catalog.secrets(base))
         delivered = self.delivery.delivery_of(rec)
+        dependents = self.store.dependents(rec.name)
         return WorkspaceRow(
             name=rec.name,
             repo=rec.repo,
@@ -194,10 +203,21 @@ class Reports:
             base_workspace=rec.base_workspace,
             base_commit=rec.base_commit,
             retry=rec.retry,
-            dependents=self.store.dependents(rec.name),
+            dependents=dependents,
+            review=self._review(rec, dependents),
             sync=sync,
             delivery_commands=self.delivery.view_commands(rec, delivered),
         )
+
+    def _review(self, rec: WorkspaceRecord, dependents: list[str]) -> ReviewInfo | None:
+        """A reviewer's review (pending until it ends); for a reviewed workspace, its latest reviewer's."""
+        if rec.review_of is not None:
+            return rec.review or ReviewInfo(reviewer=rec.name, reviewed=rec.review_of, round=rec.review_round)
+        reviewers = [r for d in dependents if (r := self.store.find(d)) is not None and r.review_of == rec.name]
+        if not reviewers:
+            return None
+        latest = max(reviewers, key=lambda r: (r.review_round, r.created_at))
+        return latest.review or ReviewInfo(reviewer=latest.name, reviewed=rec.name, round=latest.review_round)
 
     def _report(self, counts: dict[str, int], rows: list[WorkspaceRow]) -> StatusReport:
         """The rows with what holds the queue: frozen, why queued work cannot start, pool holds, orphans."""
