@@ -261,6 +261,18 @@ def test_a_config_path_that_names_no_file_exits_2_naming_it_and_reads_no_default
     assert not isolated_home.exists(), "nothing was read or made under the state root"
 
 
+def test_a_config_variable_that_names_no_file_exits_2_naming_it(
+    tmp_path: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nowhere.toml"
+    monkeypatch.setenv("AGENTIC_DISPATCH_CONFIG", str(missing))
+
+    code, err = run(["status"], capsys)
+
+    assert code == 2 and err.startswith("configuration error") and f"{missing}: there is no file there" in err, err
+    assert "AGENTIC_DISPATCH_CONFIG" in err and not isolated_home.exists(), err
+
+
 def test_serve_with_a_config_path_that_names_no_file_exits_2_before_it_answers_anything(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere" / "config.toml"
     proc = subprocess.run(

@@ -4,7 +4,7 @@ All state sits under one root (``AGENTIC_DISPATCH_HOME``, else the platform's us
 data dir). The config file is optional: defaults make a fresh install work. It is
 ``AGENTIC_DISPATCH_CONFIG`` if set, else ``config.toml`` in the config dir (the
 root itself when ``AGENTIC_DISPATCH_HOME`` is set, so a test or a second install
-never reads the user's own file).
+never reads the user's own file). A file named (``--config``, the variable) must be there.
 """
 
 from __future__ import annotations
@@ -632,10 +632,21 @@ def load_settings(path: Path | None = None) -> tuple[Settings, Paths]:
         ConfigError: the file is not a regular file, not valid TOML or does not fit :class:`Settings`;
             the message has one line per problem, each starting with the file path. Also when
             ``AGENTIC_DISPATCH_SYNC_MAX_ATTEMPTS`` is set to something other than a whole number >= 1,
-            or the state root is not a folder.
+            or the state root is not a folder; and when a file named (``path``, or the variable) is not
+            there: a typo must not mean the defaults, with another root and another agent.
     """
+    named = path is not None or bool(os.environ.get(CONFIG_ENV))
     path = path or config_file_path()
-    data = _read_config(path) or {}
+    data = _read_config(path)
+    if data is None and named:
+        raise ConfigError(
+            path,
+            [
+                f"there is no file there. Name an existing TOML file (an empty one means the defaults) with "
+                f"--config or {CONFIG_ENV}, or neither to read config.toml in the config dir"
+            ],
+        )
+    data = data or {}
     try:
         settings = Settings.model_validate(data)
     except ValidationError as e:
