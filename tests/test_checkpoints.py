@@ -237,7 +237,9 @@ def test_a_link_in_refs_heads_is_refused_and_nothing_is_written_through_it(tmp_p
 
 
 def _link_an_object_folder(clone: Path, outside: Path) -> None:
-    (clone / ".git" / "objects" / "ab").symlink_to(outside, target_is_directory=True)
+    objects = clone / ".git" / "objects"  # a fan-out folder the clone has none of yet (its hashes vary by the clock)
+    free = next(name for name in (f"{n:02x}" for n in range(256)) if not (objects / name).exists())
+    (objects / free).symlink_to(outside, target_is_directory=True)
 
 
 def _link_an_object(clone: Path, outside: Path) -> None:
