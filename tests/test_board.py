@@ -320,6 +320,22 @@ def test_an_action_posted_with_a_foreign_origin_or_host_is_refused_and_changes_n
     wait_status(served, workspace, "cancelled")
 
 
+def test_signing_in_and_acting_never_redirect_to_another_site(served: Served) -> None:
+    own = {"Origin": f"http://127.0.0.1:{served.port}"}
+    cookies = _session(served)
+    for target in ("//evil.example/x", "/\\evil.example", "/\t/evil.example", "https://evil.example/", "evil"):
+        got = httpx2.post(f"{base(served)}/signin", data={"token": TOKEN, "next": target}, headers=own, timeout=30)
+        assert got.status_code == 303 and got.headers["location"] == "/", (target, got.headers.get("location"))
+        for verb in ("freeze", "unfreeze"):
+            got = httpx2.post(
+                f"{base(served)}/actions/{verb}", data={"back": target}, headers=own, cookies=cookies, timeout=30
+            )
+            assert got.status_code == 303 and got.headers["location"] == "/", (verb, target, got.headers)
+    got = httpx2.post(f"{base(served)}/signin", data={"token": TOKEN, "next": "/insights?days=1"}, headers=own)
+    assert got.headers["location"] == "/insights?days=1"
+    assert mcp(served, "agentic_status")["frozen"] is False
+
+
 def _read_events(response: httpx2.Response, until: Any) -> list[tuple[str, str, Any]]:
     """``(event, id, data)`` of each server-sent event until ``until(collected)`` holds."""
     out: list[tuple[str, str, Any]] = []

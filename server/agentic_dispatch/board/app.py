@@ -77,8 +77,15 @@ def _status_of(e: DispatchError) -> int:
 
 
 def _local_path(value: object, default: str = "/") -> str:
-    """``value`` if it is a path on this server (a redirect target), else ``default``."""
-    if isinstance(value, str) and value.startswith("/") and not value.startswith(("//", "/\\")):
+    """``value`` if it is a path on this server (a redirect target), else ``default``: never ``//host``,
+    ``/\\host``, nor a path with a control character or space (browsers drop tabs and newlines from a URL,
+    so ``/<tab>/host`` would become ``//host``)."""
+    if (
+        isinstance(value, str)
+        and value.startswith("/")
+        and not value.startswith(("//", "/\\"))
+        and not any(ord(ch) <= 0x20 or ord(ch) == 0x7F or ch == "\\" for ch in value)
+    ):
         return value
     return default
 
