@@ -122,11 +122,22 @@ def phases(row: WorkspaceRow) -> list[str]:
         out.append(
             f"attempt {retry.attempt} of {retry.max + 1}" + (f", next at {retry.next_at}" if retry.next_at else "")
         )
+    if row.review is not None:
+        out.append(_review(row))
     if row.sync:
         out.append(f"sync: {row.sync}")
     if row.error:
         out.append(row.error)
     return out
+
+
+def _review(row: WorkspaceRow) -> str:
+    """A review in words: who reviews whom, the round, the verdict (pending while there is none)."""
+    r = row.review
+    assert r is not None
+    verdict = r.verdict or "pending"
+    who = f"reviews {r.reviewed}" if r.reviewer == row.name else f"reviewed by {r.reviewer}"
+    return f"review round {r.round}: {verdict} ({who})"
 
 
 def _hidden(name: str, value: str) -> str:
@@ -303,6 +314,8 @@ def facts_html(row: WorkspaceRow, back: str) -> str:
         ("QA", _e(f"{row.qa.state}{f': {row.qa.reason}' if row.qa.reason else ''}") if row.qa else None),
         ("Checkpoint", _e(f"{row.checkpoint.commit[:12]} ({row.checkpoint.why})") if row.checkpoint else None),
         ("Outside its scope", _e(", ".join(row.out_of_scope.paths)) if row.out_of_scope else None),
+        ("Review", _e(_review(row)) if row.review else None),
+        ("Review comments", _e(_cut(row.review.comments, 4000)) if row.review and row.review.comments else None),
         ("Depends on", _links(row.depends_on)),
         ("Started from", _links([row.base_workspace] if row.base_workspace else [])),
         ("Waited for by", _links(row.dependents)),
