@@ -333,12 +333,13 @@ def test_doctor_tool_names_found_credentials_without_their_values(
     assert secret not in json.dumps(report) + " ".join(getattr(c, "text", "") for c in result.content)
 
 
+@pytest.mark.parametrize("agent", ["claude", "codex"])
 def test_a_provider_429_with_retry_after_is_retried_by_policy_and_the_real_cli_continues_its_session(
-    docker_env: str, user_repo: Path, isolated_home: Path, tmp_path: Path
+    agent: str, docker_env: str, user_repo: Path, isolated_home: Path, tmp_path: Path
 ) -> None:
     with ModelServer() as model:
         model.script([Fail(429, "slow down", retry_after="1"), Say("Done on the second attempt.")])
-        setup = Setup(isolated_home, tmp_path, "claude", model.port)
+        setup = Setup(isolated_home, tmp_path, agent, model.port)
         with (isolated_home / "config.toml").open("a", encoding="utf-8") as f:
             f.write("\n[retry]\nbackoff_seconds = 1\n")
 
@@ -348,7 +349,7 @@ def test_a_provider_429_with_retry_after_is_retried_by_policy_and_the_real_cli_c
                 "agentic_dispatch",
                 repo=str(user_repo),
                 task="Say done",
-                agent="claude",
+                agent=agent,
                 retry={"max": 1, "on": ["provider"]},
             )
             return await setup.final(client, started["workspace"], timeout=120)

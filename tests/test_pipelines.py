@@ -362,3 +362,24 @@ def test_a_reviewer_that_leaves_a_link_for_its_verdict_fails_and_the_target_is_n
     assert done.status == Status.FAILED and "REVIEW.md cannot be read" in (done.reason or "")
     assert "root:" not in (done.reason or "") and done.review is None
     assert row.review is not None and row.review.verdict is None and row.review.reviewer == reviewer.workspace
+
+
+def test_a_run_that_timed_out_and_one_whose_container_was_killed_from_outside_are_retried_by_their_class(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path, isolated_home: Path
+) -> None:
+    write_config(isolated_home, "[limits]\ntotal = 4\n[retry]\nbackoff_seconds = 0\n")
+    svc = new_dispatcher(docker_client)
+    slow_once = '[ "$AGENTIC_RUN" -ge 2 ] || sleep 300; ' + COMMIT.format("t")
+    try:
+        timed = svc.dispatch(shell(user_repo, slow_once, timeout_seconds=2, retry=RetryPolicy(max=1, on=["timeout"])))
+        killed = svc.dispatch(shell(user_repo, slow_once, retry=RetryPolicy(max=1, on=["lost"])))
+        container = svc.store.read(killed.workspace).container_id
+        assert container is not None
+        docker_client.containers.get(container).kill()  # as an engine restart would
+        results = {name: svc.wait(name, 60) for name in (timed.workspace, killed.workspace)}
+    finally:
+        svc.close()
+    for name, cls in ((timed.workspace, "timeout"), (killed.workspace, "lost")):
+        done = results[name]
+        assert done.status == Status.COMPLETED and done.runs == 2, (name, done.reason)
+        assert done.retry is not None and done.retry.last_class == cls

@@ -8,13 +8,14 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from agentic_dispatch.config import Limits
-from agentic_dispatch.models import Priority, Status, WorkspaceRecord, utcnow
-from agentic_dispatch.scheduler import ALL_POOLS, Scheduler
+from agentic_dispatch.models import Priority, RetryState, Status, WorkspaceRecord, parse_time, utcnow
+from agentic_dispatch.scheduler import ALL_POOLS, Scheduler, retry_wait
 
 BOUND = 10.0  # seconds a thread gets before the test calls it a deadlock
 
@@ -262,6 +263,33 @@ def test_pick_skips_a_run_whose_dependencies_have_not_completed_and_says_what_to
     assert "org/repo/done" not in failed  # a completed dependency is not waited for
     assert "org/repo/gone to complete, but it is gone" in waits["org/repo/after-gone"]
     assert "org/repo/after-done" not in waits
+
+
+# -- retries ------------------------------------------------------------------------------------
+def retry_due(slug: str, next_at: str, agent: str = "shell") -> WorkspaceRecord:
+    state = RetryState(max=2, on=["crash"], attempt=2, last_class="crash", next_at=next_at)
+    return record(slug, agent=agent).model_copy(update={"retry": state, "runs": 2})
+
+
+def test_a_retry_in_its_backoff_takes_no_slot_and_starts_once_due_unless_its_pool_is_paused(tmp_path: Path) -> None:
+    sched = new_scheduler(tmp_path, total=1, fast_fail_count=1, fast_fail_window_seconds=60)
+    now = parse_time("2026-12-06T10:00:00Z")
+    assert now is not None
+    waiting = retry_due("later", "2026-12-06T10:00:30Z")
+    behind = record("fresh").model_copy(update={"created_at": "2026-01-01T00:00:00Z"})  # younger than "later"
+
+    with sched.admission():
+        assert [r.name for r in sched.pick([waiting, behind], now=now)] == ["org/repo/fresh"]
+        assert [r.name for r in sched.pick([waiting], now=now + 30)] == ["org/repo/later"]
+    assert retry_wait(waiting, now) == "attempt 2 of 3 at 2026-12-06T10:00:30Z, after a crash failure"
+    assert retry_wait(waiting, now + 30) is None
+
+    assert sched.note_failure("shell", 1.0)  # the pool is paused: its retries wait like any other run
+    with sched.admission():
+        assert sched.pick([waiting], now=time.time() + 31) == []
+    sched.resume_pool("shell")
+    with sched.admission():
+        assert [r.name for r in sched.pick([waiting])] == ["org/repo/later"]
 
 
 # -- the admission lock -------------------------------------------------------------------------
