@@ -24,6 +24,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.wait import WebDriverWait
 
+from .conftest import git
 from .test_http_auth import TOKEN, TOKEN_ENV, Served, serving
 
 pytestmark = pytest.mark.docker
@@ -245,6 +246,25 @@ def test_a_failed_run_resumed_from_the_page_completes_and_insights_show_the_agen
     assert chart.get_attribute("role") == "img" and "shell: 50% success" in chart.accessible_name
 
 
+def test_sync_from_the_page_brings_the_branch_home_and_the_run_page_says_where(
+    served: Served, browser: webdriver.Chrome, user_repo: Path
+) -> None:
+    task = "echo done > result.txt && git add result.txt && git commit -qm 'the result'"
+    workspace = dispatch(served, user_repo, task)
+    branch = wait_status(served, workspace, "completed")["branch"]
+    assert git(user_repo, "branch", "--list", branch) == "", "nothing is delivered before the sync ([sync] auto off)"
+    sign_in(browser, served)
+    on_card(browser, workspace, 5, "completed", lambda c: button(c, "Sync").click() or True)
+
+    deadline = time.monotonic() + 60
+    while git(user_repo, "branch", "--list", branch) == "":
+        assert time.monotonic() < deadline, "the branch never came home"
+        time.sleep(0.1)
+    browser.get(f"{base(served)}/run/{workspace}")
+    facts = browser.find_element(By.ID, "facts").text
+    assert "Delivery" in facts and str(user_repo) in facts and branch in facts, facts
+
+
 def test_the_queue_is_frozen_and_unfrozen_from_the_page(
     served: Served, browser: webdriver.Chrome, user_repo: Path
 ) -> None:
@@ -334,6 +354,22 @@ def test_signing_in_and_acting_never_redirect_to_another_site(served: Served) ->
     got = httpx2.post(f"{base(served)}/signin", data={"token": TOKEN, "next": "/insights?days=1"}, headers=own)
     assert got.headers["location"] == "/insights?days=1"
     assert mcp(served, "agentic_status")["frozen"] is False
+
+
+def test_on_loopback_without_a_token_the_board_opens_at_once_and_the_host_and_origin_rules_still_hold(
+    docker_env: str, isolated_home: Path
+) -> None:
+    with serving(isolated_home) as s:
+        assert "no token: every user and program on this machine may open it" in s.stderr
+        page = httpx2.get(f"{base(s)}/", timeout=60)
+        assert page.status_code == 200 and "<title>Board" in page.text
+        assert httpx2.get(f"{base(s)}/", headers={"Host": f"evil.example:{s.port}"}, timeout=30).status_code == 421
+        url = f"{base(s)}/actions/freeze"
+        assert httpx2.post(url, headers={"Origin": "http://evil.example"}, timeout=30).status_code == 403
+        assert httpx2.post(url, timeout=30).status_code == 403, "an action without an Origin"
+        own = {"Origin": f"http://localhost:{s.port}", "Host": f"localhost:{s.port}", "Accept": "application/json"}
+        assert httpx2.post(url, headers=own, timeout=30).json()["ok"] is True
+        assert httpx2.post(f"{base(s)}/actions/unfreeze", headers=own, timeout=30).json()["ok"] is True
 
 
 def _read_events(response: httpx2.Response, until: Any) -> list[tuple[str, str, Any]]:
