@@ -80,7 +80,9 @@ INSTRUCTIONS = """\
 agentic-dispatch runs coding agents (codex, claude, gemini, or `shell` for a plain script) in Docker containers,
 each in its own git clone of a repository on its own branch. agentic_dispatch returns at once; follow a run with
 agentic_watch (waits with progress) or agentic_status. A `blocked` workspace has a question: answer it with
-agentic_resume. Results stay in the workspace until agentic_sync brings them home."""
+agentic_resume. Results stay in the workspace until agentic_sync brings them home. Dispatches chain: depends_on
+waits for other workspaces to complete, base_workspace starts from another's branch, review_of reviews one (with
+review_rounds, the coder is sent back and reviewed again), retry tries failures again by cause."""
 
 Ctx = Context[Dispatcher]
 
