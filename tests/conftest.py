@@ -374,7 +374,7 @@ def remote_engine(full_engine_template: engines.EngineTemplate) -> Iterator[engi
         yield engine
 
 
-ENGINE_FIXTURES = {"docker_client", "agent_image", "docker_env", "second_engine", "remote_engine"}
+ENGINE_FIXTURES = {"docker_client", "agent_image", "docker_env", "second_engine", "remote_engine", "engine_template"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

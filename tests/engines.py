@@ -50,10 +50,13 @@ __all__ = [
     "EngineTemplate",
     "RemoteEngine",
     "SecondEngine",
+    "Swarm",
+    "SwarmNode",
     "engine_template",
     "export_shell_image",
     "remote_engine",
     "second_engine",
+    "swarm",
 ]
 
 # Names carry the test process's pid, so a sweep can tell a live engine from a leftover.
@@ -601,9 +604,7 @@ def make_tls(directory: Path, servers: dict[str, str]) -> Tls:
         .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
 
@@ -716,4 +717,177 @@ def remote_engine(template: EngineTemplate) -> Iterator[RemoteEngine]:
         yield engine
     finally:
         engine.close()
+        _ip("link", "del", veth, check=False)
+
+
+# -- a swarm of engines, each "another machine" -------------------------------------------------
+SWARM_NODES = 3  # a manager and two workers
+
+
+class SwarmNode(SecondEngine):
+    """One engine of a test swarm: its own network, mount and UTS namespaces (its own hostname, its
+    own ``/etc/docker``, so every node has its own name and engine id; the temp dir hidden), on a
+    bridge shared with the other nodes and the host at :attr:`address`. A swarm task never pulls
+    here (``DOCKER_SERVICE_PREFER_OFFLINE_IMAGE``): the nodes have no route out, and each starts
+    with the shell image cloned from the template."""
+
+    def __init__(self, name: str, directory: Path, address: str, hostname: str) -> None:
+        super().__init__(name, directory)
+        self.address = address
+        self.hostname = hostname
+
+    def _wrapper(self) -> list[str]:
+        own = (
+            'mount -t tmpfs tmpfs /tmp && mount -t tmpfs tmpfs /etc/docker && hostname "$AD_HOSTNAME" && '
+            'exec env DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1 "$@"'
+        )
+        return [
+            "env",
+            f"AD_HOSTNAME={self.hostname}",
+            "unshare",
+            "--mount",
+            "--uts",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            own,
+            "-",
+        ]
+
+
+@dataclass
+class Swarm:
+    """A manager and workers joined into one swarm (see :func:`swarm`).
+
+    Attributes:
+        nodes: the manager first, then the workers.
+        host_address: the host's address on the nodes' bridge: where a run gateway listens for them.
+        image: the shell image every node holds.
+    """
+
+    name: str
+    nodes: list[SwarmNode]
+    host_address: str
+    image: str
+    switch: str
+
+    @property
+    def manager(self) -> SwarmNode:
+        return self.nodes[0]
+
+    @property
+    def docker_host(self) -> str:
+        """The manager as ``DOCKER_HOST`` names it (its API socket, reachable from the host)."""
+        return self.manager.base_url
+
+    def node(self, hostname: str) -> SwarmNode:
+        return next(n for n in self.nodes if n.hostname == hostname)
+
+    def cut_off(self, node: SwarmNode) -> None:
+        """The machine is gone: its link to the others is down and its engine killed (its containers
+        live on, unreachable, as they would on a machine that lost its network)."""
+        _ip("-n", self.switch, "link", "set", _node_port(self.name, self.nodes.index(node)), "down")
+        node.kill()
+
+    def services(self) -> list[dict[str, object]]:
+        api = docker.APIClient(base_url=self.docker_host, timeout=30, version="1.41")
+        try:
+            return list(api.services())
+        finally:
+            api.close()
+
+
+def _node_port(name: str, index: int) -> str:
+    """The switch's end of node ``index``'s veth (at most 15 characters)."""
+    return f"ads{abs(hash(name)) % 10**8}p{index}"
+
+
+def _free_swarm_subnet() -> int:
+    used = _ip("-o", "addr", "show", check=False).stdout + "".join(
+        _ip("-n", ns.split(" ")[0], "-o", "addr", "show", check=False).stdout
+        for ns in _ip("netns", "list", check=False).stdout.splitlines()
+        if ns.startswith(PREFIX)
+    )
+    for _ in range(200):
+        n = int.from_bytes(os.urandom(1), "big") % 250 + 1
+        if f"10.232.{n}." not in used:
+            return n
+    raise EngineError("no free 10.232.N.0/24 for a swarm")
+
+
+@contextlib.contextmanager
+def swarm(template: EngineTemplate, workers: int = SWARM_NODES - 1) -> Iterator[Swarm]:
+    """A started swarm of one manager and ``workers`` workers, each a :class:`SwarmNode` holding
+    ``template``'s image, on a bridge of its own (in a namespace of its own: the host's FORWARD
+    policy would drop node-to-node traffic) that the host joins at ``10.232.N.1``. Nodes report
+    to the manager every second, so a lost one is ``down`` within seconds. Everything is torn
+    down when the block ends, also when it raises.
+
+    Raises:
+        EngineError: an engine did not come up, or the swarm did not form.
+    """
+    _sweep_stale()
+    base = f"{PREFIX}-{os.getpid()}-swarm{next(_counter)}"
+    switch = f"{base}-sw"
+    subnet = _free_swarm_subnet()
+    host_address = f"10.232.{subnet}.1"
+    veth = _veth_host(switch)
+    nodes: list[SwarmNode] = []
+    made = Swarm(base, nodes, host_address, template.image, switch)
+    try:
+        _ip("netns", "add", switch)
+        _ip("-n", switch, "link", "set", "lo", "up")
+        _ip("-n", switch, "link", "add", "br0", "type", "bridge")
+        _ip("-n", switch, "link", "set", "br0", "up")
+        _ip("link", "add", veth, "type", "veth", "peer", "name", "adsw-tmp")
+        _ip("link", "set", "adsw-tmp", "netns", switch)
+        _ip("-n", switch, "link", "set", "adsw-tmp", "name", "uplink", "master", "br0", "up")
+        _ip("addr", "add", f"{host_address}/24", "dev", veth)
+        _ip("link", "set", veth, "up")
+        for i in range(workers + 1):
+            name = f"{base}-{i}"
+            directory = REMOTE_BASE / name
+            directory.mkdir(mode=0o700)
+            node = SwarmNode(name, directory, f"10.232.{subnet}.{i + 2}", f"node{i}" if i else "manager")
+            nodes.append(node)
+            port = _node_port(base, i)
+            _ip("netns", "add", name)
+            _ip("-n", name, "link", "set", "lo", "up")
+            _ip("-n", switch, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", name)
+            _ip("-n", switch, "link", "set", port, "master", "br0", "up")
+            _ip("-n", name, "addr", "add", f"{node.address}/24", "dev", "eth0")
+            _ip("-n", name, "link", "set", "eth0", "up")
+            _ip("-n", name, "route", "add", "default", "via", host_address)
+            with _template_lock(fcntl.LOCK_SH):
+                _clone_data_root(template.data_root, node.data_root)
+            node.image = template.image
+            node.start()
+        manager = nodes[0].client()
+        try:
+            manager.swarm.init(
+                advertise_addr=nodes[0].address,
+                listen_addr=f"{nodes[0].address}:2377",
+                dispatcher_heartbeat_period=1_000_000_000,
+            )
+            token = manager.swarm.attrs["JoinTokens"]["Worker"]
+            for node in nodes[1:]:
+                node.client().swarm.join(
+                    remote_addrs=[f"{nodes[0].address}:2377"],
+                    join_token=token,
+                    listen_addr=f"{node.address}:2377",
+                    advertise_addr=node.address,
+                )
+            deadline = time.monotonic() + START_TIMEOUT
+            while sum(n["Status"]["State"] == "ready" for n in manager.api.nodes()) < len(nodes):
+                if time.monotonic() > deadline:
+                    raise EngineError(f"the swarm's nodes are not all ready: {manager.api.nodes()}")
+                time.sleep(0.1)
+        except docker.errors.DockerException as e:
+            raise EngineError(f"the swarm did not form: {e}\n{nodes[0].log_tail()}") from e
+        yield made
+    finally:
+        for node in reversed(nodes):
+            node.close()
+        _ip("netns", "del", switch, check=False)
         _ip("link", "del", veth, check=False)

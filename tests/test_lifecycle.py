@@ -30,6 +30,7 @@ from agentic_dispatch.service.runs.lifecycle import (
     Exited,
     Happening,
     LaunchFailed,
+    Placed,
     PrepareRetry,
     QaExited,
     QaLaunchFailed,
@@ -140,6 +141,19 @@ TABLE: list[tuple[str, WorkspaceRecord, Happening, Status, str, list[EventKind],
      Status.FAILED, "agent", [EventKind.FAILED], ["RemoveContainer", "Settled"], {}),
     ("a vanished container fails the run", running(), Vanished(CID), Status.FAILED, "agent", [EventKind.FAILED],
      ["Checkpoint", "Settled"], {}),
+    ("a container on a lost node fails the run naming the node, and its service is removed", running(),
+     Vanished(CID, "the node node1 it ran on is down"), Status.FAILED, "agent", [EventKind.FAILED],
+     ["RemoveContainer", "Checkpoint", "Settled"], {}),
+    ("a job no node has taken yet is running and says it waits for a node", running(),
+     Placed(CID, None, "no suitable node (insufficient resources on 3 nodes)"), Status.RUNNING, "agent", [], [],
+     {"placement": "no suitable node (insufficient resources on 3 nodes)", "node": None}),
+    ("a job placed on a node records the node and waits no more",
+     running(placement="no suitable node (insufficient resources on 3 nodes)"), Placed(CID, "node2"),
+     Status.RUNNING, "agent", [], [], {"node": "node2", "placement": None}),
+    ("the run's exit records the node it ran on", running(), Exited(CID, 0, node="node1"), Status.COMPLETED,
+     "agent", [EventKind.COMPLETED], ["RemoveContainer", "Settled"], {"node": "node1"}),
+    ("a new start forgets the last run's node", _rec(node="node1"), Started(CID), Status.RUNNING, "agent",
+     [EventKind.STARTED], [], {"node": None, "placement": None}),
     ("a failed run is resumed", _rec(Status.FAILED, reason="exit 3", exit_code=3, finished_at=NOW),
      Resumed("claude", "use sqlite", None, 7), Status.QUEUED, "agent", [EventKind.RESUMED], [],
      {"runs": 2, "agent": "claude", "answer": "use sqlite", "reason": None, "exit_code": None, "finished_at": None}),
@@ -222,6 +236,19 @@ TABLE: list[tuple[str, WorkspaceRecord, Happening, Status, str, list[EventKind],
      _rec(Status.FAILED, **SCOPED, scope_mode="fail", out_of_scope=OUTSIDE), Resumed("codex", None, None, 7),
      Status.QUEUED, "agent", [EventKind.RESUMED], [], {"out_of_scope": None}),
 ]  # fmt: skip
+
+
+def test_a_run_lost_with_its_node_fails_with_a_reason_naming_the_node_and_saying_it_is_not_run_again() -> None:
+    out = transition(running(), Vanished(CID, "the node node1 it ran on is down"), NOW)
+    assert out is not None and out.record.reason is not None
+    assert out.record.reason.startswith("the node node1 it ran on is down")
+    assert "not run again" in out.record.reason
+
+
+def test_a_placement_seen_again_changes_nothing() -> None:
+    placed = running(node="node2")
+    assert transition(placed, Placed(CID, "node2"), NOW) is None
+    assert transition(placed, Placed("other" * 10, "node1"), NOW) is None  # another run's job
 
 
 @pytest.mark.parametrize(("rec", "happening", "status", "phase", "events", "effects", "fields"),

@@ -48,7 +48,9 @@ from .models import (
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
+    from .config import Settings
     from .models import CleanReport, SyncReport
+    from .runtime.docker import DockerRuntime
     from .service import Dispatcher
 
 __all__ = ["main"]
@@ -58,12 +60,22 @@ log = logging.getLogger("agentic_dispatch")
 
 def _dispatcher(args: argparse.Namespace) -> Dispatcher:
     from .config import load_settings
-    from .runtime.docker import DockerRuntime
     from .service import Dispatcher
 
     settings, paths = load_settings(Path(args.config) if args.config else None)
     logging.getLogger().setLevel(settings.log_level)
-    return Dispatcher(settings, paths, DockerRuntime(docker_host=settings.runtime.docker_host))
+    return Dispatcher(settings, paths, _runtime(settings))
+
+
+def _runtime(settings: Settings) -> DockerRuntime:
+    """The runtime ``[runtime] engine`` chooses: one Docker engine, or a swarm through its manager."""
+    from .runtime.docker import DockerRuntime
+    from .runtime.swarm import SwarmRuntime
+
+    rt = settings.runtime
+    if rt.engine == "swarm":
+        return SwarmRuntime(docker_host=rt.docker_host, placement=rt.placement, stop_grace=rt.stop_grace_seconds)
+    return DockerRuntime(docker_host=rt.docker_host)
 
 
 def _emit(result: BaseModel, as_json: bool) -> None:

@@ -99,6 +99,8 @@ def _what(row: WorkspaceRow) -> str:
         return f"unreadable: {row.error}"
     if row.waiting_for:
         return f"waiting for {row.waiting_for}"
+    if row.placement:
+        return f"waiting for a node: {row.placement}"
     if row.stalled_since:
         return f"stalled: no activity for {age(row.stalled_since)} (since {row.stalled_since})"
     why = row.question or row.reason
@@ -113,9 +115,11 @@ def _what(row: WorkspaceRow) -> str:
 
 
 def _marks(row: WorkspaceRow) -> str:
-    """What the last column starts with, so that cutting it never hides them: the count of paths changed
-    outside the scope, and an automatic checkpoint of uncommitted work."""
+    """What the last column starts with, so that cutting it never hides them: the swarm node it ran on,
+    the count of paths changed outside the scope, and an automatic checkpoint of uncommitted work."""
     marks = []
+    if row.node:
+        marks.append(f"[on {row.node}]")
     if row.out_of_scope and row.out_of_scope.count:
         marks.append(f"[{row.out_of_scope.count} out of scope]")
     if row.checkpoint:

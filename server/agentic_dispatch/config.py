@@ -309,6 +309,16 @@ def _private(host: str) -> bool:
 class RuntimeSettings(_Model):
     """Where runs execute and how a run gets its workspace (README "Running agents on another machine")."""
 
+    engine: Literal["docker", "swarm"] = Field(
+        default="docker",
+        description="docker: each run is a container on one engine; swarm: each run is a replicated-job service on "
+        "the Docker Swarm whose manager docker_host (or DOCKER_HOST) names (network transfer is implied)",
+    )
+    placement: list[Annotated[str, Field(min_length=3, max_length=200, pattern=r"^\S.*(==|!=).*\S$")]] = Field(
+        default_factory=list,
+        description="swarm: placement constraints every run's service gets, as `docker service create --constraint` "
+        "takes them (node.labels.agents == true)",
+    )
     docker_host: str | None = Field(
         default=None,
         pattern=r"^(unix|tcp|ssh|npipe)://\S+$",
@@ -338,6 +348,13 @@ class RuntimeSettings(_Model):
 
     @model_validator(mode="after")
     def _gateway(self) -> RuntimeSettings:
+        if self.engine == "swarm" and self.transfer == "mount":
+            raise ValueError(
+                'engine = "swarm" runs jobs on any node of the swarm, which cannot mount this machine\'s disk: '
+                'remove transfer = "mount" (network transfer is implied)'
+            )
+        if self.placement and self.engine != "swarm":
+            raise ValueError('placement constrains the nodes of a swarm: set engine = "swarm", or remove placement')
         if self.gateway_listen is not None:
             host, _ = _listen_host(self.gateway_listen)
             if self.gateway_tls is None and not _private(host):

@@ -282,6 +282,10 @@ class WorkspaceRecord(BaseModel):
     )
     qa_enabled: bool = Field(default=False, description="run the QA gate after the agent ends completed")
     phase: Literal["agent", "qa"] = Field(default="agent", description="what the running container does")
+    node: str | None = Field(default=None, description="a swarm's node the last run's agent ran on")
+    placement: str | None = Field(
+        default=None, description="running on a swarm: why no node has taken its job yet (it waits for a node)"
+    )
     qa: QaResult | None = None
     stalled_since: str | None = Field(
         default=None, description="running: the agent's last activity seen, when none since for limits.stall_seconds"
@@ -494,6 +498,10 @@ class WorkspaceRow(BaseModel):
     stalled_since: str | None = Field(
         default=None,
         description="running: no output in its log and no change in its work tree since then (limits.stall_seconds)",
+    )
+    node: str | None = Field(default=None, description="a swarm: the node its last run's agent ran (or runs) on")
+    placement: str | None = Field(
+        default=None, description="running on a swarm: it waits for a node, and why no node has taken it yet"
     )
     qa: QaResult | None = Field(default=None, description="the QA gate of the last run, when it is on")
     delivery: Delivery | None = Field(default=None, description="where sync delivered the branch")

@@ -64,6 +64,9 @@ class ContainerSpec:
     # (tests/test_container_boundary.py shows a run with an empty effective set).
     cap_drop: tuple[str, ...] = ("ALL",)
     cap_add: tuple[str, ...] = ()
+    # The names in ``env`` that are credentials (API keys, the gateway token): a backend that can
+    # keep them apart (Swarm secrets) never shows them in its description of the container.
+    secret_env: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,9 @@ class ContainerInfo:
     exit_code: int | None
     oom_killed: bool = False
     error: str | None = None
+    node: str | None = None  # a cluster's node it runs or ran on (its hostname)
+    waiting: str | None = None  # running but on no node yet: why (no room, a constraint unmet)
+    lost: str | None = None  # it will never report an exit: why (the node it ran on went away)
 
     @property
     def started(self) -> bool:
@@ -87,6 +93,7 @@ class ExitEvent:
     container_id: str
     labels: dict[str, str]
     exit_code: int | None
+    node: str | None = None
 
 
 class Runtime(Protocol):

@@ -28,7 +28,7 @@ import urllib3.exceptions
 from ..errors import LaunchError, RuntimeUnavailableError
 from .base import ContainerInfo, ContainerSpec, ExitEvent
 
-__all__ = ["ENGINE_CALL_TIMEOUT", "START_TIMEOUT", "DockerRuntime", "engine_client"]
+__all__ = ["ENGINE_CALL_TIMEOUT", "ENGINE_ERRORS", "START_TIMEOUT", "DockerRuntime", "engine_client"]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ _EXITED = re.compile(r"^Exited \((-?\d+)\)")
 
 # What a call to the engine can raise besides an answer: docker-py's own errors, requests' and
 # urllib3's (a connection refused, a socket file gone, a read timed out) and bare socket errors.
-_ENGINE_ERRORS: tuple[type[BaseException], ...] = (
+ENGINE_ERRORS: tuple[type[BaseException], ...] = (
     docker.errors.DockerException,
     requests.exceptions.RequestException,
     urllib3.exceptions.HTTPError,
@@ -219,7 +219,7 @@ class DockerRuntime:
     def check(self) -> None:
         try:
             self._api.ping()
-        except _ENGINE_ERRORS as e:
+        except ENGINE_ERRORS as e:
             raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
         self._health.up()
 
@@ -228,7 +228,7 @@ class DockerRuntime:
             attrs: dict[str, Any] = self._api.inspect_image(image)
         except docker.errors.NotFound:  # ImageNotFound, or a 404 docker-py did not recognise as one
             attrs = {}
-        except _ENGINE_ERRORS as e:
+        except ENGINE_ERRORS as e:
             raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
         self._health.up()
         return attrs or None
@@ -270,7 +270,7 @@ class DockerRuntime:
                 self._discard(str(container.id))
         except docker.errors.ImageNotFound as e:
             raise RuntimeUnavailableError(f"the image {image!r} is not on this engine.") from e
-        except _ENGINE_ERRORS as e:
+        except ENGINE_ERRORS as e:
             raise self._unavailable(e, START_TIMEOUT) from e
 
     def start(self, spec: ContainerSpec) -> str:
@@ -316,7 +316,7 @@ class DockerRuntime:
             ) from e
         except docker.errors.APIError as e:
             raise LaunchError(f"the Docker engine refused to create the container: {e.explanation}") from e
-        except _ENGINE_ERRORS as e:
+        except ENGINE_ERRORS as e:
             raise self._unavailable(e, START_TIMEOUT) from e
         cid = str(container.id)
         # Created is not started: the user, the working directory, the command and the mounts are
@@ -326,7 +326,7 @@ class DockerRuntime:
         except docker.errors.APIError as e:
             self._discard(cid)
             raise LaunchError(f"the Docker engine refused to start the container: {e.explanation}") from e
-        except _ENGINE_ERRORS as e:
+        except ENGINE_ERRORS as e:
             self._discard(cid)
             raise self._unavailable(e, START_TIMEOUT) from e
         self._health.up()
@@ -339,7 +339,7 @@ class DockerRuntime:
             self._api.remove_container(container_id, force=True)
         except docker.errors.NotFound:
             pass
-        except _ENGINE_ERRORS as e:
+        except ENGINE_ERRORS as e:
             log.debug("cannot remove container %s: %s", container_id[:12], e)
 
     @staticmethod
@@ -365,7 +365,7 @@ class DockerRuntime:
         except docker.errors.NotFound:
             self._health.up()
             return None
-        except _ENGINE_ERRORS as e:
+        except ENGINE_ERRORS as e:
             raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
         self._health.up()
         return self._info(attrs)
@@ -374,7 +374,7 @@ class DockerRuntime:
         filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
         try:
             summaries = self._api.containers(all=True, filters=filters)
-        except _ENGINE_ERRORS as e:
+        except ENGINE_ERRORS as e:
             raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
         self._health.up()
         # One API call for all: the list's summaries carry what callers need (no inspect per container).
@@ -400,7 +400,7 @@ class DockerRuntime:
             self._api.stop(container_id, timeout=int(timeout))
         except docker.errors.NotFound:
             pass
-        except _ENGINE_ERRORS as e:
+        except ENGINE_ERRORS as e:
             raise self._unavailable(e, ENGINE_CALL_TIMEOUT + int(timeout)) from e
         self._health.up()
 
@@ -415,7 +415,7 @@ class DockerRuntime:
                     f"cannot remove container {container_id[:12]}: {e.explanation}. "
                     "Check the engine with `docker info`, then try again."
                 ) from e
-        except _ENGINE_ERRORS as e:
+        except ENGINE_ERRORS as e:
             raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
         self._health.up()
 
@@ -437,7 +437,7 @@ class DockerRuntime:
             except RuntimeUnavailableError:  # no client could be made; already logged
                 stop.wait(EVENTS_RETRY_SECONDS)
                 continue
-            except _ENGINE_ERRORS as e:
+            except ENGINE_ERRORS as e:
                 self._unavailable(e, START_TIMEOUT)  # logs the outage when it begins
                 stop.wait(EVENTS_RETRY_SECONDS)
                 continue
@@ -458,7 +458,7 @@ class DockerRuntime:
                             exit_code=int(code) if code is not None else None,
                         )
                     )
-            except _ENGINE_ERRORS as e:
+            except ENGINE_ERRORS as e:
                 if not stop.is_set():
                     log.debug("the Docker event stream broke (%s); reconnecting", e)
             finally:

@@ -88,13 +88,15 @@ def container_spec(
     mounts: list[Mount],
     phase: str | None = None,
     network: bool = False,
+    secret_env: frozenset[str] = frozenset(),
 ) -> ContainerSpec:
     """The container of one job of run ``record.runs`` (the agent, or with ``phase`` the QA gate):
     the workspace's clone is the working directory, output is appended to ``$AGENTIC_LOG`` as it
     comes (``exec`` keeps the real exit code), it runs as :func:`agent_owner` with no capabilities
     and the configured limits, and its labels find it again after a restart. With ``network``
     the job runs under ``agentic-run``, which fetches its workspace and sends its results back
-    through the run gateway (``mounts`` is then empty)."""
+    through the run gateway (``mounts`` is then empty). ``secret_env`` names the variables of ``env``
+    that are credentials (the gateway token is one), for a backend that keeps them apart."""
     res = settings.resources
     base = slugify(f"{record.org}-{record.repo_name}-{record.name.rsplit('/', 1)[-1]}", 80)
     labels = {LABEL_ROOT: root_id, LABEL_WORKSPACE: record.name, LABEL_RUN: str(record.runs), LABEL_AGENT: record.agent}
@@ -117,4 +119,5 @@ def container_spec(
         cpus=res.cpus,
         pids=res.pids,
         network=res.network,
+        secret_env=frozenset(k for k in (secret_env | {"AGENTIC_TOKEN"}) if k in env),
     )

@@ -200,7 +200,7 @@ class Dispatcher:
         if not name:
             return
         try:
-            self.runs.finish(name, event.container_id, event.exit_code)
+            self.runs.finish(name, event.container_id, event.exit_code, node=event.node)
         except Exception:  # the background boundary: never let one bad record stop the watcher
             log.exception("cannot settle %s", name)
         try:

@@ -163,7 +163,9 @@ class RunLifecycle:
                 ) from e
 
     # -- happenings that need facts from the workspace ------------------------------------------
-    def finish(self, name: str, container_id: str, exit_code: int | None, oom_killed: bool = False) -> bool:
+    def finish(
+        self, name: str, container_id: str, exit_code: int | None, oom_killed: bool = False, node: str | None = None
+    ) -> bool:
         """A run's container (the agent's or the QA gate's) exited or was stopped: settle the record.
 
         Returns ``False`` when the record had already moved on (idempotent).
@@ -176,7 +178,7 @@ class RunLifecycle:
             if rec.phase == "qa":
                 tail, summary = self.qa.verdict(ws, rec)
                 return QaExited(container_id, exit_code, tail, summary)
-            return self._exited(ws, rec, container_id, exit_code, oom_killed)
+            return self._exited(ws, rec, container_id, exit_code, oom_killed, node)
 
         return self.apply(name, observed) is not None
 
@@ -209,11 +211,20 @@ class RunLifecycle:
         except RuntimeUnavailableError as e:
             log.warning("cannot stop %s now (%s); the timer tries again", name, e)
             return "pending"
-        self.finish(name, container_id, info.exit_code if info else None, info.oom_killed if info else False)
+        if info is None:
+            self.finish(name, container_id, None)
+        else:
+            self.finish(name, container_id, info.exit_code, info.oom_killed, info.node)
         return "stopped"
 
     def _exited(
-        self, ws: WorkspacePaths, rec: WorkspaceRecord, container_id: str, exit_code: int | None, oom: bool
+        self,
+        ws: WorkspacePaths,
+        rec: WorkspaceRecord,
+        container_id: str,
+        exit_code: int | None,
+        oom: bool,
+        node: str | None = None,
     ) -> Exited:
         base = agent_base(rec.agent)
         secrets = self.catalog.secrets(base)  # a CLI may echo its key: never repeat it
@@ -242,6 +253,7 @@ class RunLifecycle:
             transfer_failure=NetworkJobs.failure(ws, rec.runs, "agent"),
             review=review,
             review_problem=review_problem,
+            node=node,
         )
 
     def _out_of_scope(self, ws: WorkspacePaths, rec: WorkspaceRecord) -> OutOfScope | None:

@@ -7,6 +7,7 @@ one root never start the same run or overrun a limit.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from pathlib import Path
@@ -204,7 +205,10 @@ class QueueDrainer:
             env |= self.network.prepare(ws, record.name, record.runs, "agent", log_file)
         else:
             hand_over(ws.repo, ws.home, ws.logs)  # staging, resume and the lines above wrote as the server
-        return self.runtime.start(self._container_spec(ws, record, plan.argv, env, file_mounts))
+        container = self._container_spec(ws, record, plan.argv, env, file_mounts)
+        keys = set(creds.env.values())  # by value: an agent may pass a key under another name (Gemini)
+        secret = container.secret_env | {k for k, v in container.env.items() if v in keys}
+        return self.runtime.start(dataclasses.replace(container, secret_env=frozenset(secret)))
 
     def _provider_url(self, url: str) -> str:
         """The provider's URL as the container reaches it: a loopback name means this machine only

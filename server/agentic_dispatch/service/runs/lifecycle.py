@@ -24,7 +24,9 @@ carries the effects out against the engine, the store, the scheduler and the out
     running, qa        QaStarted                     → running, qa      —
     running, qa        QaLaunchFailed                → failed           settled
     running, qa        Exited                        → completed|failed remove, settled
+    running            Placed (a cluster's node, or why none yet) → running, node / placement   —
     running            Vanished                      → failed           checkpoint (agent), settled
+    running            Vanished, lost (its node went away) → failed     remove, checkpoint (agent), settled
     running, not stalled  Stalled                    → running, stalled_since   event stalled
                           Stalled, stop              → running, stalled, marked stop the container (ends failed)
     running, stalled   StallEnded (activity again)   → running          —
@@ -75,6 +77,7 @@ __all__ = [
     "Happening",
     "LaunchFailed",
     "Outcome",
+    "Placed",
     "PrepareRetry",
     "QaExited",
     "QaLaunchFailed",
@@ -171,6 +174,7 @@ class Exited:
     transfer_failure: str | None = None  # network transfer: why its results did not all come back
     review: tuple[Verdict, str] | None = None  # a reviewer's REVIEW.md: the verdict and the comments
     review_problem: str | None = None  # a reviewer's: why REVIEW.md holds no verdict
+    node: str | None = None  # a cluster's node it ran on
 
 
 @dataclass(frozen=True)
@@ -206,10 +210,22 @@ class QaExited:
 
 
 @dataclass(frozen=True)
-class Vanished:
-    """The running run's container is gone from the engine (removed behind our back)."""
+class Placed:
+    """Where the running job's container is on a cluster: its node, or (``node`` ``None``) why no
+    node has taken it yet (no room, a placement constraint no node meets). Its timeout counts all along."""
 
     container_id: str
+    node: str | None
+    waiting: str | None = None
+
+
+@dataclass(frozen=True)
+class Vanished:
+    """The running run's container is gone from the engine (removed behind our back), or with
+    ``lost`` will never report an exit (the cluster node it ran on went away: why)."""
+
+    container_id: str
+    lost: str | None = None
 
 
 @dataclass(frozen=True)
@@ -243,6 +259,7 @@ Happening = (
     | QaStarted
     | QaLaunchFailed
     | QaExited
+    | Placed
     | Vanished
     | Stalled
     | StallEnded
@@ -380,6 +397,11 @@ def _transition(rec: WorkspaceRecord, happening: Happening, now: str) -> Outcome
             if not _runs(rec, happening.container_id) or rec.phase != "qa":
                 return None
             return _qa_exited(new, happening, now)
+        case Placed():
+            if not _runs(rec, happening.container_id):
+                return None
+            new.node, new.placement = happening.node or rec.node, None if happening.node else happening.waiting
+            return Outcome(new) if (new.node, new.placement) != (rec.node, rec.placement) else None
         case Vanished():
             return _vanished(new, happening, now) if _runs(rec, happening.container_id) else None
         case Stalled():
@@ -406,7 +428,7 @@ def _end(new: WorkspaceRecord, status: Status, reason: str | None, now: str, que
     """``new`` ends as ``status``: one event line, then waiters and delivery."""
     previous = new.status
     new.status, new.finished_at = status, now
-    new.reason, new.question = reason, question
+    new.reason, new.question, new.placement = reason, question, None
     new.stop_status = new.stop_reason = new.stalled_since = new.stop_cause = None
     return Outcome(new, [(EventKind(status.value), {"previous": previous.value})], [Settled()])
 
@@ -414,6 +436,7 @@ def _end(new: WorkspaceRecord, status: Status, reason: str | None, now: str, que
 def _started(new: WorkspaceRecord, h: Started, now: str) -> Outcome:
     new.status, new.phase = Status.RUNNING, "agent"
     new.container_id, new.started_at = h.container_id, now
+    new.node = new.placement = None
     if h.base_commit is not None:
         new.base_commit = h.base_commit
     new.finished_at = new.exit_code = new.reason = new.question = new.stalled_since = None
@@ -454,13 +477,21 @@ def _qa_started(new: WorkspaceRecord, h: QaStarted | QaLaunchFailed, now: str) -
 def _vanished(new: WorkspaceRecord, h: Vanished, now: str) -> Outcome:
     what = "QA gate" if new.phase == "qa" else "agent"
     new.phase = "agent"
-    reason = (
-        f"the {what} container {h.container_id[:12]} vanished (removed outside agentic-dispatch); "
-        "its work so far is in the workspace. Resume to run again."
-    )
+    if h.lost is not None:
+        reason = (
+            f"{h.lost}: the {what} container {h.container_id[:12]} was given up (it is not run again elsewhere); "
+            "what it sent back is kept. Resume to run again."
+        )
+    else:
+        reason = (
+            f"the {what} container {h.container_id[:12]} vanished (removed outside agentic-dispatch); "
+            "its work so far is in the workspace. Resume to run again."
+        )
     out = _failed(new, "lost", reason, now)
     if what == "agent":
         out.effects.insert(0, Checkpoint(_short(reason)))
+    if h.lost is not None:
+        out.effects.insert(0, RemoveContainer(h.container_id))
     return out
 
 
@@ -485,6 +516,7 @@ def _resumed(new: WorkspaceRecord, h: Resumed) -> Outcome | None:
 def _agent_exited(new: WorkspaceRecord, h: Exited, now: str) -> Outcome:
     stop_status, stop_reason = new.stop_status, new.stop_reason
     new.exit_code, new.summary = h.exit_code, h.summary
+    new.node = h.node or new.node
     if h.out_of_scope is not None:
         new.out_of_scope = h.out_of_scope
     if new.review_of is not None and h.review is not None:

@@ -29,7 +29,7 @@ from ...store import Listed, StatusStore
 from . import disk_cap
 from .executor import RunLifecycle
 from .launch import QueueDrainer
-from .lifecycle import Stalled, Vanished, run_deadline
+from .lifecycle import Placed, Stalled, Vanished, run_deadline
 from .retention import Retention
 from .stalls import StallWatch
 
@@ -109,11 +109,15 @@ class Recovery:
     def _check(self, rec: WorkspaceRecord, container_id: str) -> None:
         """One running record against its container."""
         info = self.runtime.inspect(container_id)
-        if info is None:
-            self.runs.apply(rec.name, Vanished(container_id))
-        elif not info.running:
-            self.runs.finish(rec.name, container_id, info.exit_code, info.oom_killed)
-        elif rec.stop_status is not None:  # a stop the engine did not take (it was away)
+        if info is None or info.lost is not None:
+            self.runs.apply(rec.name, Vanished(container_id, info.lost if info else None))
+            return
+        if not info.running:
+            self.runs.finish(rec.name, container_id, info.exit_code, info.oom_killed, info.node)
+            return
+        if (info.node, info.waiting) != (rec.node, rec.placement):  # a cluster placed it, or says why not yet
+            rec = self.runs.apply(rec.name, Placed(container_id, info.node, info.waiting)) or rec
+        if rec.stop_status is not None:  # a stop the engine did not take (it was away)
             self.runs.stop_marked(rec.name, container_id)
         elif (deadline := run_deadline(rec)) is not None and time.time() > deadline[0]:
             self.runs.stop(rec.name, Status.FAILED, deadline[1], container_id, cause="timeout")

@@ -195,6 +195,8 @@ class Reports:
             summary=rec.summary,
             log_tail=tail,
             stalled_since=rec.stalled_since if rec.status == Status.RUNNING else None,
+            node=rec.node,
+            placement=rec.placement if rec.status == Status.RUNNING else None,
             qa=rec.qa,
             delivery=delivered,
             checkpoint=rec.checkpoint,

@@ -1,0 +1,393 @@
+"""The Docker Swarm runtime: each job of a run is one ``replicated-job`` service of one task on a
+swarm, reached through a manager (``[runtime] engine = "swarm"``, the manager as ``DOCKER_HOST``
+or ``[runtime] docker_host``). Swarm decides where a run goes; the server's limits decide what
+starts. Every node may be another machine: nothing of the server's disk is mounted (network
+transfer), the run's credentials travel as a Swarm secret of its own, never in the service's
+environment, and the exit, the node and a node lost are read from the swarm's task and node state.
+
+A "container id" here is the service's id: :meth:`SwarmRuntime.inspect`, :meth:`~SwarmRuntime.stop`
+and :meth:`~SwarmRuntime.remove` take it, :meth:`~SwarmRuntime.list` and the exit watcher report it.
+
+What Swarm does not do as a local engine does: it does not fail a task whose node went away
+(the task stays ``running`` until the node returns), so a task on a node that is down or gone is
+reported lost here (:attr:`ContainerInfo.lost`); it reports no out-of-memory kill (an OOM shows
+as exit code 137); ``no-new-privileges``, the init process and ``host-gateway`` are not service
+options (the first is the nodes' daemon setting, see the README).
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import docker
+import docker.errors
+import docker.types
+
+from ..errors import LaunchError, RuntimeUnavailableError
+from .base import LABEL_PREFIX, ContainerInfo, ContainerSpec, ExitEvent
+from .docker import ENGINE_CALL_TIMEOUT, ENGINE_ERRORS, DockerRuntime
+
+__all__ = ["SECRET_FILE", "SECRET_TARGET", "SwarmRuntime"]
+
+log = logging.getLogger(__name__)
+
+# Where a job's secret appears in its container (``agentic-run`` reads it): a JSON object of the
+# variables the job's CLI gets in its environment.
+SECRET_TARGET = "agentic-env"
+SECRET_FILE = f"/run/secrets/{SECRET_TARGET}"
+LABEL_SECRET_OF = f"{LABEL_PREFIX}.secret-of"  # on a run's secret: the service's name
+# How often the exit watcher looks at the swarm's tasks (there is no event for a task's end).
+WATCH_INTERVAL = 1.0
+# A task in one of these states has ended for good (restart condition none: no other follows).
+_FINAL = frozenset({"complete", "failed", "shutdown", "rejected", "orphaned", "remove"})
+# The states of a task that no node has taken yet.
+_UNPLACED = frozenset({"new", "allocated", "pending"})
+_NAME_MAX = 63  # a service's name is a DNS label
+
+
+def _service_name(name: str) -> str:
+    """``name`` as a service's name: at most 63 characters, a long one cut and told apart by a hash."""
+    if len(name) <= _NAME_MAX:
+        return name
+    return f"{name[: _NAME_MAX - 9].rstrip('-_.')}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def _bytes(size: str) -> int:
+    """A size as Docker writes it (``512m``, ``2g``, ``1048576``) in bytes."""
+    units = {"b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+    text = size.strip().lower()
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+class SwarmRuntime(DockerRuntime):
+    """Runs each job as a Swarm ``replicated-job`` service through a manager.
+
+    Every method raises :class:`RuntimeUnavailableError` when the manager cannot be reached or
+    does not answer within its bound; :meth:`start` raises :class:`LaunchError` when the swarm
+    refuses the service (and leaves neither it nor its secret behind).
+    """
+
+    def __init__(
+        self,
+        client: docker.DockerClient | None = None,
+        docker_host: str | None = None,
+        placement: list[str] | None = None,
+        stop_grace: float = 30.0,
+    ) -> None:
+        super().__init__(client, docker_host)
+        self.placement = list(placement or [])
+        self.stop_grace = stop_grace  # the services' stop grace period: a stopped job sends its work back
+        self._nodes: dict[str, tuple[str, str]] = {}  # node id → (hostname, state), from the last look
+        self._stopped: dict[str, ContainerInfo] = {}  # services stopped (removed) here, until remove()
+
+    @property
+    def local(self) -> bool:
+        return False  # a task may run on any node: nothing of this machine's disk or loopback is its
+
+    def describe(self) -> str:
+        return f"the swarm managed by {super().describe()}"
+
+    def check(self) -> None:
+        """Raise :class:`RuntimeUnavailableError` when the manager cannot be reached or is no manager."""
+        try:
+            info = self._api.info()
+        except ENGINE_ERRORS as e:
+            raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
+        swarm = info.get("Swarm") or {}
+        if swarm.get("LocalNodeState") != "active" or not swarm.get("ControlAvailable"):
+            raise RuntimeUnavailableError(
+                f"{super().describe()} is not a manager of an active swarm (its swarm state: "
+                f"{swarm.get('LocalNodeState') or 'none'}). Point DOCKER_HOST (or [runtime] docker_host) at a "
+                "manager, or run `docker swarm init` there."
+            )
+
+    # -- start ---------------------------------------------------------------------------------
+    def start(self, spec: ContainerSpec) -> str:
+        """Create the job's secret and its service; return the service's id.
+
+        Raises:
+            RuntimeUnavailableError: the manager is gone, or is no manager.
+            LaunchError: the swarm refused the service or its secret; neither is left behind.
+        """
+        if spec.mounts:
+            raise LaunchError("a swarm job cannot mount this machine's folders: runs on a swarm use network transfer")
+        name = _service_name(spec.name)
+        secret_id: str | None = None
+        try:
+            secret_id = self._make_secret(name, spec)
+            made = self.client.api.create_service(
+                self._task(spec, secret_id),
+                name=name,
+                labels=spec.labels,
+                mode=docker.types.ServiceMode("replicated-job", concurrency=1),
+            )
+        except docker.errors.APIError as e:
+            self._drop_secret(secret_id)
+            if e.status_code == 503:  # not a manager (any more), or the swarm has no quorum
+                raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
+            raise LaunchError(f"the swarm refused the run's service: {e.explanation}") from e
+        except ENGINE_ERRORS as e:
+            self._drop_secret(secret_id)
+            raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
+        self._health.up()
+        return str(made["ID"])
+
+    def _make_secret(self, name: str, spec: ContainerSpec) -> str | None:
+        """The job's secret: its credential variables as one JSON object (``None`` when it has none)."""
+        values = {k: v for k, v in spec.env.items() if k in spec.secret_env}
+        if not values:
+            return None
+        made = self.client.api.create_secret(
+            name=self._secret_name(name),
+            data=json.dumps(values).encode(),
+            labels={**spec.labels, LABEL_SECRET_OF: name},
+        )
+        return str(made["ID"])
+
+    @staticmethod
+    def _secret_name(service: str) -> str:
+        return f"{service[: _NAME_MAX - 7]}-secret"
+
+    def _task(self, spec: ContainerSpec, secret_id: str | None) -> docker.types.TaskTemplate:
+        """The job's one task: run once (restart condition none), its limits, placement and secret."""
+        secrets = []
+        if secret_id is not None:
+            uid, _, gid = spec.user.partition(":")
+            name = self._secret_name(_service_name(spec.name))
+            secrets.append(docker.types.SecretReference(secret_id, name, SECRET_TARGET, uid, gid or uid, 0o400))
+        container = docker.types.ContainerSpec(
+            spec.image,
+            command=spec.command,
+            env={k: v for k, v in spec.env.items() if k not in spec.secret_env},
+            workdir=spec.workdir,
+            user=spec.user,
+            labels=spec.labels,
+            secrets=secrets,
+            cap_drop=list(spec.cap_drop),
+            cap_add=list(spec.cap_add) or None,
+            init=True,
+            stop_grace_period=int(self.stop_grace * 1e9),
+            open_stdin=False,
+            tty=False,
+        )
+        task = docker.types.TaskTemplate(
+            container,
+            resources=self._resources(spec),
+            restart_policy=docker.types.RestartPolicy(condition="none", max_attempts=0),
+            placement=docker.types.Placement(constraints=self.placement) if self.placement else None,
+            networks=[spec.network] if spec.network else None,
+        )
+        if spec.pids:
+            task.setdefault("Resources", {}).setdefault("Limits", {})["Pids"] = spec.pids
+        return task
+
+    @staticmethod
+    def _resources(spec: ContainerSpec) -> docker.types.Resources | None:
+        """The run's CPUs and memory as both the limit and the reservation: Swarm places a job only
+        on a node with that much not reserved by others."""
+        if not spec.cpus and not spec.memory:
+            return None
+        nano = int(spec.cpus * 1e9) if spec.cpus else None
+        memory = _bytes(spec.memory) if spec.memory else None
+        return docker.types.Resources(cpu_limit=nano, mem_limit=memory, cpu_reservation=nano, mem_reservation=memory)
+
+    def _drop_secret(self, secret_id: str | None) -> None:
+        if secret_id is None:
+            return
+        try:
+            self._api.remove_secret(secret_id)
+        except docker.errors.NotFound:
+            pass
+        except ENGINE_ERRORS as e:  # a secret left is found by its label (cleanup)
+            log.debug("cannot remove secret %s: %s", secret_id[:12], e)
+
+    # -- state -----------------------------------------------------------------------------------
+    def _node_map(self) -> dict[str, tuple[str, str]]:
+        nodes = self._api.nodes()
+        self._nodes = {
+            str(n["ID"]): (
+                str((n.get("Description") or {}).get("Hostname") or n["ID"][:12]),
+                str((n.get("Status") or {}).get("State") or "unknown"),
+            )
+            for n in nodes
+        }
+        return self._nodes
+
+    @staticmethod
+    def _service_info(
+        service: dict[str, Any], tasks: list[dict[str, Any]], nodes: dict[str, tuple[str, str]]
+    ) -> ContainerInfo:
+        spec = service.get("Spec") or {}
+        labels = {str(k): str(v) for k, v in (spec.get("Labels") or {}).items()}
+        sid, name = str(service["ID"]), str(spec.get("Name", ""))
+        if not tasks:  # just created: the orchestrator has not made its task yet
+            return ContainerInfo(sid, name, labels, running=True, exit_code=None, waiting="no task yet")
+        task = max(tasks, key=lambda t: str(t.get("CreatedAt", "")))
+        status = task.get("Status") or {}
+        state = str(status.get("State", ""))
+        node_id = str(task.get("NodeID") or "")
+        hostname, node_state = nodes.get(node_id, (None, "gone")) if node_id else (None, "")
+        if state in _FINAL:
+            code = (status.get("ContainerStatus") or {}).get("ExitCode")
+            ran = code is not None and state != "rejected"
+            return ContainerInfo(
+                sid,
+                name,
+                labels,
+                running=False,
+                exit_code=int(code) if ran and code is not None else None,
+                error=None if ran and state == "complete" else str(status.get("Err") or status.get("Message") or state),
+                node=hostname,
+            )
+        if state in _UNPLACED or not node_id:
+            why = str(status.get("Err") or status.get("Message") or state)
+            return ContainerInfo(sid, name, labels, running=True, exit_code=None, waiting=why)
+        if node_state in ("down", "gone", "disconnected"):
+            what = "left the swarm" if node_state == "gone" else f"is {node_state}"
+            lost = f"the node {hostname or node_id[:12]} it ran on {what}"
+            return ContainerInfo(sid, name, labels, running=False, exit_code=None, node=hostname, lost=lost)
+        return ContainerInfo(sid, name, labels, running=True, exit_code=None, node=hostname)
+
+    def inspect(self, container_id: str) -> ContainerInfo | None:
+        if container_id in self._stopped:
+            return self._stopped[container_id]
+        try:
+            service = self._api.inspect_service(container_id)
+            tasks = self._api.tasks(filters={"service": container_id})
+            nodes = self._node_map()
+        except docker.errors.NotFound:
+            self._health.up()
+            return None
+        except ENGINE_ERRORS as e:
+            raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
+        self._health.up()
+        return self._service_info(service, [t for t in tasks if t.get("ServiceID") == service["ID"]], nodes)
+
+    def list(self, labels: dict[str, str]) -> list[ContainerInfo]:
+        filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
+        try:
+            services = self._api.services(filters=filters)
+            tasks = self._api.tasks(filters={"service": [s["ID"] for s in services]}) if services else []
+            nodes = self._node_map()
+        except ENGINE_ERRORS as e:
+            raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
+        self._health.up()
+        by_service: dict[str, list[dict[str, Any]]] = {}
+        for t in tasks:
+            by_service.setdefault(str(t.get("ServiceID")), []).append(t)
+        return [self._service_info(s, by_service.get(str(s["ID"]), []), nodes) for s in services]
+
+    # -- stop and remove ---------------------------------------------------------------------------
+    def stop(self, container_id: str, timeout: float = 10) -> None:
+        """Stop the job: its service is removed, which stops its container (SIGTERM, then after
+        ``timeout`` SIGKILL); returns when the task is gone or after the grace period. A job service
+        cannot be scaled down, so the stop is the removal; what it showed last is remembered for
+        :meth:`inspect` until :meth:`remove`."""
+        try:
+            service = self._api.inspect_service(container_id)
+        except docker.errors.NotFound:
+            return
+        except ENGINE_ERRORS as e:
+            raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
+        secrets = self._secrets_of(service)
+        last = self.inspect(container_id)
+        try:
+            self._api.remove_service(container_id)
+        except docker.errors.NotFound:
+            pass
+        except ENGINE_ERRORS as e:
+            raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
+        pause = threading.Event()  # never set: a bounded wait between two looks
+        deadline_checks = int((timeout + ENGINE_CALL_TIMEOUT) / 0.25)
+        for _ in range(deadline_checks):
+            try:
+                left = self._api.tasks(filters={"service": container_id})
+            except ENGINE_ERRORS:
+                break
+            left = [t for t in left if t.get("ServiceID") == container_id]
+            final = [t for t in left if str((t.get("Status") or {}).get("State")) in _FINAL]
+            for t in final:
+                code = ((t.get("Status") or {}).get("ContainerStatus") or {}).get("ExitCode")
+                if code is not None and last is not None:
+                    last = ContainerInfo(last.id, last.name, last.labels, False, int(code), node=last.node)
+            if not left or len(final) == len(left):
+                break
+            pause.wait(0.25)
+        if last is not None and last.running:  # signalled by the stop: 143 unless the task said otherwise
+            last = ContainerInfo(last.id, last.name, last.labels, False, 143, node=last.node)
+        if last is not None:
+            self._stopped[container_id] = last
+        for secret in secrets:
+            self._drop_secret(secret)
+        self._health.up()
+
+    @staticmethod
+    def _secrets_of(service: dict[str, Any]) -> builtins.list[str]:
+        container = ((service.get("Spec") or {}).get("TaskTemplate") or {}).get("ContainerSpec") or {}
+        return [str(s["SecretID"]) for s in container.get("Secrets") or [] if s.get("SecretID")]
+
+    def remove(self, container_id: str) -> None:
+        """Remove the job's service and its secret."""
+        self._stopped.pop(container_id, None)
+        try:
+            service = self._api.inspect_service(container_id)
+        except docker.errors.NotFound:
+            self._health.up()
+            return
+        except ENGINE_ERRORS as e:
+            raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
+        try:
+            self._api.remove_service(container_id)
+        except docker.errors.NotFound:
+            pass
+        except ENGINE_ERRORS as e:
+            raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
+        for secret in self._secrets_of(service):
+            self._drop_secret(secret)
+        self._health.up()
+
+    def stray_secrets(self, labels: dict[str, str]) -> builtins.list[str]:
+        """The ids of run secrets with ``labels`` whose service is gone (a start cut off between the two)."""
+        try:
+            secrets = self._api.secrets(filters={"label": [f"{k}={v}" for k, v in labels.items()]})
+            services = {str((s.get("Spec") or {}).get("Name")) for s in self._api.services(filters={})}
+        except ENGINE_ERRORS as e:
+            raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
+        return [
+            str(s["ID"])
+            for s in secrets
+            if ((s.get("Spec") or {}).get("Labels") or {}).get(LABEL_SECRET_OF) not in services
+        ]
+
+    # -- exits -------------------------------------------------------------------------------------
+    def watch_exits(self, labels: dict[str, str], on_exit: Callable[[ExitEvent], None], stop: threading.Event) -> None:
+        """Look at the tasks of every run's service each :data:`WATCH_INTERVAL` (Swarm has no event
+        for a task's end) and report each service whose task ended, once. A task on a node that went
+        away is not reported here: it did not exit (the timer reads it as lost)."""
+        reported: set[str] = set()
+        while not stop.is_set():
+            try:
+                infos = self.list(labels)
+            except RuntimeUnavailableError:  # logged once per outage
+                stop.wait(WATCH_INTERVAL * 2)
+                continue
+            present = set()
+            for info in infos:
+                present.add(info.id)
+                if info.running or info.lost is not None or info.id in reported:
+                    continue
+                reported.add(info.id)
+                try:
+                    on_exit(ExitEvent(info.id, dict(info.labels), info.exit_code, node=info.node))
+                except Exception:  # the watcher's boundary: one bad report never stops it
+                    log.exception("reporting the end of service %s failed", info.id[:12])
+            reported &= present
+            stop.wait(WATCH_INTERVAL)

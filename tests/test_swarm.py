@@ -1,0 +1,209 @@
+"""Runs on a real Docker Swarm (``[runtime] engine = "swarm"``): a manager and two workers, each a
+Docker engine in its own network, mount and UTS namespaces (its own hostname, no disk shared with
+the server), joined into one swarm on a bridge of their own (tests/engines.py). Every run is a
+``replicated-job`` service placed by the swarm; its workspace travels through the run gateway,
+which listens at the host's address on the nodes' bridge.
+
+One swarm serves the module's tests (it comes up in seconds from the shell image's template); the
+test that loses a worker brings up its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import io
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import pytest
+from rich.console import Console
+
+from agentic_dispatch.cli_views import print_status
+from agentic_dispatch.config import load_settings
+from agentic_dispatch.models import FINAL_STATUSES, DispatchRequest, Status
+from agentic_dispatch.runtime.base import LABEL_ROOT
+from agentic_dispatch.runtime.swarm import SwarmRuntime
+from agentic_dispatch.service import Dispatcher
+
+from . import engines
+from .conftest import git, wait_for
+
+# docker-py leaves its socket to the garbage collector when connect() fails (an engine's start is
+# probed until it answers): that ResourceWarning is docker-py's (see tests/test_runtime_faults.py).
+pytestmark = pytest.mark.filterwarnings(
+    r"ignore:Exception ignored in. <socket.socket fd=\d+, family=1:pytest.PytestUnraisableExceptionWarning",
+    "ignore::ResourceWarning",
+)
+
+
+@pytest.fixture(autouse=True)
+def _collect_docker_py_sockets() -> Iterator[None]:
+    yield
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def shared_swarm(engine_template: engines.EngineTemplate) -> Iterator[engines.Swarm]:
+    with engines.swarm(engine_template) as made:
+        yield made
+
+
+def _free_port(address: str) -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
+
+
+def _use_swarm(
+    swarm: engines.Swarm, home: Path, monkeypatch: pytest.MonkeyPatch, extra: str = "", port: int = 0
+) -> None:
+    """The config of a server whose runs go to ``swarm`` (its manager as DOCKER_HOST)."""
+    monkeypatch.setenv("AGENTIC_DISPATCH_IMAGE", swarm.image)
+    monkeypatch.setenv("DOCKER_HOST", swarm.docker_host)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        "drain_interval_seconds = 1\n"
+        f'[runtime]\nengine = "swarm"\ngateway_listen = "{swarm.host_address}:{port}"\n{extra}',
+        encoding="utf-8",
+    )
+
+
+@contextlib.contextmanager
+def _service() -> Iterator[Dispatcher]:
+    """A started service on the configured swarm (see :func:`_use_swarm`), closed after the block."""
+    settings, paths = load_settings()
+    runtime = SwarmRuntime(placement=settings.runtime.placement, stop_grace=settings.runtime.stop_grace_seconds)
+    svc = Dispatcher(settings, paths, runtime)
+    svc.start()
+    try:
+        yield svc
+    finally:
+        svc.close()
+
+
+@pytest.fixture
+def on_swarm(shared_swarm: engines.Swarm, isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Dispatcher]:
+    _use_swarm(shared_swarm, isolated_home, monkeypatch, "[limits]\ntotal = 4\n")
+    with _service() as svc:
+        yield svc
+
+
+def _most_at_once(svc: Dispatcher, names: set[str]) -> int:
+    """The most runs of ``names`` running at once, from the server's events log (started, then an end)."""
+    running = peak = 0
+    for line in (svc.paths.events / "events.jsonl").read_text(encoding="utf-8").splitlines():
+        event = json.loads(line)
+        if event["workspace"] not in names:
+            continue
+        if event["kind"] == "started":
+            running += 1
+        elif event["kind"] in {s.value for s in FINAL_STATUSES} and event.get("previous") == "running":
+            running -= 1
+        peak = max(peak, running)
+    return peak
+
+
+def _ours(swarm: engines.Swarm, svc: Dispatcher) -> list[dict[str, object]]:
+    """The services of this test's root still on the swarm."""
+    root = svc.paths.root_id
+    return [s for s in swarm.services() if (s.get("Spec") or {}).get("Labels", {}).get(LABEL_ROOT) == root]  # type: ignore[union-attr, attr-defined]
+
+
+def _table(svc: Dispatcher) -> str:
+    out = io.StringIO()
+    print_status(svc.status(), False, Console(file=out, width=300, highlight=False))
+    return out.getvalue()
+
+
+def test_six_shell_runs_with_total_4_all_complete_on_the_swarm_never_more_than_4_at_once_on_two_nodes_or_more(
+    on_swarm: Dispatcher, shared_swarm: engines.Swarm, user_repo: Path
+) -> None:
+    svc = on_swarm
+    names = []
+    for i in range(6):
+        task = f"echo {i} > run{i}.txt && git add run{i}.txt && git commit -qm 'run {i}' && sleep 2"
+        names.append(svc.dispatch(DispatchRequest(repo=str(user_repo), task=task, agent="shell")).workspace)
+    records = [svc.wait(name, 180) for name in names]
+    for rec in records:
+        assert rec.status == Status.COMPLETED, rec.reason
+    assert _most_at_once(svc, set(names)) == 4
+    nodes = {rec.node for rec in records}
+    assert None not in nodes and nodes <= {n.hostname for n in shared_swarm.nodes}
+    assert len(nodes) >= 2, f"every run went to {nodes}"
+    table = _table(svc)
+    for rec in records:
+        assert f"[on {rec.node}]" in next(line for line in table.splitlines() if rec.name in line)
+    for i, name in enumerate(names):
+        report = svc.sync(name, wait=60)
+        assert report.delivered == [name], report.message
+        assert git(user_repo, "log", "-1", "--format=%s", records[i].branch) == f"run {i}"
+    wait_for(lambda: _ours(shared_swarm, svc) == [], 30, "the runs' services to be removed")
+
+
+KEY = "sk-swarm-test-0123456789abcdef"
+
+
+def test_a_runs_api_key_reaches_its_cli_through_a_swarm_secret_never_in_the_service_and_the_secret_goes_with_it(
+    shared_swarm: engines.Swarm, isolated_home: Path, monkeypatch: pytest.MonkeyPatch, user_repo: Path
+) -> None:
+    monkeypatch.setenv("TEST_API_KEY", KEY)
+    _use_swarm(shared_swarm, isolated_home, monkeypatch, '[agents.shell]\nenv = ["TEST_API_KEY"]\n')
+    api = docker.APIClient(base_url=shared_swarm.docker_host, version="1.41", timeout=30)
+    try:
+        with _service() as svc:
+            # The CLI gets the key in its environment: it writes the key's hash (never the key) and waits.
+            task = (
+                'test -n "$TEST_API_KEY" && printf %s "$TEST_API_KEY" | sha256sum | cut -c1-64 > key.sha && '
+                "git add key.sha && git commit -qm key && sleep 3"
+            )
+            res = svc.dispatch(DispatchRequest(repo=str(user_repo), task=task, agent="shell"))
+            wait_for(lambda: svc.record(res.workspace).status == Status.RUNNING, 60, "the run to start")
+            service_id = svc.record(res.workspace).container_id
+            assert service_id is not None
+            described = json.dumps(api.inspect_service(service_id))
+            assert KEY not in described
+            secrets = api.secrets(filters={"label": f"{LABEL_ROOT}={svc.paths.root_id}"})
+            assert len(secrets) == 1
+            assert "TEST_API_KEY" not in described and "AGENTIC_TOKEN" not in described  # nor the gateway token
+            rec = svc.wait(res.workspace, 120)
+            assert rec.status == Status.COMPLETED, rec.reason
+            expected = hashlib.sha256(KEY.encode()).hexdigest()
+            assert git(svc.store.paths(res.workspace).repo, "show", f"{rec.branch}:key.sha") == expected
+            wait_for(lambda: _ours(shared_swarm, svc) == [], 30, "the run's service to be removed")
+            assert api.secrets(filters={"label": f"{LABEL_ROOT}={svc.paths.root_id}"}) == []
+            written = [p for p in svc.paths.root.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
+            assert written == [], "the key is in files the server wrote"
+    finally:
+        api.close()
+
+
+def test_a_run_no_node_can_take_is_running_waiting_for_a_node_until_one_can(
+    shared_swarm: engines.Swarm, isolated_home: Path, monkeypatch: pytest.MonkeyPatch, user_repo: Path
+) -> None:
+    _use_swarm(shared_swarm, isolated_home, monkeypatch, 'placement = ["node.labels.agentic-test == yes"]\n')
+    api = docker.APIClient(base_url=shared_swarm.docker_host, version="1.41", timeout=30)
+    node = next(n for n in api.nodes() if n["Description"]["Hostname"] == "node2")
+    try:
+        with _service() as svc:
+            task = "echo placed > placed.txt && git add placed.txt && git commit -qm placed"
+            res = svc.dispatch(DispatchRequest(repo=str(user_repo), task=task, agent="shell"))
+            waits = lambda: "no suitable node" in (svc.record(res.workspace).placement or "")  # noqa: E731
+            wait_for(waits, 60, "the run to say no node suits it")
+            rec = svc.record(res.workspace)
+            assert rec.status == Status.RUNNING and rec.node is None
+            assert "waiting for a node: " in _table(svc)
+            spec = dict(node["Spec"], Labels={**node["Spec"].get("Labels", {}), "agentic-test": "yes"})
+            api.update_node(node["ID"], node["Version"]["Index"], spec)
+            rec = svc.wait(res.workspace, 120)
+            assert rec.status == Status.COMPLETED, rec.reason
+            assert rec.node == "node2" and rec.placement is None
+    finally:
+        fresh = api.inspect_node(node["ID"])
+        labels = {k: v for k, v in fresh["Spec"].get("Labels", {}).items() if k != "agentic-test"}
+        api.update_node(node["ID"], fresh["Version"]["Index"], dict(fresh["Spec"], Labels=labels))
+        api.close()
