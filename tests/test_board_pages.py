@@ -52,6 +52,9 @@ def test_dependencies_retries_and_reviews_are_shown_as_the_views_give_them() -> 
     assert "waiting for org/repo/task-0 to complete" in shown
     assert "attempt 2 of 3, next at 2026-12-06T12:00:00Z" in shown
     assert "review round 2: changes requested (reviewed by org/repo/rev-1)" in shown
+    placed = card(_row(status="running", placement="no node has 4 GiB free"), "/")
+    assert "waiting for a node: no node has 4 GiB free" in placed
+    assert "on node worker-2" in card(_row(status="running", node="worker-2"), "/")
     facts = facts_html(row, "/run/org/repo/task-1")
     assert '<a href="/run/org/repo/task-0">org/repo/task-0</a>' in facts and "transient: 429" in facts
 

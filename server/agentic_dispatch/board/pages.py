@@ -113,6 +113,10 @@ def phases(row: WorkspaceRow) -> list[str]:
     out = []
     if row.qa is not None and row.qa.state == "running" and row.status == "running":
         out.append("QA")
+    if row.placement:
+        out.append(f"waiting for a node: {row.placement}")
+    elif row.node and row.status == "running":
+        out.append(f"on node {row.node}")
     if row.stalled_since:
         out.append(f"stalled since {row.stalled_since}")
     if row.waiting_for:
@@ -316,6 +320,7 @@ def facts_html(row: WorkspaceRow, back: str) -> str:
         ("Outside its scope", _e(", ".join(row.out_of_scope.paths)) if row.out_of_scope else None),
         ("Review", _e(_review(row)) if row.review else None),
         ("Review comments", _e(_cut(row.review.comments, 4000)) if row.review and row.review.comments else None),
+        ("Node", _e(row.node) if row.node else None),
         ("Depends on", _links(row.depends_on)),
         ("Started from", _links([row.base_workspace] if row.base_workspace else [])),
         ("Waited for by", _links(row.dependents)),
