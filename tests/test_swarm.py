@@ -15,7 +15,11 @@ import gc
 import hashlib
 import io
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,9 +33,10 @@ from agentic_dispatch.models import FINAL_STATUSES, DispatchRequest, Status
 from agentic_dispatch.runtime.base import LABEL_ROOT
 from agentic_dispatch.runtime.swarm import SwarmRuntime
 from agentic_dispatch.service import Dispatcher
+from agentic_dispatch.store import StatusStore
 
 from . import engines
-from .conftest import git, wait_for
+from .conftest import git, serve_process, wait_for
 
 # docker-py leaves its socket to the garbage collector when connect() fails (an engine's start is
 # probed until it answers): that ResourceWarning is docker-py's (see tests/test_runtime_faults.py).
@@ -108,9 +113,9 @@ def _most_at_once(svc: Dispatcher, names: set[str]) -> int:
     return peak
 
 
-def _ours(swarm: engines.Swarm, svc: Dispatcher) -> list[dict[str, object]]:
+def _ours(swarm: engines.Swarm, svc: Dispatcher | None = None) -> list[dict[str, object]]:
     """The services of this test's root still on the swarm."""
-    root = svc.paths.root_id
+    root = svc.paths.root_id if svc is not None else load_settings()[1].root_id
     return [s for s in swarm.services() if (s.get("Spec") or {}).get("Labels", {}).get(LABEL_ROOT) == root]  # type: ignore[union-attr, attr-defined]
 
 
@@ -207,3 +212,69 @@ def test_a_run_no_node_can_take_is_running_waiting_for_a_node_until_one_can(
         labels = {k: v for k, v in fresh["Spec"].get("Labels", {}).items() if k != "agentic-test"}
         api.update_node(node["ID"], fresh["Version"]["Index"], dict(fresh["Spec"], Labels=labels))
         api.close()
+
+
+def test_a_worker_lost_mid_run_fails_its_runs_naming_the_node_while_the_others_complete_and_run_once(
+    engine_template: engines.EngineTemplate, isolated_home: Path, monkeypatch: pytest.MonkeyPatch, user_repo: Path
+) -> None:
+    with engines.swarm(engine_template) as own, contextlib.ExitStack() as stack:
+        _use_swarm(own, isolated_home, monkeypatch)
+        svc = stack.enter_context(_service())
+        names = []
+        for i in range(3):
+            # Long enough that all three are still running when the worker is lost.
+            task = f"echo {i} > run{i}.txt && git add run{i}.txt && git commit -qm 'run {i}' && sleep 20"
+            names.append(svc.dispatch(DispatchRequest(repo=str(user_repo), task=task, agent="shell")).workspace)
+        wait_for(lambda: all(svc.record(n).node for n in names), 60, "every run to be placed")
+        on_workers = [n for n in names if svc.record(n).node != own.manager.hostname]
+        assert on_workers, "the swarm placed every run on the manager"
+        lost = own.node(str(svc.record(on_workers[0]).node))
+        own.cut_off(lost)
+        records = {n: svc.wait(n, 120) for n in names}
+        for rec in records.values():
+            if rec.node == lost.hostname:
+                assert rec.status == Status.FAILED
+                assert rec.reason is not None and f"the node {lost.hostname} it ran on is down" in rec.reason
+            else:
+                assert rec.status == Status.COMPLETED, rec.reason
+        assert any(r.status == Status.COMPLETED for r in records.values()), "every run was on the lost node"
+        wait_for(lambda: _ours(own, svc) == [], 30, "the runs' services to be removed")
+        for name in names:  # each run started once: never a second task, never a second start
+            started = [
+                e
+                for e in map(json.loads, (svc.paths.events / "events.jsonl").read_text(encoding="utf-8").splitlines())
+                if e["workspace"] == name and e["kind"] == "started"
+            ]
+            assert len(started) == 1
+
+
+def test_a_server_sigkilled_mid_run_and_restarted_finds_its_service_by_label_and_the_run_completes_with_no_orphan(
+    shared_swarm: engines.Swarm, isolated_home: Path, monkeypatch: pytest.MonkeyPatch, user_repo: Path
+) -> None:
+    port = _free_port(shared_swarm.host_address)  # the next server's gateway listens where the job looks
+    _use_swarm(shared_swarm, isolated_home, monkeypatch, port=port)
+    server = serve_process(dict(os.environ))
+    task = "echo started; sleep 4; echo k > k.txt && git add k.txt && git commit -qm 'across a crash'"
+    out = subprocess.run(
+        [sys.executable, "-m", "agentic_dispatch", "dispatch", str(user_repo), task, "--agent", "shell", "--json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    workspace = str(json.loads(out.stdout)["workspace"])
+    store = StatusStore.of(load_settings()[1])
+    log = store.paths(workspace).logs / "agent-shell.log"
+    wait_for(lambda: log.exists() and "started" in log.read_text(encoding="utf-8"), 60, "the job to start")
+    service_id = store.read(workspace).container_id
+    server.send_signal(signal.SIGKILL)
+    server.wait(10)
+    server = serve_process(dict(os.environ))
+    try:
+        wait_for(lambda: store.read(workspace).status != Status.RUNNING, 120, "the run to be settled")
+        rec = store.read(workspace)
+        assert rec.status == Status.COMPLETED, rec.reason
+        assert rec.container_id == service_id  # the same job, adopted: never a second one
+        assert rec.node in {n.hostname for n in shared_swarm.nodes}
+        assert git(store.paths(workspace).repo, "log", "-1", "--format=%s", rec.branch) == "across a crash"
+        wait_for(lambda: _ours(shared_swarm) == [], 30, "no ghost, no orphan service")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
