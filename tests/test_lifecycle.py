@@ -95,6 +95,8 @@ def kinds(effects: list[object]) -> list[str]:
 TABLE: list[tuple[str, WorkspaceRecord, Happening, Status, str, list[EventKind], list[str], dict[str, object]]] = [
     ("a dispatch is queued", _rec(), Dispatched(), Status.QUEUED, "agent", [EventKind.DISPATCHED], [], {}),
     ("no slot: it waits", _rec(), Waiting(), Status.QUEUED, "agent", [EventKind.QUEUED], [], {}),
+    ("a dependency that ended without completing is said on a queued line", _rec(depends_on=["acme/app/task-0"]),
+     Waiting("acme/app/task-0, which ended failed"), Status.QUEUED, "agent", [EventKind.QUEUED], [], {}),
     ("a queued run starts", _rec(), Started(CID), Status.RUNNING, "agent", [EventKind.STARTED], [],
      {"container_id": CID, "started_at": NOW}),
     ("a first start from a base workspace records where its branch now starts", _rec(base_commit="a" * 40),

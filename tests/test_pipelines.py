@@ -76,8 +76,9 @@ def test_a_failed_dependency_leaves_its_dependent_waiting_with_what_to_do_and_on
 ) -> None:
     svc = new_dispatcher(docker_client)
     try:
-        a = svc.dispatch(shell(user_repo, FAILS_UNTIL_OK))
+        a = svc.dispatch(shell(user_repo, HOLD + FAILS_UNTIL_OK))
         b = svc.dispatch(shell(user_repo, COMMIT.format("b"), depends_on=[a.workspace]))
+        release(svc, a.workspace)  # a fails once b waits for it
         assert svc.wait(a.workspace, 60).status == Status.FAILED
         svc.drain()  # whatever a drain decides now, b must not start
 
@@ -86,6 +87,9 @@ def test_a_failed_dependency_leaves_its_dependent_waiting_with_what_to_do_and_on
         assert b_row.waiting_for is not None
         assert b_row.waiting_for.startswith(f"{a.workspace}, which ended failed (the agent exited with code 3")
         assert f"agentic_resume {a.workspace}" in b_row.waiting_for and f"cancel {b.workspace}" in b_row.waiting_for
+        told = [why for kind, why in events_of(svc, b.workspace) if kind == "queued" and why]
+        # b's queued lines: what it waited for at dispatch, then that a ended failed (a watch on b wakes)
+        assert told == [f"{a.workspace} (running) to complete", b_row.waiting_for]
 
         release(svc, a.workspace, "ok")
         svc.resume(a.workspace)

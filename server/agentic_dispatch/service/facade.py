@@ -43,7 +43,7 @@ from ..models import (
 )
 from ..prompts import PromptLibrary
 from ..runtime.base import LABEL_WORKSPACE, ExitEvent, Runtime
-from ..scheduler import Scheduler, UsageMeter
+from ..scheduler import Scheduler, UsageMeter, dependency_wait
 from ..store import StatusStore
 from .catalog import AgentCatalog
 from .delivery import ResultDelivery
@@ -225,7 +225,8 @@ class Dispatcher:
         except Exception:
             log.exception("cannot drain the queue after %s; the timer tries again", result.workspace)
         try:
-            rec = self.runs.apply(result.workspace, Waiting())  # still queued: say so in the events log
+            # still queued: say so in the events log, with what it waits for when that is a dependency
+            rec = self.runs.apply(result.workspace, lambda r: Waiting(dependency_wait(r, self.store.find)))
         except (DispatchError, OSError) as e:  # the run is recorded; a missing "queued" line is not an error
             log.warning("cannot note that %s waits for a slot: %s", result.workspace, e)
             rec = None

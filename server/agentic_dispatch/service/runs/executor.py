@@ -42,7 +42,7 @@ from ...models import (
     utcnow,
 )
 from ...runtime.base import Runtime
-from ...scheduler import Scheduler
+from ...scheduler import Scheduler, dependency_wait
 from ...scope import out_of_scope
 from ...store import StatusStore, WorkspacePaths, log_tail
 from ..catalog import AgentCatalog
@@ -65,6 +65,7 @@ from .lifecycle import (
     StartQa,
     StopContainer,
     StopRequested,
+    Waiting,
     transition,
 )
 from .network import NetworkJobs
@@ -387,12 +388,28 @@ class RunLifecycle:
             except Exception:  # a bug must not skip the delivery or the waiters
                 log.exception("%s: %s failed", rec.name, type(effect).__name__)
 
+    def _tell_dependents(self, name: str) -> None:
+        """A workspace ended without completing: each queued run that waits for it gets a ``queued`` line
+        saying so and what to do (so a watch on it wakes), as its status row's ``waiting_for`` says."""
+
+        def told(rec: WorkspaceRecord) -> Waiting | None:
+            why = dependency_wait(rec, self.store.find)
+            return Waiting(why) if why is not None else None
+
+        for dependent in self.store.dependents(name):
+            try:
+                self.apply(dependent, told)
+            except (DispatchError, OSError) as e:  # gone or unreadable: its row says so
+                log.warning("cannot tell %s that %s ended: %s", dependent, name, e)
+
     def _carry_out(self, rec: WorkspaceRecord, effect: object) -> None:
         match effect:
             case Settled():
                 with self._finished:
                     self._finished.notify_all()
                 self.delivery.after_run(rec)
+                if rec.status in (Status.FAILED, Status.BLOCKED):
+                    self._tell_dependents(rec.name)
             case CountFailure(agent=agent, started_at=started_at):
                 ran = time.time() - (parse_time(started_at) or time.time())
                 if self.scheduler.note_failure(agent, ran):

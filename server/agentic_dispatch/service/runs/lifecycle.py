@@ -9,6 +9,7 @@ carries the effects out against the engine, the store, the scheduler and the out
     (state, phase)     happening                     → state            effects
     —                  Dispatched                    → queued           event dispatched
     queued             Waiting (no slot after a drain) → queued         event queued
+    queued             Waiting(reason): a dependency ended without completing → queued   event queued, the reason
     blocked|failed|completed  Resumed                → queued, runs+1   event resumed
     queued             Started (or adopted)          → running          event started
     queued             LaunchFailed                  → failed           event failed
@@ -111,7 +112,10 @@ class Dispatched:
 
 @dataclass(frozen=True)
 class Waiting:
-    """The drain after a dispatch or resume found no slot for the run: it waits in the queue."""
+    """The drain after a dispatch or resume found no slot for the run: it waits in the queue. With a
+    ``reason``: what it waits for changed (a workspace it depends on ended without completing)."""
+
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -370,7 +374,7 @@ def _transition(rec: WorkspaceRecord, happening: Happening, now: str) -> Outcome
         case Waiting():
             if rec.status != Status.QUEUED:
                 return None
-            return Outcome(new, [(EventKind.QUEUED, {})])
+            return Outcome(new, [(EventKind.QUEUED, {"reason": happening.reason} if happening.reason else {})])
         case Resumed():
             return _resumed(new, happening)
         case Started():

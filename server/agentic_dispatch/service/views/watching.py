@@ -95,7 +95,8 @@ class Watching:
                 kind=e.kind.value,
                 status=e.status,
                 runs=e.runs,
-                reason=e.reason if e.kind == EventKind.STALLED else None,  # "no activity for N s"
+                # "no activity for N s", why an attempt is retried, why a queued run still waits
+                reason=e.reason if e.kind in (EventKind.STALLED, EventKind.RETRYING, EventKind.QUEUED) else None,
             )
             for e in events
             if names is None or e.workspace in names
