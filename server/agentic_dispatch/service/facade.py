@@ -161,6 +161,13 @@ class Dispatcher:
         if self._threads:
             return
         if self.network is not None:
+            if self.settings.runtime.gateway_listen is None and not self.runtime.local:
+                log.warning(
+                    "runs on %s use network transfer and [runtime] gateway_listen is not set: the run gateway "
+                    "listens on 127.0.0.1, which that engine's containers cannot reach. Set gateway_listen (and "
+                    "gateway_url) to an address they reach (README: Running agents on another machine)",
+                    self.runtime.describe(),
+                )
             self.network.start()
         watcher = threading.Thread(
             target=self.runtime.watch_exits,
