@@ -64,6 +64,8 @@ PREFIX = "ad-engine"
 NETNS_DIR = Path("/run/netns")
 TEMPLATES = Path(tempfile.gettempdir()) / f"{PREFIX}-templates"  # kept across runs: see engine_template
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+# A template another test process may still clone from is kept this long after it was last taken.
+TEMPLATE_IDLE_SECONDS = 6 * 3600
 # A remote engine's folder: not under the temp dir, which its own mount namespace hides.
 REMOTE_BASE = Path("/var/tmp")
 START_TIMEOUT = 60.0  # a start on a machine loaded with other test runs
@@ -433,7 +435,8 @@ def engine_template(client: docker.DockerClient, agent_image: str, with_clis: bo
 
     Made once per agent image and kept (about 400 MB under the temp dir) for later test runs
     and concurrent ones: making it takes about 25 s, cloning it well under one. Templates of
-    other agent images are removed when a new one is made.
+    other agent images that no test process used for :data:`TEMPLATE_IDLE_SECONDS` are removed
+    when a new one is made (test runs of other checkouts, with other images, may be using theirs).
 
     Raises:
         EngineError: the export, the import or the engine failed.
@@ -446,9 +449,10 @@ def engine_template(client: docker.DockerClient, agent_image: str, with_clis: bo
     template = EngineTemplate(root / "data", f"agentic-dispatch-{'full' if with_clis else 'shell'}:{image_id}")
     with _template_lock(fcntl.LOCK_EX):
         if (root / "ready").exists():
+            (root / "ready").touch()  # in use: see TEMPLATE_IDLE_SECONDS
             return template
         for old in TEMPLATES.iterdir():
-            if old.is_dir() and not old.name.startswith(image_id):  # another agent image's
+            if old.is_dir() and not old.name.startswith(image_id) and _idle(old):
                 shutil.rmtree(old, ignore_errors=True)
         _sweep_stale()
         _, directory = _new_name("template-")
@@ -464,6 +468,13 @@ def engine_template(client: docker.DockerClient, agent_image: str, with_clis: bo
         finally:
             shutil.rmtree(directory, ignore_errors=True)
     return template
+
+
+def _idle(template_root: Path) -> bool:
+    try:
+        return time.time() - (template_root / "ready").stat().st_mtime > TEMPLATE_IDLE_SECONDS
+    except FileNotFoundError:
+        return True  # never finished: a leftover
 
 
 def _clone_data_root(template: Path, dest: Path) -> None:
