@@ -241,6 +241,7 @@ class RunLifecycle:
         if rec.qa_enabled and exit_code == 0 and not question and unsafe is None and rec.stop_status is None:
             found = self.qa.command(ws)
             qa_command = (found.command, found.source) if found is not None else None
+        transfer = NetworkJobs.failure(ws, rec.runs, "agent")
         return Exited(
             container_id,
             exit_code,
@@ -251,7 +252,8 @@ class RunLifecycle:
             oom_killed=oom,
             qa_command=qa_command,
             out_of_scope=self._out_of_scope(ws, rec),
-            transfer_failure=NetworkJobs.failure(ws, rec.runs, "agent"),
+            transfer_failure=transfer[0] if transfer else None,
+            transfer_lost=transfer[1] if transfer else False,
             review=review,
             review_problem=review_problem,
             node=node,

@@ -176,6 +176,7 @@ class Exited:
     qa_command: tuple[str, str] | None = None  # (command, why), when the QA gate is on and found one
     out_of_scope: OutOfScope | None = None  # when the dispatch has a scope: the branch's changes outside it
     transfer_failure: str | None = None  # network transfer: why its results did not all come back
+    transfer_lost: bool = False  # ... because they never arrived (a class `lost` failure: it may be retried)
     review: tuple[Verdict, str] | None = None  # a reviewer's REVIEW.md: the verdict and the comments
     review_problem: str | None = None  # a reviewer's: why REVIEW.md holds no verdict
     node: str | None = None  # a cluster's node it ran on
@@ -533,7 +534,8 @@ def _agent_exited(new: WorkspaceRecord, h: Exited, now: str) -> Outcome:
         out = _end(new, Status.CANCELLED, stop_reason, now)
     elif h.transfer_failure is not None and stop_status is None:
         why = f"{h.transfer_failure}. What did arrive is kept (the branch if it was pushed, the log as sent); "
-        out = _end(new, Status.FAILED, why + "call agentic_resume to run it again", now)
+        reason = why + "call agentic_resume to run it again"
+        out = _failed(new, "lost", reason, now) if h.transfer_lost else _end(new, Status.FAILED, reason, now)
     elif h.unsafe_question is not None:
         out = _end(new, Status.FAILED, f"the agent's BLOCKED.md cannot be read: {h.unsafe_question}", now)
     elif h.question:

@@ -73,21 +73,21 @@ class NetworkJobs:
         return True
 
     @staticmethod
-    def failure(ws: WorkspacePaths, run: int, phase: str) -> str | None:
-        """Why job ``phase`` of a network run failed on the way back, or ``None`` (its results are in;
-        also for a mounted job)."""
+    def failure(ws: WorkspacePaths, run: int, phase: str) -> tuple[str, bool] | None:
+        """Why job ``phase`` of a network run failed on the way back, and whether its results were
+        lost on the way (never arrived: a ``lost`` failure, which a retry policy may run again) rather
+        than refused; ``None`` when its results are in (and for a mounted job)."""
         if not NetworkJobs.is_network(ws, run, phase):
             return None
         got = received(ws, run, phase)
         if got is None:
             said = _last_word(ws, run, phase)
-            return "its container ended before its results came back through the run gateway" + (
-                f" ({said})" if said else ""
-            )
+            why = "its container ended before its results came back through the run gateway"
+            return why + (f" ({said})" if said else ""), True
         if got.refused:
-            return f"the run gateway refused its results: {got.refused}"
+            return f"the run gateway refused its results: {got.refused}", False
         if got.push_error:
-            return f"its branch could not be sent back: {got.push_error}"
+            return f"its branch could not be sent back: {got.push_error}", False
         return None
 
 
