@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # Where a job's secret appears in its container (``agentic-run`` reads it): a JSON object of the
 # variables the job's CLI gets in its environment.
-SECRET_TARGET = "agentic-env"
+SECRET_TARGET = "agentic-env"  # pragma: allowlist secret (a file name, not a secret)
 SECRET_FILE = f"/run/secrets/{SECRET_TARGET}"
 LABEL_SECRET_OF = f"{LABEL_PREFIX}.secret-of"  # on a run's secret: the service's name
 # How often the exit watcher looks at the swarm's tasks (there is no event for a task's end).
