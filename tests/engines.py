@@ -41,6 +41,7 @@ from pathlib import Path
 
 import docker
 import docker.errors
+import requests
 import requests.exceptions
 
 from agentic_dispatch.runtime.images import CLI_VERSIONS_LABEL
@@ -738,20 +739,22 @@ SWARM_NODES = 3  # a manager and two workers
 class SwarmNode(SecondEngine):
     """One engine of a test swarm: its own network, mount and UTS namespaces (its own hostname, its
     own ``/etc/docker``, so every node has its own name and engine id; the temp dir hidden), on a
-    bridge shared with the other nodes and the host at :attr:`address`. A swarm task never pulls
-    here (``DOCKER_SERVICE_PREFER_OFFLINE_IMAGE``): the nodes have no route out, and each starts
-    with the shell image cloned from the template."""
+    bridge shared with the other nodes and the host at :attr:`address`. Each starts with the shell
+    image cloned from the template; the nodes have no route beyond their bridge, so a task's pull
+    of an image that is in no registry fails at once and the node runs the image it holds (as
+    Swarm does when a registry is down), while an image in the test registry is pulled."""
 
-    def __init__(self, name: str, directory: Path, address: str, hostname: str) -> None:
+    def __init__(self, name: str, directory: Path, address: str, hostname: str, registry: str) -> None:
         super().__init__(name, directory)
         self.address = address
         self.hostname = hostname
+        self.registry = registry
+
+    def _extra_args(self) -> list[str]:
+        return [f"--insecure-registry={self.registry}"]  # the test registry speaks plain HTTP
 
     def _wrapper(self) -> list[str]:
-        own = (
-            'mount -t tmpfs tmpfs /tmp && mount -t tmpfs tmpfs /etc/docker && hostname "$AD_HOSTNAME" && '
-            'exec env DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1 "$@"'
-        )
+        own = 'mount -t tmpfs tmpfs /tmp && mount -t tmpfs tmpfs /etc/docker && hostname "$AD_HOSTNAME" && exec "$@"'
         return [
             "env",
             f"AD_HOSTNAME={self.hostname}",
@@ -775,6 +778,7 @@ class Swarm:
         nodes: the manager first, then the workers.
         host_address: the host's address on the nodes' bridge: where a run gateway listens for them.
         image: the shell image every node holds.
+        registry: ``HOST:PORT`` of a registry (the distribution registry, plain HTTP) the nodes reach.
     """
 
     name: str
@@ -782,6 +786,7 @@ class Swarm:
     host_address: str
     image: str
     switch: str
+    registry: str
 
     @property
     def manager(self) -> SwarmNode:
@@ -845,7 +850,9 @@ def swarm(template: EngineTemplate, workers: int = SWARM_NODES - 1) -> Iterator[
     host_address = f"10.232.{subnet}.1"
     veth = _veth_host(switch)
     nodes: list[SwarmNode] = []
-    made = Swarm(base, nodes, host_address, template.image, switch)
+    registry = f"{host_address}:5000"
+    made = Swarm(base, nodes, host_address, template.image, switch, registry)
+    registry_proc: subprocess.Popen[bytes] | None = None
     try:
         _ip("netns", "add", switch)
         _ip("-n", switch, "link", "set", "lo", "up")
@@ -860,7 +867,7 @@ def swarm(template: EngineTemplate, workers: int = SWARM_NODES - 1) -> Iterator[
             name = f"{base}-{i}"
             directory = REMOTE_BASE / name
             directory.mkdir(mode=0o700)
-            node = SwarmNode(name, directory, f"10.232.{subnet}.{i + 2}", f"node{i}" if i else "manager")
+            node = SwarmNode(name, directory, f"10.232.{subnet}.{i + 2}", f"node{i}" if i else "manager", registry)
             nodes.append(node)
             port = _node_port(base, i)
             _ip("netns", "add", name)
@@ -869,7 +876,6 @@ def swarm(template: EngineTemplate, workers: int = SWARM_NODES - 1) -> Iterator[
             _ip("-n", switch, "link", "set", port, "master", "br0", "up")
             _ip("-n", name, "addr", "add", f"{node.address}/24", "dev", "eth0")
             _ip("-n", name, "link", "set", "eth0", "up")
-            _ip("-n", name, "route", "add", "default", "via", host_address)
             with _template_lock(fcntl.LOCK_SH):
                 _clone_data_root(template.data_root, node.data_root)
             node.image = template.image
@@ -896,9 +902,43 @@ def swarm(template: EngineTemplate, workers: int = SWARM_NODES - 1) -> Iterator[
                 time.sleep(0.1)
         except docker.errors.DockerException as e:
             raise EngineError(f"the swarm did not form: {e}\n{nodes[0].log_tail()}") from e
+        registry_proc = _start_registry(nodes[0].dir / "registry", registry)
         yield made
     finally:
+        if registry_proc is not None:
+            registry_proc.terminate()
+            registry_proc.wait(STOP_TIMEOUT)
         for node in reversed(nodes):
             node.close()
         _ip("netns", "del", switch, check=False)
         _ip("link", "del", veth, check=False)
+
+
+def _start_registry(directory: Path, address: str) -> subprocess.Popen[bytes]:
+    """Debian's ``docker-registry`` (the distribution registry) on ``address``, storing in ``directory``;
+    returned once it answers.
+
+    Raises:
+        EngineError: it exited or did not answer within :data:`START_TIMEOUT`.
+    """
+    directory.mkdir()
+    config = directory / "config.yml"
+    config.write_text(
+        "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
+        f"    rootdirectory: {directory / 'data'}\nhttp:\n  addr: {address}\n",
+        encoding="utf-8",
+    )
+    log = directory / "registry.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            raise EngineError(f"the registry exited ({proc.returncode}): {log.read_text(errors='replace')[-2000:]}")
+        with contextlib.suppress(requests.exceptions.RequestException):
+            if requests.get(f"http://{address}/v2/", timeout=2).status_code == 200:
+                return proc
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise EngineError(f"the registry did not answer in {START_TIMEOUT}s")
+        time.sleep(0.05)

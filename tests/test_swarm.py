@@ -30,8 +30,8 @@ from rich.console import Console
 from agentic_dispatch.cli_views import print_status
 from agentic_dispatch.config import load_settings
 from agentic_dispatch.models import FINAL_STATUSES, DispatchRequest, Status
-from agentic_dispatch.runtime.base import LABEL_ROOT
-from agentic_dispatch.runtime.swarm import SwarmRuntime
+from agentic_dispatch.runtime.base import LABEL_ROOT, LABEL_RUN, LABEL_WORKSPACE
+from agentic_dispatch.runtime.swarm import LABEL_SECRET_OF, SwarmRuntime
 from agentic_dispatch.service import Dispatcher
 from agentic_dispatch.store import StatusStore
 
@@ -278,3 +278,102 @@ def test_a_server_sigkilled_mid_run_and_restarted_finds_its_service_by_label_and
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agentic_dispatch", *args], capture_output=True, text=True)
+
+
+def test_image_push_puts_the_image_in_the_registry_doctor_then_passes_and_a_run_uses_the_pushed_image(
+    shared_swarm: engines.Swarm, isolated_home: Path, monkeypatch: pytest.MonkeyPatch, user_repo: Path
+) -> None:
+    _use_swarm(shared_swarm, isolated_home, monkeypatch, 'placement = ["node.role == worker"]\n')
+    with _service() as svc:
+        report = svc.doctor(["shell"])
+    assert not report.ok
+    assert "is in no registry" in report.image and "image push" in report.image
+
+    bad = _cli("image", "push", "http://registry.lan")
+    assert bad.returncode == 2 and "registry" in bad.stderr
+
+    pushed = _cli("image", "push", shared_swarm.registry)
+    assert pushed.returncode == 0, pushed.stderr
+    name = pushed.stdout.strip()
+    assert name == f"{shared_swarm.registry}/{shared_swarm.image}"
+    assert f'set image = "{name}"' in pushed.stderr
+
+    monkeypatch.setenv("AGENTIC_DISPATCH_IMAGE", name)
+    with _service() as svc:
+        report = svc.doctor(["shell"])
+        assert report.ok, report
+        assert report.image == name
+        task = "echo pulled > p.txt && git add p.txt && git commit -qm pulled"
+        res = svc.dispatch(DispatchRequest(repo=str(user_repo), task=task, agent="shell"))
+        service_id = svc.record(res.workspace).container_id
+        assert service_id is not None
+        api = docker.APIClient(base_url=shared_swarm.docker_host, version="1.41", timeout=30)
+        try:
+            image = api.inspect_service(service_id)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+        finally:
+            api.close()
+        assert image == name
+        rec = svc.wait(res.workspace, 120)
+        assert rec.status == Status.COMPLETED, rec.reason
+        assert rec.node != shared_swarm.manager.hostname  # a worker pulled it: only the manager was pushed from
+
+    missing = f"{shared_swarm.registry}/agentic-dispatch-missing:1"
+    monkeypatch.setenv("AGENTIC_DISPATCH_IMAGE", missing)
+    with _service() as svc:
+        report = svc.doctor(["shell"])
+    assert not report.ok
+    assert "not built" in report.agents[0].problems[0] or "cannot be found in its registry" in report.image
+
+
+def test_a_job_the_swarm_cannot_run_fails_its_run_with_the_swarms_reason_and_the_node(
+    shared_swarm: engines.Swarm, isolated_home: Path, monkeypatch: pytest.MonkeyPatch, user_repo: Path
+) -> None:
+    only_here = "agentic-dispatch-only-on-the-manager:1"  # in no registry, on no worker
+    manager = shared_swarm.manager.client()
+    manager.api.tag(shared_swarm.image, *only_here.split(":"))
+    _use_swarm(shared_swarm, isolated_home, monkeypatch, 'placement = ["node.role == worker"]\n')
+    monkeypatch.setenv("AGENTIC_DISPATCH_IMAGE", only_here)
+    try:
+        with _service() as svc:
+            res = svc.dispatch(DispatchRequest(repo=str(user_repo), task="echo never", agent="shell"))
+            rec = svc.wait(res.workspace, 120)
+            assert rec.status == Status.FAILED
+            assert rec.reason is not None and "the swarm could not run the job on node node" in rec.reason
+            assert "No such image" in rec.reason
+            wait_for(lambda: _ours(shared_swarm, svc) == [], 30, "the run's service to be removed")
+    finally:
+        manager.api.remove_image(only_here)
+
+
+def test_services_and_secrets_of_this_root_that_no_record_knows_are_orphans_listed_and_removed_by_cleanup(
+    on_swarm: Dispatcher, shared_swarm: engines.Swarm
+) -> None:
+    svc = on_swarm
+    labels = {LABEL_ROOT: svc.paths.root_id, LABEL_WORKSPACE: "local/nobody/w-gone", LABEL_RUN: "1"}
+    api = docker.APIClient(base_url=shared_swarm.docker_host, version="1.41", timeout=30)
+    try:
+        task = docker.types.TaskTemplate(
+            docker.types.ContainerSpec(shared_swarm.image, command=["sleep", "300"]),
+            restart_policy=docker.types.RestartPolicy(condition="none"),
+        )
+        made = api.create_service(
+            task, name="left-by-a-crash", labels=labels, mode=docker.types.ServiceMode("replicated-job")
+        )
+        secret = api.create_secret(
+            name="left-by-a-crash-secret", data=b"{}", labels={**labels, LABEL_SECRET_OF: "gone"}
+        )
+        orphans = svc.orphans()
+        assert any(o.startswith(made["ID"][:12]) and "left-by-a-crash " in o for o in orphans), orphans
+        assert any("left-by-a-crash-secret" in o for o in orphans), orphans
+        report = svc.cleanup()
+        assert len(report.removed) == 2, report
+        assert _ours(shared_swarm, svc) == []
+        assert [s["ID"] for s in api.secrets(filters={"label": f"{LABEL_ROOT}={svc.paths.root_id}"})] == []
+        assert secret["ID"] not in {s["ID"] for s in api.secrets()}
+        assert svc.orphans() == []
+    finally:
+        api.close()

@@ -33,6 +33,7 @@ from .models import (
     LockKey,
     PositiveNumber,
     Priority,
+    Registry,
     RetryPolicy,
     ScopeGlob,
     ScopeMode,
@@ -311,6 +312,21 @@ def cmd_image_build(args: argparse.Namespace) -> int:
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(tag)
+    return 0
+
+
+def cmd_image_push(args: argparse.Namespace) -> int:
+    from .config import load_settings
+    from .runtime.images import configured_image, push_image
+
+    settings, _ = load_settings(Path(args.config) if getattr(args, "config", None) else None)
+    runtime = _runtime(settings)
+    image = configured_image(settings.image)
+    print(f"pushing {image} from the Docker engine at {runtime.describe()}", file=sys.stderr, flush=True)
+    runtime.check()
+    pushed = push_image(runtime.client, image, args.registry, lambda line: print(line, file=sys.stderr, flush=True))
+    print(f'pushed; set image = "{pushed}" in the config file', file=sys.stderr)
+    print(pushed)
     return 0
 
 
@@ -787,6 +803,14 @@ def _add_setup_commands(sub: _Sub) -> None:
     b.set_defaults(func=cmd_image_build)
     t = _command(im_sub, "tag", "print the tag the current recipe builds")
     t.set_defaults(func=cmd_image_tag)
+    p = _command(
+        im_sub,
+        "push",
+        "push the agent image to a registry (for a swarm: every node pulls it from there)",
+        "Progress goes to stderr; the name pushed goes to stdout: set it as `image` in the config.",
+    )
+    p.add_argument("registry", type=_request_field(Registry), help="the registry: HOST[:PORT][/PATH]")
+    p.set_defaults(func=cmd_image_push)
 
 
 def _add_watch_commands(sub: _Sub) -> None:

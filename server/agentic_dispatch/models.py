@@ -410,6 +410,15 @@ ScopeMode = Literal["warn", "fail"]
 AgeDays = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=0)]
 WorkspaceName = Annotated[str, AfterValidator(_workspace_name)]
+# Where `image push` puts the agent image: a registry's host[:port], optionally with a path (registry.lan:5000/team).
+Registry = Annotated[
+    str,
+    Field(
+        max_length=255,
+        pattern=r"^(localhost(:[0-9]{1,5})?|[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+(:[0-9]{1,5})?|\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?"
+        r"|[A-Za-z0-9-]+:[0-9]{1,5})(/[a-z0-9]+([._-][a-z0-9]+)*)*$",
+    ),
+]
 DependsOn = Annotated[list[WorkspaceName], Field(min_length=1, max_length=MAX_DEPENDENCIES)]
 
 

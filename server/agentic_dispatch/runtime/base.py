@@ -122,6 +122,10 @@ class Runtime(Protocol):
 
     def image_exists(self, image: str) -> bool: ...
 
+    def image_problem(self, image: str) -> str | None:
+        """Why the machines that run containers cannot all get ``image`` (on a swarm: it is in no
+        registry, or not in its registry), for a person; ``None`` when they can."""
+
     def image_id(self, image: str) -> str | None:
         """The image's content id, or ``None`` when it is not on the engine."""
 

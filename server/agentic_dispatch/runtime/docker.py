@@ -236,6 +236,9 @@ class DockerRuntime:
     def image_exists(self, image: str) -> bool:
         return self._image_attrs(image) is not None
 
+    def image_problem(self, image: str) -> str | None:
+        return None  # one engine: the image is on it or not (image_exists)
+
     def image_id(self, image: str) -> str | None:
         attrs = self._image_attrs(image)
         return str(attrs["Id"]) if attrs else None

@@ -26,7 +26,7 @@ from pathlib import Path
 import docker
 import docker.errors
 
-from ..config import builtin_dir
+from ..config import IMAGE_ENV, builtin_dir
 from ..errors import RuntimeUnavailableError
 
 __all__ = [
@@ -35,9 +35,11 @@ __all__ = [
     "DEFAULT_BASES",
     "VERSIONS_SCRIPT",
     "build_image",
+    "configured_image",
     "default_image_tag",
     "ensure_base_image",
     "parse_versions",
+    "push_image",
 ]
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,12 @@ def default_image_tag() -> str:
     for cert in _extra_certs():
         h.update(cert.read_bytes())
     return f"{IMAGE_REPO}:{h.hexdigest()[:12]}"
+
+
+def configured_image(image: str | None) -> str:
+    """The agent image runs use: ``AGENTIC_DISPATCH_IMAGE``, else ``image`` (the config file's), else the
+    tag `image build` makes."""
+    return os.environ.get(IMAGE_ENV) or image or default_image_tag()
 
 
 def _has_image(client: docker.DockerClient, name: str) -> bool:
@@ -229,3 +237,33 @@ def build_image(
     _stamp_versions(client, tag, progress)
     client.images.get(tag).tag(IMAGE_REPO, "latest")
     return tag
+
+
+def push_image(client: docker.DockerClient, image: str, registry: str, progress: Progress) -> str:
+    """Tag ``image`` (on the engine ``client`` talks to) as ``<registry>/<its name>:<its tag>`` and push
+    it there, so that every node of a swarm can pull it; return that name (the ``image`` to configure).
+
+    Raises:
+        RuntimeUnavailableError: the image is not on the engine, or the registry refused or cannot be
+            reached (an engine reaches a registry over plain HTTP only when it is listed in its
+            ``insecure-registries``).
+    """
+    repository, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "latest")
+    target = f"{registry}/{repository.rsplit('/', 1)[-1]}"
+    try:
+        client.api.tag(image, target, tag)
+        for line in client.api.push(target, tag, stream=True, decode=True):
+            if line.get("error"):
+                raise RuntimeUnavailableError(
+                    f"pushing {image} to {registry} failed: {line['error']}. Check that the registry answers and "
+                    "that the engine trusts it (a plain-HTTP registry must be in its insecure-registries)."
+                )
+            if line.get("status") and not line.get("progressDetail"):
+                progress(" ".join(str(line[k]) for k in ("id", "status") if line.get(k)))
+    except docker.errors.ImageNotFound as e:
+        raise RuntimeUnavailableError(
+            f"the image {image} is not on this engine: build it (`agentic-dispatch image build`) first."
+        ) from e
+    except docker.errors.DockerException as e:
+        raise RuntimeUnavailableError(f"pushing {image} to {registry} failed: {e}") from e
+    return f"{target}:{tag}"

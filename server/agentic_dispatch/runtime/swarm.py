@@ -33,7 +33,7 @@ from ..errors import LaunchError, RuntimeUnavailableError
 from .base import LABEL_PREFIX, ContainerInfo, ContainerSpec, ExitEvent
 from .docker import ENGINE_CALL_TIMEOUT, ENGINE_ERRORS, DockerRuntime
 
-__all__ = ["SECRET_FILE", "SECRET_TARGET", "SwarmRuntime"]
+__all__ = ["LABEL_SECRET_OF", "SECRET_FILE", "SECRET_TARGET", "STRAY_SECRET", "SwarmRuntime"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 SECRET_TARGET = "agentic-env"  # pragma: allowlist secret (a file name, not a secret)
 SECRET_FILE = f"/run/secrets/{SECRET_TARGET}"
 LABEL_SECRET_OF = f"{LABEL_PREFIX}.secret-of"  # on a run's secret: the service's name
+STRAY_SECRET = "secret:"  # how list() names a run's secret whose service is gone
 # How often the exit watcher looks at the swarm's tasks (there is no event for a task's end).
 WATCH_INTERVAL = 1.0
 # A task in one of these states has ended for good (restart condition none: no other follows).
@@ -65,6 +66,12 @@ def _bytes(size: str) -> int:
     if text and text[-1] in units:
         return int(float(text[:-1]) * units[text[-1]])
     return int(text)
+
+
+def _in_registry(image: str) -> bool:
+    """``image`` names a registry (``registry.lan:5000/agent:tag``), not only a local name."""
+    first, slash, _ = image.partition("/")
+    return bool(slash) and ("." in first or ":" in first or first == "localhost")
 
 
 class SwarmRuntime(DockerRuntime):
@@ -108,6 +115,46 @@ class SwarmRuntime(DockerRuntime):
                 f"{swarm.get('LocalNodeState') or 'none'}). Point DOCKER_HOST (or [runtime] docker_host) at a "
                 "manager, or run `docker swarm init` there."
             )
+
+    # -- the image ------------------------------------------------------------------------------
+    def image_exists(self, image: str) -> bool:
+        """On the manager, or in its registry (where the nodes pull it from)."""
+        return super().image_exists(image) or self._distribution_problem(image) is None
+
+    def image_problem(self, image: str) -> str | None:
+        if not _in_registry(image):
+            return (
+                f"the image {image} is in no registry, so only nodes that hold it already can run it: push it with "
+                "`agentic-dispatch image push REGISTRY` and set `image` in the config to the name it prints"
+            )
+        problem = self._distribution_problem(image)
+        if problem is not None:
+            return (
+                f"the image {image} cannot be found in its registry ({problem}): push it with "
+                "`agentic-dispatch image push REGISTRY`, or check that the manager reaches the registry"
+            )
+        return None
+
+    def _distribution_problem(self, image: str) -> str | None:
+        """What the manager's registry lookup of ``image`` said when it failed, or ``None``."""
+        if not _in_registry(image):
+            return "in no registry"
+        try:
+            self._api.inspect_distribution(image)
+        except docker.errors.APIError as e:
+            return str(e.explanation or e)
+        except ENGINE_ERRORS as e:
+            raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
+        return None
+
+    def run_once(self, image: str, command: list[str], timeout: float = 120) -> tuple[int, str]:
+        """As on one engine, on the manager: an image only in the registry is pulled there first."""
+        if not super().image_exists(image) and _in_registry(image):
+            try:
+                self.client.images.pull(image)
+            except ENGINE_ERRORS as e:
+                raise RuntimeUnavailableError(f"the manager cannot pull {image}: {e}") from e
+        return super().run_once(image, command, timeout)
 
     # -- start ---------------------------------------------------------------------------------
     def start(self, spec: ContainerSpec) -> str:
@@ -154,7 +201,7 @@ class SwarmRuntime(DockerRuntime):
 
     @staticmethod
     def _secret_name(service: str) -> str:
-        return f"{service[: _NAME_MAX - 7]}-secret"
+        return _service_name(f"{service}-secret")
 
     def _task(self, spec: ContainerSpec, secret_id: str | None) -> docker.types.TaskTemplate:
         """The job's one task: run once (restart condition none), its limits, placement and secret."""
@@ -237,14 +284,18 @@ class SwarmRuntime(DockerRuntime):
         hostname, node_state = nodes.get(node_id, (None, "gone")) if node_id else (None, "")
         if state in _FINAL:
             code = (status.get("ContainerStatus") or {}).get("ExitCode")
-            ran = code is not None and state != "rejected"
+            err = str(status.get("Err") or status.get("Message") or state)
+            if code is None or state == "rejected":  # it never ran (its image, its mounts): no exit to report
+                where = f" on node {hostname}" if hostname else ""
+                lost = f"the swarm could not run the job{where}: {err}"
+                return ContainerInfo(sid, name, labels, running=False, exit_code=None, node=hostname, lost=lost)
             return ContainerInfo(
                 sid,
                 name,
                 labels,
                 running=False,
-                exit_code=int(code) if ran and code is not None else None,
-                error=None if ran and state == "complete" else str(status.get("Err") or status.get("Message") or state),
+                exit_code=int(code),
+                error=None if state == "complete" else err,
                 node=hostname,
             )
         if state in _UNPLACED or not node_id:
@@ -257,6 +308,8 @@ class SwarmRuntime(DockerRuntime):
         return ContainerInfo(sid, name, labels, running=True, exit_code=None, node=hostname)
 
     def inspect(self, container_id: str) -> ContainerInfo | None:
+        if container_id.startswith(STRAY_SECRET):
+            return None
         if container_id in self._stopped:
             return self._stopped[container_id]
         try:
@@ -272,25 +325,39 @@ class SwarmRuntime(DockerRuntime):
         return self._service_info(service, [t for t in tasks if t.get("ServiceID") == service["ID"]], nodes)
 
     def list(self, labels: dict[str, str]) -> list[ContainerInfo]:
+        """Every service with ``labels``, and every run secret with them whose service is gone (a
+        start cut off between the two): the latter as ``secret:<id>``, never running, so a sweep
+        removes it with its ended run's leftovers or reports it as an orphan."""
         filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
         try:
             services = self._api.services(filters=filters)
             tasks = self._api.tasks(filters={"service": [s["ID"] for s in services]}) if services else []
             nodes = self._node_map()
+            secrets = self._api.secrets(filters=filters)
         except ENGINE_ERRORS as e:
             raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
         self._health.up()
-        by_service: dict[str, list[dict[str, Any]]] = {}
+        by_service: dict[str, builtins.list[dict[str, Any]]] = {}
         for t in tasks:
             by_service.setdefault(str(t.get("ServiceID")), []).append(t)
-        return [self._service_info(s, by_service.get(str(s["ID"]), []), nodes) for s in services]
+        found = [self._service_info(s, by_service.get(str(s["ID"]), []), nodes) for s in services]
+        names = {info.name for info in found}
+        for secret in secrets:
+            spec = secret.get("Spec") or {}
+            own = {str(k): str(v) for k, v in (spec.get("Labels") or {}).items()}
+            if own.pop(LABEL_SECRET_OF, None) not in names:
+                found.append(ContainerInfo(f"{STRAY_SECRET}{secret['ID']}", str(spec.get("Name")), own, False, None))
+        return found
 
     # -- stop and remove ---------------------------------------------------------------------------
     def stop(self, container_id: str, timeout: float = 10) -> None:
         """Stop the job: its service is removed, which stops its container (SIGTERM, then after
-        ``timeout`` SIGKILL); returns when the task is gone or after the grace period. A job service
+        ``timeout`` SIGKILL); returns when the task is gone or after the grace period (a stray secret
+        has nothing to stop). A job service
         cannot be scaled down, so the stop is the removal; what it showed last is remembered for
         :meth:`inspect` until :meth:`remove`."""
+        if container_id.startswith(STRAY_SECRET):
+            return
         try:
             service = self._api.inspect_service(container_id)
         except docker.errors.NotFound:
@@ -335,8 +402,11 @@ class SwarmRuntime(DockerRuntime):
         return [str(s["SecretID"]) for s in container.get("Secrets") or [] if s.get("SecretID")]
 
     def remove(self, container_id: str) -> None:
-        """Remove the job's service and its secret."""
+        """Remove the job's service and its secret (or a stray secret :meth:`list` reported)."""
         self._stopped.pop(container_id, None)
+        if container_id.startswith(STRAY_SECRET):
+            self._drop_secret(container_id.removeprefix(STRAY_SECRET))
+            return
         try:
             service = self._api.inspect_service(container_id)
         except docker.errors.NotFound:
@@ -354,19 +424,6 @@ class SwarmRuntime(DockerRuntime):
             self._drop_secret(secret)
         self._health.up()
 
-    def stray_secrets(self, labels: dict[str, str]) -> builtins.list[str]:
-        """The ids of run secrets with ``labels`` whose service is gone (a start cut off between the two)."""
-        try:
-            secrets = self._api.secrets(filters={"label": [f"{k}={v}" for k, v in labels.items()]})
-            services = {str((s.get("Spec") or {}).get("Name")) for s in self._api.services(filters={})}
-        except ENGINE_ERRORS as e:
-            raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
-        return [
-            str(s["ID"])
-            for s in secrets
-            if ((s.get("Spec") or {}).get("Labels") or {}).get(LABEL_SECRET_OF) not in services
-        ]
-
     # -- exits -------------------------------------------------------------------------------------
     def watch_exits(self, labels: dict[str, str], on_exit: Callable[[ExitEvent], None], stop: threading.Event) -> None:
         """Look at the tasks of every run's service each :data:`WATCH_INTERVAL` (Swarm has no event
@@ -382,7 +439,7 @@ class SwarmRuntime(DockerRuntime):
             present = set()
             for info in infos:
                 present.add(info.id)
-                if info.running or info.lost is not None or info.id in reported:
+                if info.running or info.lost is not None or info.id in reported or info.id.startswith(STRAY_SECRET):
                     continue
                 reported.add(info.id)
                 try:

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 from ..agents import Agent, AgentSpec, parse_agent_spec
-from ..config import IMAGE_ENV, Limits, Settings
+from ..config import Limits, Settings
 from ..credentials import Credentials, resolve_credentials
-from ..runtime.images import default_image_tag
+from ..runtime.images import configured_image
 
 __all__ = ["AgentCatalog"]
 
@@ -24,7 +24,7 @@ class AgentCatalog:
     @property
     def image(self) -> str:
         """The agent image: the environment override, the config file's, else the one `image build` makes."""
-        return os.environ.get(IMAGE_ENV) or self.settings.image or default_image_tag()
+        return configured_image(self.settings.image)
 
     def parse(self, spec: str) -> AgentSpec:
         """``base[:model]`` checked against the known agents.

@@ -120,6 +120,9 @@ class Preflight:
             problem = f"the agent image {image} is not built on {where}; run `agentic-dispatch image build`."
             checks = [self._agent_check(n, None, problem) for n in names]
             return DoctorReport(ok=False, engine=f"reachable: {where}", image=f"{image} (missing)", agents=checks)
+        if (unreachable := self.runtime.image_problem(image)) is not None:  # a swarm's nodes cannot all pull it
+            checks = [self._agent_check(n, None, unreachable) for n in names]
+            return DoctorReport(ok=False, engine=f"reachable: {where}", image=f"{image} ({unreachable})", agents=checks)
         versions = self.cli_versions(fresh=True)
         checks = [self._agent_check(n, versions) for n in names]
         return DoctorReport(ok=all(c.ok for c in checks), engine=f"reachable: {where}", image=image, agents=checks)
