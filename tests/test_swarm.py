@@ -29,6 +29,7 @@ from rich.console import Console
 
 from agentic_dispatch.cli_views import print_status
 from agentic_dispatch.config import load_settings
+from agentic_dispatch.errors import ConfigError
 from agentic_dispatch.models import FINAL_STATUSES, DispatchRequest, Status
 from agentic_dispatch.runtime.base import LABEL_ROOT, LABEL_RUN, LABEL_WORKSPACE
 from agentic_dispatch.runtime.swarm import LABEL_SECRET_OF, SwarmRuntime
@@ -293,9 +294,6 @@ def test_image_push_puts_the_image_in_the_registry_doctor_then_passes_and_a_run_
     assert not report.ok
     assert "is in no registry" in report.image and "image push" in report.image
 
-    bad = _cli("image", "push", "http://registry.lan")
-    assert bad.returncode == 2 and "registry" in bad.stderr
-
     pushed = _cli("image", "push", shared_swarm.registry)
     assert pushed.returncode == 0, pushed.stderr
     name = pushed.stdout.strip()
@@ -377,3 +375,28 @@ def test_services_and_secrets_of_this_root_that_no_record_knows_are_orphans_list
         assert svc.orphans() == []
     finally:
         api.close()
+
+
+@pytest.mark.parametrize(
+    ("runtime", "said"),
+    [
+        ('engine = "swarm"\ntransfer = "mount"', "network transfer is implied"),
+        ('placement = ["node.labels.agents == true"]', 'set engine = "swarm"'),
+        ('engine = "swarm"\nplacement = ["agents"]', "placement"),
+        ('engine = "kubernetes"', "engine"),
+    ],
+)
+def test_a_swarm_setting_that_cannot_work_is_a_config_error_naming_it(
+    isolated_home: Path, runtime: str, said: str
+) -> None:
+    isolated_home.mkdir(parents=True)
+    (isolated_home / "config.toml").write_text(f"[runtime]\n{runtime}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert said in str(info.value)
+
+
+def test_image_push_refuses_a_registry_given_as_a_url_with_exit_2_before_it_asks_any_engine() -> None:
+    out = _cli("image", "push", "http://registry.lan:5000")
+    assert out.returncode == 2
+    assert "registry" in out.stderr and "http://registry.lan:5000" not in out.stdout

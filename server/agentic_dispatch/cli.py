@@ -807,7 +807,7 @@ def _add_setup_commands(sub: _Sub) -> None:
         im_sub,
         "push",
         "push the agent image to a registry (for a swarm: every node pulls it from there)",
-        "Progress goes to stderr; the name pushed goes to stdout: set it as `image` in the config.",
+        "Progress goes to stderr; the name pushed goes to stdout: set it as the image in the config file.",
     )
     p.add_argument("registry", type=_request_field(Registry), help="the registry: HOST[:PORT][/PATH]")
     p.set_defaults(func=cmd_image_push)

@@ -60,6 +60,7 @@ __all__ = [
     "Priority",
     "QaResult",
     "QueueState",
+    "Registry",
     "RemovedWorkspace",
     "RetryPolicy",
     "RetryState",
