@@ -116,6 +116,18 @@ ensure_browser() {
   fi
 }
 
+# The swarm tests (tests/test_swarm.py) run a registry for their nodes: Debian's docker-registry (the
+# distribution registry), started by the tests themselves on the nodes' bridge.
+ensure_registry() {
+  if command -v docker-registry >/dev/null; then return; fi
+  if is_debian_root; then
+    apt_install docker-registry
+  else
+    say "docker-registry is needed for the swarm tests (e.g. apt install docker-registry)."
+    return 1
+  fi
+}
+
 ensure_node() {
   if command -v npx >/dev/null; then return; fi
   if is_debian_root; then apt_install nodejs npm; else say "Node.js (npx) is needed for the MCP Inspector test"; fi

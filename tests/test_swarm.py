@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import docker
+import docker.errors
 import pytest
 from rich.console import Console
 
@@ -38,6 +39,7 @@ from agentic_dispatch.store import StatusStore
 
 from . import engines
 from .conftest import git, serve_process, wait_for
+from .model_server import ModelServer, Say, Shell
 
 # docker-py leaves its socket to the garbage collector when connect() fails (an engine's start is
 # probed until it answers): that ResourceWarning is docker-py's (see tests/test_runtime_faults.py).
@@ -362,7 +364,9 @@ def test_services_and_secrets_of_this_root_that_no_record_knows_are_orphans_list
             task, name="left-by-a-crash", labels=labels, mode=docker.types.ServiceMode("replicated-job")
         )
         secret = api.create_secret(
-            name="left-by-a-crash-secret", data=b"{}", labels={**labels, LABEL_SECRET_OF: "gone"}
+            name="left-by-a-crash-secret",  # pragma: allowlist secret (a name)
+            data=b"{}",
+            labels={**labels, LABEL_SECRET_OF: "gone"},  # pragma: allowlist secret (a label)
         )
         orphans = svc.orphans()
         assert any(o.startswith(made["ID"][:12]) and "left-by-a-crash " in o for o in orphans), orphans
@@ -400,3 +404,44 @@ def test_image_push_refuses_a_registry_given_as_a_url_with_exit_2_before_it_asks
     out = _cli("image", "push", "http://registry.lan:5000")
     assert out.returncode == 2
     assert "registry" in out.stderr and "http://registry.lan:5000" not in out.stdout
+
+
+def test_a_real_claude_run_on_the_swarm_gets_its_key_from_the_runs_secret_and_completes(
+    full_engine_template: engines.EngineTemplate,
+    isolated_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    user_repo: Path,
+) -> None:
+    key = "sk-test-swarm-claude-key"
+    with engines.swarm(full_engine_template, workers=1) as own, ModelServer(host=own.host_address) as model:
+        model.script(
+            [
+                Shell("echo MIT > LICENCE.txt && git add LICENCE.txt && git commit -q -m 'Add the licence'"),
+                Say("Added the licence."),
+            ]
+        )
+        monkeypatch.setenv("ANTHROPIC_API_KEY", key)
+        agent = (
+            f'[agents.claude]\nbase_url = "http://{own.host_address}:{model.port}"\n'
+            'model = "claude-sonnet-4-5"\nmax_retries = 0\n'
+        )
+        _use_swarm(own, isolated_home, monkeypatch)
+        config = isolated_home / "config.toml"
+        config.write_text(config.read_text(encoding="utf-8") + agent, encoding="utf-8")
+        with _service() as svc:
+            res = svc.dispatch(DispatchRequest(repo=str(user_repo), task="Add a licence", agent="claude"))
+            wait_for(lambda: svc.record(res.workspace).status != Status.QUEUED, 60, "the run to start")
+            service_id = svc.record(res.workspace).container_id
+            assert service_id is not None
+            api = docker.APIClient(base_url=own.docker_host, version="1.41", timeout=30)
+            try:
+                with contextlib.suppress(docker.errors.NotFound):  # it may have ended already
+                    assert key not in json.dumps(api.inspect_service(service_id))
+            finally:
+                api.close()
+            rec = svc.wait(res.workspace, 240)
+        assert rec.status == Status.COMPLETED, rec.reason
+        assert git(svc.store.paths(rec.name).repo, "show", f"{rec.branch}:LICENCE.txt") == "MIT"
+        assert model.model_requests, "the CLI never reached the model"
+        assert all(key in str(r.headers) for r in model.model_requests), "the CLI did not send the key"
+        assert model.errors == []

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 SECRET_TARGET = "agentic-env"  # pragma: allowlist secret (a file name, not a secret)
 SECRET_FILE = f"/run/secrets/{SECRET_TARGET}"
 LABEL_SECRET_OF = f"{LABEL_PREFIX}.secret-of"  # on a run's secret: the service's name
-STRAY_SECRET = "secret:"  # how list() names a run's secret whose service is gone
+STRAY_SECRET = "secret:"  # pragma: allowlist secret (how list() names a run's secret whose service is gone)
 # How often the exit watcher looks at the swarm's tasks (there is no event for a task's end).
 WATCH_INTERVAL = 1.0
 # A task in one of these states has ended for good (restart condition none: no other follows).
