@@ -445,3 +445,31 @@ def test_a_real_claude_run_on_the_swarm_gets_its_key_from_the_runs_secret_and_co
         assert model.model_requests, "the CLI never reached the model"
         assert all(key in str(r.headers) for r in model.model_requests), "the CLI did not send the key"
         assert model.errors == []
+
+
+def test_a_cancelled_swarm_run_sends_its_uncommitted_work_back_as_a_checkpoint_and_its_service_goes(
+    on_swarm: Dispatcher, shared_swarm: engines.Swarm, user_repo: Path
+) -> None:
+    svc = on_swarm
+    task = "echo unsaved > unsaved.txt; echo ready; sleep 300"
+    res = svc.dispatch(DispatchRequest(repo=str(user_repo), task=task, agent="shell"))
+    log = svc.store.paths(res.workspace).logs / "agent-shell.log"
+    wait_for(lambda: log.exists() and "ready" in log.read_text(encoding="utf-8"), 60, "the agent to write its file")
+    svc.cancel(res.workspace)
+    rec = svc.wait(res.workspace, 60)
+    assert rec.status == Status.CANCELLED
+    assert rec.checkpoint is not None, rec.reason
+    assert git(svc.store.paths(res.workspace).repo, "show", f"{rec.checkpoint.commit}:unsaved.txt") == "unsaved"
+    wait_for(lambda: _ours(shared_swarm, svc) == [], 30, "the run's service to be removed")
+
+
+def test_the_timeout_of_a_run_waiting_for_a_node_counts_and_ends_it_with_its_service(
+    shared_swarm: engines.Swarm, isolated_home: Path, monkeypatch: pytest.MonkeyPatch, user_repo: Path
+) -> None:
+    _use_swarm(shared_swarm, isolated_home, monkeypatch, 'placement = ["node.labels.no-such-label == yes"]\n')
+    with _service() as svc:
+        res = svc.dispatch(DispatchRequest(repo=str(user_repo), task="echo never", agent="shell", timeout_seconds=3))
+        rec = svc.wait(res.workspace, 60)
+        assert rec.status == Status.FAILED
+        assert "timed out after 3 s" in (rec.reason or "")
+        wait_for(lambda: _ours(shared_swarm, svc) == [], 30, "the run's service to be removed")

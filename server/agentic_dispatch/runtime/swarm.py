@@ -93,7 +93,6 @@ class SwarmRuntime(DockerRuntime):
         self.placement = list(placement or [])
         self.stop_grace = stop_grace  # the services' stop grace period: a stopped job sends its work back
         self._nodes: dict[str, tuple[str, str]] = {}  # node id → (hostname, state), from the last look
-        self._stopped: dict[str, ContainerInfo] = {}  # services stopped (removed) here, until remove()
 
     @property
     def local(self) -> bool:
@@ -310,8 +309,6 @@ class SwarmRuntime(DockerRuntime):
     def inspect(self, container_id: str) -> ContainerInfo | None:
         if container_id.startswith(STRAY_SECRET):
             return None
-        if container_id in self._stopped:
-            return self._stopped[container_id]
         try:
             service = self._api.inspect_service(container_id)
             tasks = self._api.tasks(filters={"service": container_id})
@@ -351,50 +348,54 @@ class SwarmRuntime(DockerRuntime):
 
     # -- stop and remove ---------------------------------------------------------------------------
     def stop(self, container_id: str, timeout: float = 10) -> None:
-        """Stop the job: its service is removed, which stops its container (SIGTERM, then after
-        ``timeout`` SIGKILL); returns when the task is gone or after the grace period (a stray secret
-        has nothing to stop). A job service
-        cannot be scaled down, so the stop is the removal; what it showed last is remembered for
-        :meth:`inspect` until :meth:`remove`."""
+        """Stop the job: its service is told to complete no task (a job's one way down: removing its
+        service leaves its container running), so the swarm stops the container (SIGTERM, SIGKILL
+        after its stop grace period) and keeps the task's exit code for :meth:`inspect`. Returns when
+        the task has ended, or after ``timeout`` and the call bound (a stray secret has nothing to stop).
+        """
         if container_id.startswith(STRAY_SECRET):
             return
         try:
-            service = self._api.inspect_service(container_id)
+            if self._halt(container_id):
+                self._wait_ended(container_id, timeout + ENGINE_CALL_TIMEOUT)
         except docker.errors.NotFound:
             return
         except ENGINE_ERRORS as e:
             raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
-        secrets = self._secrets_of(service)
-        last = self.inspect(container_id)
-        try:
-            self._api.remove_service(container_id)
-        except docker.errors.NotFound:
-            pass
-        except ENGINE_ERRORS as e:
-            raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
-        pause = threading.Event()  # never set: a bounded wait between two looks
-        deadline_checks = int((timeout + ENGINE_CALL_TIMEOUT) / 0.25)
-        for _ in range(deadline_checks):
-            try:
-                left = self._api.tasks(filters={"service": container_id})
-            except ENGINE_ERRORS:
-                break
-            left = [t for t in left if t.get("ServiceID") == container_id]
-            final = [t for t in left if str((t.get("Status") or {}).get("State")) in _FINAL]
-            for t in final:
-                code = ((t.get("Status") or {}).get("ContainerStatus") or {}).get("ExitCode")
-                if code is not None and last is not None:
-                    last = ContainerInfo(last.id, last.name, last.labels, False, int(code), node=last.node)
-            if not left or len(final) == len(left):
-                break
-            pause.wait(0.25)
-        if last is not None and last.running:  # signalled by the stop: 143 unless the task said otherwise
-            last = ContainerInfo(last.id, last.name, last.labels, False, 143, node=last.node)
-        if last is not None:
-            self._stopped[container_id] = last
-        for secret in secrets:
-            self._drop_secret(secret)
         self._health.up()
+
+    def _halt(self, service_id: str) -> bool:
+        """Set the job to complete no task: the swarm stops its running one and starts none. ``False``
+        when its task has ended already.
+
+        Raises:
+            docker.errors.NotFound: the service is gone.
+        """
+        info = self.inspect(service_id)
+        if info is None:
+            raise docker.errors.NotFound(f"service {service_id} is gone")
+        if not info.running:
+            return False
+        service = self._api.inspect_service(service_id)
+        spec = service["Spec"]
+        self._api.update_service(  # the spec as it is but the mode (docker-py's merge adds what jobs refuse)
+            service_id,
+            service["Version"]["Index"],
+            task_template=spec["TaskTemplate"],
+            name=spec["Name"],
+            labels=spec.get("Labels"),
+            mode={"ReplicatedJob": {"MaxConcurrent": 0, "TotalCompletions": 0}},
+            fetch_current_spec=False,
+        )
+        return True
+
+    def _wait_ended(self, service_id: str, seconds: float) -> None:
+        pause = threading.Event()  # never set: a bounded wait between two looks
+        for _ in range(max(1, int(seconds / 0.25))):
+            info = self.inspect(service_id)
+            if info is None or not info.running or info.waiting is not None:
+                return
+            pause.wait(0.25)
 
     @staticmethod
     def _secrets_of(service: dict[str, Any]) -> builtins.list[str]:
@@ -402,22 +403,19 @@ class SwarmRuntime(DockerRuntime):
         return [str(s["SecretID"]) for s in container.get("Secrets") or [] if s.get("SecretID")]
 
     def remove(self, container_id: str) -> None:
-        """Remove the job's service and its secret (or a stray secret :meth:`list` reported)."""
-        self._stopped.pop(container_id, None)
+        """Remove the job's service and its secret (or a stray secret :meth:`list` reported); a job still
+        running is stopped first (its stop grace period at most)."""
         if container_id.startswith(STRAY_SECRET):
             self._drop_secret(container_id.removeprefix(STRAY_SECRET))
             return
         try:
             service = self._api.inspect_service(container_id)
+            if self._halt(container_id):
+                self._wait_ended(container_id, self.stop_grace + ENGINE_CALL_TIMEOUT)
+            self._api.remove_service(container_id)
         except docker.errors.NotFound:
             self._health.up()
             return
-        except ENGINE_ERRORS as e:
-            raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
-        try:
-            self._api.remove_service(container_id)
-        except docker.errors.NotFound:
-            pass
         except ENGINE_ERRORS as e:
             raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
         for secret in self._secrets_of(service):
