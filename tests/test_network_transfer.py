@@ -165,8 +165,8 @@ def _job_done(client: docker.DockerClient, cid: str) -> bool:
         return True  # the container has already exited
 
 
-def _server(home: Path, client: docker.DockerClient, port: int) -> Dispatcher:
-    config = GATEWAY.format(address=docker0_address(client)).replace(":0", f":{port}")
+def _server(home: Path, client: docker.DockerClient, port: int, extra: str = "") -> Dispatcher:
+    config = GATEWAY.format(address=docker0_address(client)).replace(":0", f":{port}") + extra
     (home / "config.toml").write_text(config, encoding="utf-8")
     settings, paths = load_settings()
     svc = Dispatcher(settings, paths, DockerRuntime(client))
@@ -179,7 +179,7 @@ def test_a_network_run_whose_gateway_never_comes_back_fails_saying_so_and_keeps_
 ) -> None:
     isolated_home.mkdir(parents=True, exist_ok=True)
     port = _free_port(docker0_address(docker_client))
-    first = _server(isolated_home, docker_client, port)
+    first = _server(isolated_home, docker_client, port, "gateway_patience_seconds = 3\n")
     res = first.dispatch(DispatchRequest(repo=str(user_repo), task="echo early-output; sleep 3", agent="shell"))
     cid = _wait_running(first, res.workspace)
     wait_for(lambda: "early-output" in _log(first, res.workspace), 60, "the log to stream in")

@@ -340,6 +340,11 @@ class RuntimeSettings(_Model):
         description="the gateway's URL as containers reach it; default: http(s)://<gateway_listen>",
     )
     gateway_tls: GatewayTls | None = None
+    gateway_patience_seconds: Annotated[float, Field(ge=1)] = Field(
+        default=60.0,
+        description="network transfer: how long a run's container keeps trying the gateway (a server restarting, a "
+        "network blip) before it gives up",
+    )
     stop_grace_seconds: Annotated[float, Field(ge=1)] = Field(
         default=30.0,
         description="network transfer: how long a stopped run's container has to send its work back "

@@ -75,7 +75,8 @@ def _network_jobs(settings: Settings, runtime: Runtime, store: StatusStore) -> N
     transfer = settings.runtime.transfer or ("mount" if runtime.local else "network")
     if transfer == "mount":
         return None
-    return NetworkJobs(RunGateway(settings, store), settings.runtime.stop_grace_seconds)
+    rt = settings.runtime
+    return NetworkJobs(RunGateway(settings, store), rt.stop_grace_seconds, rt.gateway_patience_seconds)
 
 
 class Dispatcher:

@@ -24,9 +24,10 @@ _SIGN = "[agentic-run] "
 class NetworkJobs:
     """The service's side of network transfer: the gateway, and each job's part of it."""
 
-    def __init__(self, gateway: RunGateway, stop_grace: float) -> None:
+    def __init__(self, gateway: RunGateway, stop_grace: float, patience: float = 60.0) -> None:
         self.gateway = gateway
         self.stop_grace = stop_grace  # a stopped job sends its work back before it is killed
+        self.patience = patience  # how long a job's container keeps trying the gateway
         self.listening = False
 
     def start(self) -> None:
@@ -57,7 +58,11 @@ class NetworkJobs:
                 "runs use network transfer and the run gateway does not listen in this process: "
                 "start the server (`agentic-dispatch serve`), which drains the queue"
             )
-        env = {"AGENTIC_GATEWAY": self.gateway.run_url(name), "AGENTIC_TOKEN": issue_token(ws, run)}
+        env = {
+            "AGENTIC_GATEWAY": self.gateway.run_url(name),
+            "AGENTIC_TOKEN": issue_token(ws, run),
+            "AGENTIC_GATEWAY_PATIENCE": f"{self.patience:g}",
+        }
         begin_job(ws, run, phase, log)
         ca = self.gateway.ca_pem()
         if ca:
