@@ -24,6 +24,8 @@ from agentic_dispatch.service import Dispatcher
 from agentic_dispatch.service.runs.disk_cap import MIN_ENTRY_BYTES, measure
 from agentic_dispatch.workspace import commits_ahead, recent_log
 
+from .conftest import needs_root
+
 NO_CAPABILITIES = "0000000000000000"
 MIB = 1024 * 1024
 
@@ -176,7 +178,7 @@ def test_measuring_stops_counting_past_the_cap_and_counts_each_empty_file_as_a_b
     assert measure(empty, MIB) > MIB  # a flood of empty files reaches the cap too
 
 
-@pytest.mark.skipif(os.getuid() != 0, reason="only a root server hands folders to another uid")
+@needs_root("only a root server hands folders to another uid")
 def test_handing_a_folder_to_the_agent_gives_links_themselves_and_never_what_they_point_to(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()

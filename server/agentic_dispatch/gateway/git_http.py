@@ -11,11 +11,11 @@ the clone's own config is the server's: a network run's container never writes i
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import os
 import subprocess
 import threading
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,23 +53,6 @@ class GitAnswer:
     status: int
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: Iterator[bytes] = field(default_factory=lambda: iter(()))
-
-
-class _Gunzip:
-    """A reader of the gzip-compressed stream ``raw``, decompressed as it is read."""
-
-    def __init__(self, raw: Reader) -> None:
-        self.raw, self.z, self.buf = raw, zlib.decompressobj(16 + zlib.MAX_WBITS), b""
-
-    def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self.buf) < n:
-            chunk = self.raw.read(_CHUNK)
-            if not chunk:
-                self.buf += self.z.flush()
-                break
-            self.buf += self.z.decompress(chunk)
-        out, self.buf = (self.buf, b"") if n < 0 else (self.buf[:n], self.buf[n:])
-        return out
 
 
 def _pkt_lines(body: Reader) -> tuple[bytes, list[bytes]]:
@@ -145,7 +128,7 @@ def serve_git(
     encoding = req.content_encoding
     if push and req.method == "POST" and body is not None:
         if encoding == "gzip":
-            body, encoding = _Gunzip(body), ""
+            body, encoding = gzip.GzipFile(fileobj=cast(IO[bytes], body), mode="rb"), ""
         prefix, commands = _pkt_lines(body)
         assert allowed_ref is not None
         check_push(commands, allowed_ref)

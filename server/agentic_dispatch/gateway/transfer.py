@@ -308,8 +308,9 @@ def _place_tree(ws: WorkspacePaths, staged: Path, deleted: list[str]) -> None:
     _repo_git(ws, "reset", "--quiet", "--hard", "HEAD")
     _repo_git(ws, "clean", "--quiet", "-d", "--force")  # untracked files of an earlier run; ignored ones stay
     for rel in deleted:
-        with contextlib.suppress(UnsafePathError, InvalidPath):
-            safefs.remove_file(ws.repo, _inside(ws.repo, rel))
+        if Path(rel).parts[:1] != (".git",):  # safefs keeps it inside the clone (no "..", no absolute path)
+            with contextlib.suppress(UnsafePathError):
+                safefs.remove_file(ws.repo, ws.repo / rel)
     if not staged.is_dir():
         return
     for root, _dirs, files in os.walk(staged):
@@ -321,17 +322,6 @@ def _place_tree(ws: WorkspacePaths, staged: Path, deleted: list[str]) -> None:
             source = Path(root) / name
             if source.is_symlink():
                 _place(ws.repo, source, ws.repo / source.relative_to(staged))
-
-
-class InvalidPath(ValueError):
-    pass
-
-
-def _inside(base: Path, rel: str) -> Path:
-    parts = Path(rel).parts
-    if not parts or Path(rel).is_absolute() or ".." in parts or parts[0] == ".git":
-        raise InvalidPath(rel)
-    return base / rel
 
 
 def _place(base: Path, source: Path, dest: Path) -> None:
