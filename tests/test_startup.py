@@ -138,10 +138,33 @@ def test_serve_answers_initialize_and_tools_list_on_a_thread_that_never_loads_th
     assert "agentic_dispatch" in tools and "agentic_watch" in tools
     assert status["isError"] is False and status["structuredContent"]["counts"]["running"] == 0, status
     loaded = [line.split(" ", 3)[1::2] for line in log.lines if line.startswith("imported ")]  # [name, thread]
-    assert {"git", "docker", "agentic_dispatch.service.facade"} <= {name for name, _ in loaded}, log.lines
+    assert "agentic_dispatch.service.facade" in {name for name, _ in loaded}, log.lines
     on_main = [name for name, thread in loaded if thread == "MainThread"]
     assert on_main == [], f"loaded on the thread that answers initialize and tools/list: {on_main}"
     assert server.exit_code == 0, log.lines[-20:]
+
+
+# The service as `serve` builds it (not started: its exit watcher is the engine's first user), asked for a status.
+STATUS_NAMING_IMPORTS = """
+import sys
+from agentic_dispatch.cli import _dispatcher, build_parser
+_dispatcher(build_parser(serve_only=True).parse_args(["serve"])).status()
+print(" ".join(sorted(m for m in ("git", "docker", "requests", "agentic_dispatch.gateway.server") if m in sys.modules)))
+"""
+
+
+def test_the_service_is_built_and_answers_a_status_without_the_engines_client_gitpython_or_the_gateway(
+    isolated_home: Path, tmp_path: Path
+) -> None:
+    """Building the service is what the first tool call waits for: the engine's client and GitPython are
+    loaded by the first call that needs them, the run gateway only for network transfer (not for this local
+    engine, which is not there either: nothing asks it)."""
+    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path / 'no-engine.sock'}"}
+    done = subprocess.run(
+        [sys.executable, "-c", STATUS_NAMING_IMPORTS], capture_output=True, text=True, timeout=60, check=False, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "", f"loaded to answer a status: {done.stdout.strip()}"
 
 
 def test_serve_on_stdio_with_a_broken_config_answers_its_host_and_each_tool_call_says_what_is_wrong(

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
     from .config import Settings
     from .models import CleanReport, SyncReport
+    from .runtime.base import Runtime
     from .runtime.docker import DockerRuntime
     from .service import Dispatcher
 
@@ -68,7 +69,18 @@ def _dispatcher(args: argparse.Namespace) -> Dispatcher:
     return Dispatcher(settings, paths, _runtime(settings))
 
 
-def _runtime(settings: Settings) -> DockerRuntime:
+def _runtime(settings: Settings) -> Runtime:
+    """The service's runtime: :func:`_engine`'s, made when a call first needs the engine (a status never does)."""
+    from .runtime.base import engine_address, is_local_engine
+    from .runtime.deferred import DeferredRuntime
+
+    rt = settings.runtime
+    address = engine_address(rt.docker_host)
+    local = rt.engine != "swarm" and is_local_engine(address)  # a swarm's task may run on any node
+    return DeferredRuntime(lambda: _engine(settings), local=local, address=address)
+
+
+def _engine(settings: Settings) -> DockerRuntime:
     """The runtime ``[runtime] engine`` chooses: one Docker engine, or a swarm through its manager."""
     from .runtime.docker import DockerRuntime
     from .runtime.swarm import SwarmRuntime
@@ -320,7 +332,7 @@ def cmd_image_push(args: argparse.Namespace) -> int:
     from .runtime.images import configured_image, push_image
 
     settings, _ = load_settings(Path(args.config) if getattr(args, "config", None) else None)
-    runtime = _runtime(settings)
+    runtime = _engine(settings)
     image = configured_image(settings.image)
     print(f"pushing {image} from the Docker engine at {runtime.describe()}", file=sys.stderr, flush=True)
     runtime.check()

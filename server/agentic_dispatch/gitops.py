@@ -9,10 +9,12 @@ import re
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
-
-import git
+from typing import TYPE_CHECKING
 
 from .fileio import exclusive_lock, shared_lock
+
+if TYPE_CHECKING:
+    import git  # GitPython is imported where it is used: a host waiting for the server must not wait for it
 
 __all__ = [
     "FETCH_TIMEOUT_SECONDS",

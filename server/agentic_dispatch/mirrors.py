@@ -16,14 +16,16 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-
-import git
+from typing import TYPE_CHECKING
 
 from .errors import DispatchError, InvalidInputError, RepoError
 from .fileio import exclusive_lock
 from .gitops import FETCH_TIMEOUT_SECONDS, GIT_ENV, dubious_ownership, git_error_text, stderr_lines
 from .naming import check_git_ref
 from .repos import RepoRef
+
+if TYPE_CHECKING:
+    import git  # GitPython is imported where it is used: a host waiting for the server must not wait for it
 
 __all__ = [
     "MirrorCache",
@@ -74,6 +76,8 @@ def _clone_mirror(url: str, mirror: Path) -> None:
     Raises:
         git.GitCommandError: the clone failed; ``mirror`` is left as it was.
     """
+    import git
+
     tmp = mirror.with_name(mirror.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -110,6 +114,8 @@ def _rebuild_mirror(url: str, mirror: Path, why: str) -> None:
     Raises:
         RepoError: the fresh clone failed (the damaged mirror is left in place, to be tried again).
     """
+    import git
+
     try:
         _clone_mirror(url, mirror)
     except git.GitCommandError as e:
@@ -185,6 +191,8 @@ class MirrorCache:
         InvalidInputError: git refuses the repository as another user's (no mirror is left behind).
         RepoError: the remote cannot be cloned (no mirror is left behind).
         """
+        import git
+
         try:
             self.fetches += 1
             _clone_mirror(ref.fetch_url, mirror)
@@ -201,6 +209,8 @@ class MirrorCache:
         InvalidInputError: git refuses the repository as another user's.
         RepoError: the remote cannot be fetched, or the mirror is damaged and cannot be rebuilt.
         """
+        import git
+
         try:
             self.fetches += 1
             with git.Repo(mirror) as repo:
@@ -278,6 +288,8 @@ def branch_exists(mirror: Path, branch: str) -> bool:
 
 
 def list_branches(mirror: Path, limit: int = 20) -> list[str]:
+    import git
+
     with git.Repo(mirror) as repo:
         return [h.name for h in repo.heads][:limit]
 
@@ -306,6 +318,8 @@ def _mirror_url(mirror: Path) -> str:
     Raises:
         RepoError: the mirror's config does not name its remote.
     """
+    import git
+
     try:
         return str(git.Git(mirror).config("--file", str(mirror / "config"), "--get", "remote.origin.url"))
     except git.GitCommandError as e:

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import git
-
 from .errors import InvalidInputError
 from .naming import check_component
 
@@ -119,6 +117,8 @@ def _local_repo(text: str, given: str, state_root: Path | None) -> Path:
         InvalidInputError: not a path (``~unknown-user``, a loop of links), inside ``state_root``, or
             not a git repository (bad input like the others: the caller named the wrong thing).
     """
+    import git
+
     try:
         path = Path(text).expanduser().resolve()
     except (RuntimeError, OSError) as e:

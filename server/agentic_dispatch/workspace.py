@@ -15,8 +15,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-
-import git
+from typing import TYPE_CHECKING
 
 from . import safefs
 from .errors import RepoError
@@ -25,6 +24,9 @@ from .mirrors import MirrorDamaged, dir_id, mirror_lock, repair_mirror, start_po
 from .naming import check_git_ref, slugify
 from .sync.gitrun import FETCH_CONFIG, git_error, run_git
 from .sync.shim import check_objects, read_ref_value, remove_stale_shims, shim_repository
+
+if TYPE_CHECKING:
+    import git  # GitPython is imported where it is used: a host waiting for the server must not wait for it
 
 __all__ = [
     "bounded_git",
@@ -61,6 +63,8 @@ def _stage(mirror: Path, dest: Path, origin_url: str, start_branch: str | None, 
         InvalidInputError: the repository has no commit to start from (see :func:`.mirrors.start_point`).
         RepoError: this machine is out of disk.
     """
+    import git
+
     # Shared: copies run side by side, but never while a fetch or a rebuild changes the mirror's files.
     with file_lock(mirror_lock(mirror), shared=True):
         seen = dir_id(mirror)
@@ -182,6 +186,8 @@ def start_from_workspace(
 
 
 def _identity(repo: git.Repo) -> tuple[str, str]:
+    import git
+
     def get(key: str, default: str) -> str:
         try:
             return str(repo.git.config("--get", key)) or default
@@ -205,6 +211,8 @@ def exclude_paths(repo_dir: Path, names: list[str]) -> None:
 
 
 def recent_log(repo_dir: Path, n: int = 10) -> str:
+    import git
+
     with git.Repo(repo_dir) as repo:
         try:
             return str(host_git(repo).log(f"-n{n}", "--no-show-signature", "--format=%h %s (%an, %ar)"))
@@ -214,6 +222,8 @@ def recent_log(repo_dir: Path, n: int = 10) -> str:
 
 def commits_ahead(repo_dir: Path, base: str) -> int:
     """How many commits HEAD has that ``origin/<base>`` lacks."""
+    import git
+
     with git.Repo(repo_dir) as repo:
         try:
             return int(host_git(repo).rev_list("--count", f"refs/remotes/origin/{base}..HEAD"))

@@ -108,9 +108,7 @@ def _backend(clone: Path, push: bool, max_bytes: int | None) -> list[str]:
     return ["git", *(a for s in settings for a in ("-c", s)), "http-backend"]
 
 
-def serve_git(
-    clone: Path, req: GitRequest, allowed_ref: str | None, max_bytes: int | None, home: Path
-) -> GitAnswer:
+def serve_git(clone: Path, req: GitRequest, allowed_ref: str | None, max_bytes: int | None, home: Path) -> GitAnswer:
     """Answer one smart-HTTP request on ``clone`` (a non-bare clone; its ``.git`` is served).
     ``allowed_ref``: the one ref a push may update (``None``: no push now).
 

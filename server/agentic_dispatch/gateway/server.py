@@ -30,8 +30,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-import git
-
 from ..config import RuntimeSettings, Settings
 from ..errors import DispatchError, InvalidInputError, WorkspaceNotFoundError
 from ..models import Status
@@ -170,6 +168,8 @@ class _Handler(BaseHTTPRequestHandler):
         return _Body(self.rfile, size, chunked, limit)
 
     def _serve(self) -> None:
+        import git
+
         gw = self.server.gateway
         parts = urlsplit(self.path)
         segments = parts.path.split("/")

@@ -29,8 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import git
-
 from .. import safefs
 from ..errors import DispatchError, UnsafePathError
 from ..fileio import write_atomic
@@ -153,6 +151,8 @@ def refuse_results(ws: WorkspacePaths, run: int, phase: str, why: str) -> None:
 # -- going out ---------------------------------------------------------------------------------
 def _repo_git(ws: WorkspacePaths, command: str, *args: str) -> str:
     """Host-side git in the workspace's clone (with the overrides that keep its config inert)."""
+    import git
+
     with git.Repo(ws.repo) as repo:
         return str(getattr(host_git(repo), command)(*args, strip_newline_in_stdout=False))
 
@@ -170,6 +170,8 @@ def _tree_changes(ws: WorkspacePaths) -> tuple[list[str], list[str]]:
 
 
 def _identity(ws: WorkspacePaths) -> dict[str, str]:
+    import git
+
     found = {}
     for key in ("user.name", "user.email"):
         with contextlib.suppress(git.GitCommandError):

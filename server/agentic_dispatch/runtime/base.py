@@ -11,6 +11,7 @@ back is sent there, and the exit is the backend's to report (:meth:`Runtime.insp
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ __all__ = [
     "ExitEvent",
     "Mount",
     "Runtime",
+    "engine_address",
+    "is_local_engine",
 ]
 
 LABEL_PREFIX = "agentic-dispatch"
@@ -35,6 +38,16 @@ LABEL_ROOT = f"{LABEL_PREFIX}.root"
 LABEL_WORKSPACE = f"{LABEL_PREFIX}.workspace"
 LABEL_RUN = f"{LABEL_PREFIX}.run"
 LABEL_AGENT = f"{LABEL_PREFIX}.agent"
+
+
+def engine_address(docker_host: str | None) -> str:
+    """The engine a client reaches: ``[runtime] docker_host``, else ``DOCKER_HOST``, else the local socket."""
+    return docker_host or os.environ.get("DOCKER_HOST") or "unix://"
+
+
+def is_local_engine(address: str) -> bool:
+    """Whether the engine at ``address`` (as a client or ``DOCKER_HOST`` names it) is this machine's."""
+    return address.startswith(("unix://", "npipe://", "http+unix://", "http+docker://"))
 
 
 @dataclass(frozen=True)

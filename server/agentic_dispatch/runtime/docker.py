@@ -26,7 +26,7 @@ import requests.exceptions
 import urllib3.exceptions
 
 from ..errors import LaunchError, RuntimeUnavailableError
-from .base import ContainerInfo, ContainerSpec, ExitEvent
+from .base import ContainerInfo, ContainerSpec, ExitEvent, engine_address, is_local_engine
 
 __all__ = ["ENGINE_CALL_TIMEOUT", "ENGINE_ERRORS", "START_TIMEOUT", "DockerRuntime", "engine_client"]
 
@@ -148,10 +148,6 @@ def engine_client(docker_host: str | None, timeout: float) -> docker.DockerClien
     return client
 
 
-def _is_local(base_url: str) -> bool:
-    return base_url.startswith(("unix://", "npipe://", "http+unix://", "http+docker://"))
-
-
 class DockerRuntime:
     """Runs agent containers on a Docker engine (local socket, ``DOCKER_HOST`` or ``[runtime]
     docker_host``).
@@ -208,8 +204,8 @@ class DockerRuntime:
     @property
     def local(self) -> bool:
         if self._client is not None:
-            return _is_local(str(self._client.api.base_url))
-        return _is_local(self._docker_host or os.environ.get("DOCKER_HOST") or "unix://")
+            return is_local_engine(str(self._client.api.base_url))
+        return is_local_engine(engine_address(self._docker_host))
 
     def describe(self) -> str:
         if self._client is not None:

@@ -22,12 +22,15 @@ import tarfile
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-
-import docker
-import docker.errors
+from typing import TYPE_CHECKING
 
 from ..config import IMAGE_ENV, builtin_dir
 from ..errors import RuntimeUnavailableError
+
+# docker-py is imported by the functions that talk to an engine: which image runs use is known without it,
+# and the server's first answer to its host must not wait for its import.
+if TYPE_CHECKING:
+    import docker
 
 __all__ = [
     "AGENT_CLIS",
@@ -118,6 +121,8 @@ def configured_image(image: str | None) -> str:
 
 
 def _has_image(client: docker.DockerClient, name: str) -> bool:
+    import docker.errors
+
     try:
         client.images.get(name)
         return True
@@ -178,6 +183,8 @@ def ensure_base_image(client: docker.DockerClient, progress: Progress) -> str:
     Raises:
         RuntimeUnavailableError: none can be had.
     """
+    import docker.errors
+
     for name in (*DEFAULT_BASES, LOCAL_BASE):
         if _has_image(client, name):
             return name
@@ -248,6 +255,8 @@ def push_image(client: docker.DockerClient, image: str, registry: str, progress:
             reached (an engine reaches a registry over plain HTTP only when it is listed in its
             ``insecure-registries``).
     """
+    import docker.errors
+
     repository, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "latest")
     target = f"{registry}/{repository.rsplit('/', 1)[-1]}"
     try:

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from ..agents import AGENTS, Agent, agent_base
 from ..config import Paths, Settings, config_file_path
 from ..errors import ConfigError, DispatchError
-from ..gateway import RunGateway
 from ..mirrors import MirrorCache
 from ..models import (
     CancelResult,
@@ -75,6 +74,8 @@ def _network_jobs(settings: Settings, runtime: Runtime, store: StatusStore) -> N
     transfer = settings.runtime.transfer or ("mount" if runtime.local else "network")
     if transfer == "mount":
         return None
+    from ..gateway.server import RunGateway  # its HTTP and git machinery: only for network transfer
+
     rt = settings.runtime
     return NetworkJobs(RunGateway(settings, store), rt.stop_grace_seconds, rt.gateway_patience_seconds)
 

@@ -9,12 +9,16 @@ fresh token, so a run's token dies with its job.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ... import safefs
 from ...errors import RuntimeUnavailableError, UnsafePathError
-from ...gateway import RunGateway, begin_job, issue_token, received
-from ...gateway.transfer import TransferError, job_log
+from ...gateway.tokens import issue_token
+from ...gateway.transfer import TransferError, begin_job, job_log, received
 from ...store import WorkspacePaths
+
+if TYPE_CHECKING:
+    from ...gateway.server import RunGateway
 
 __all__ = ["NetworkJobs"]
 
