@@ -406,12 +406,14 @@ class RunLifecycle:
 
     def _carry_out(self, rec: WorkspaceRecord, effect: object) -> None:
         match effect:
-            case Settled():
-                with self._finished:
-                    self._finished.notify_all()
-                self.delivery.after_run(rec)
-                if rec.status in (Status.FAILED, Status.BLOCKED):
-                    self._tell_dependents(rec.name)
+            case Settled():  # a waiter woken last finds the delivery queued and the dependents told
+                try:
+                    self.delivery.after_run(rec)
+                    if rec.status in (Status.FAILED, Status.BLOCKED):
+                        self._tell_dependents(rec.name)
+                finally:
+                    with self._finished:
+                        self._finished.notify_all()
             case CountFailure(agent=agent, started_at=started_at):
                 ran = time.time() - (parse_time(started_at) or time.time())
                 if self.scheduler.note_failure(agent, ran):
