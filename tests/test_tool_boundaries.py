@@ -112,3 +112,10 @@ def test_a_dispatch_constraint_is_the_request_models_for_the_model_the_tool_and_
         argv += [f"{CLI_FLAG[field]}={v}" for v in (value if isinstance(value, list) else [value])]
     assert cli.main(argv) == 2
     assert says in capsys.readouterr().err
+
+
+def test_a_dispatch_request_refuses_a_field_it_does_not_have_naming_it() -> None:
+    """A misspelt limit would otherwise be dropped and the run go without it."""
+    with pytest.raises(ValidationError) as built:
+        DispatchRequest.model_validate({"repo": "/nowhere", "task": "x", "timout_seconds": 60})
+    assert "timout_seconds: Extra inputs are not permitted" in problems(built.value)

@@ -426,7 +426,10 @@ DependsOn = Annotated[list[WorkspaceName], Field(min_length=1, max_length=MAX_DE
 class DispatchRequest(BaseModel):
     """Everything a caller may say about a dispatch, each value checked as the model is built
     (a malformed one raises ``ValidationError``). What needs the server's knowledge (the agent, the
-    templates, the repository) is checked by the service."""
+    templates, the repository) is checked by the service. A field it does not have is refused, not
+    ignored: a misspelt ``timout_seconds`` would otherwise run without the limit the caller meant."""
+
+    model_config = ConfigDict(extra="forbid")
 
     repo: str
     task: Task
