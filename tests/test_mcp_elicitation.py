@@ -17,6 +17,7 @@ from mcp import Client
 from mcp.server.mcpserver import MCPServer
 
 from agentic_dispatch.config import load_settings
+from agentic_dispatch.errors import StateError
 from agentic_dispatch.mcp_server import build_server
 from agentic_dispatch.runtime.docker import DockerRuntime
 from agentic_dispatch.service import Dispatcher
@@ -107,3 +108,34 @@ def test_a_client_without_elicitation_gets_the_watch_as_before_and_the_run_stays
     blocked = [c for c in watched["changes"] if c["kind"] == "blocked"]
     assert blocked and blocked[0]["question"].startswith("Which port")
     assert final["status"] == "blocked" and final["runs"] == 1
+
+
+def test_an_answer_given_after_someone_else_resumed_the_run_is_not_used_and_the_report_says_why(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path
+) -> None:
+    """While the person reads the form, another caller answers with agentic_resume: the person's answer
+    was for a question the run no longer asks, so it resumes nothing. The service holds the condition
+    (``resume(blocked_run=N)``), so an answer to run 1's question never starts run 3 either."""
+    settings, paths = load_settings()
+    svc = Dispatcher(settings, paths, DockerRuntime(docker_client))
+    asked: list[str] = []
+
+    async def elicit(ctx: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
+        name = asked_about(params)
+        asked.append(name)
+        await anyio.to_thread.run_sync(lambda: svc.resume(name, "3000"))  # the other caller's answer
+        return types.ElicitResult(action="accept", content={"answer": "8080, please"})
+
+    def asked_about(params: types.ElicitRequestParams) -> str:
+        return next(word for word in params.message.split() if word.startswith("local/"))
+
+    name, watched, final = watch_blocked_run(build_server(lambda: svc), user_repo, "auto", False, elicit)
+
+    assert asked == [name]
+    [report] = watched["asked"]
+    assert report["outcome"] == "not resumed" and "no longer waits for this answer" in report["note"], report
+    assert final["status"] == "completed" and final["runs"] == 2, final
+    assert "got: 3000" in (final["log_tail"] or "") and "8080" not in (final["log_tail"] or ""), final
+    with pytest.raises(StateError, match="no longer waits for this answer: it is completed, run 2"):
+        svc.resume(name, "late", blocked_run=1)
+    assert svc.record(name).runs == 2

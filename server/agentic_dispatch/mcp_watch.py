@@ -44,7 +44,7 @@ from mcp_types import (
 from mcp_types.version import is_version_at_least
 from pydantic import BaseModel, Field
 
-from .errors import DispatchError, InvalidInputError, StateError, WorkspaceNotFoundError
+from .errors import DispatchError, InvalidInputError, WorkspaceNotFoundError
 from .mcp_tools import register_tool
 from .models import (
     ACTIVE_STATUSES,
@@ -296,10 +296,7 @@ async def _settle(svc: Dispatcher, q: _Question, action: str, answer: str | None
         return AskedPerson(workspace=q.workspace, question=q.question, outcome=outcome)
 
     def resume() -> str:
-        row = svc.row(q.workspace)
-        if row.status != "blocked" or row.runs != q.runs:
-            raise StateError(f"{q.workspace} no longer waits for this answer: it is {row.status}, run {row.runs}")
-        return str(svc.resume(q.workspace, answer).status)
+        return str(svc.resume(q.workspace, answer, blocked_run=q.runs).status)
 
     try:
         resumed = await _run(resume)

@@ -261,19 +261,22 @@ class Dispatcher:
         result = self.intake.dispatch(req)
         return result if result.dry_run else self._start_queued(result)
 
-    def resume(self, workspace: str, answer: str | None = None, agent: str | None = None) -> DispatchResult:
+    def resume(
+        self, workspace: str, answer: str | None = None, agent: str | None = None, blocked_run: int | None = None
+    ) -> DispatchResult:
         """Queue the next run of a blocked, failed or completed workspace (same branch, same CLI
-        session when it still exists), with ``answer`` written to ``ANSWER.md``.
+        session when it still exists), with ``answer`` written to ``ANSWER.md``. With ``blocked_run``,
+        only while it is still blocked on that run (an answer to the question that run asked).
 
         Raises:
             WorkspaceNotFoundError: no such workspace.
             CorruptRecordError: its status.json cannot be read.
-            StateError: it is queued, running or cancelled.
+            StateError: it is queued, running or cancelled; or not blocked on ``blocked_run`` any more.
             InvalidInputError: a bad agent or an over-long answer.
             UnsafePathError: the agent left a link or a folder where ANSWER.md goes.
             RuntimeUnavailableError, AgentNotReadyError: as :meth:`dispatch`.
         """
-        return self._start_queued(self.intake.resume(workspace, answer, agent))
+        return self._start_queued(self.intake.resume(workspace, answer, agent, blocked_run))
 
     def status(
         self,

@@ -29,6 +29,7 @@ from ...models import (
     DispatchResult,
     RetryPolicy,
     RetryState,
+    Status,
     WorkspaceRecord,
 )
 from ...naming import generated_id, slugify
@@ -318,12 +319,16 @@ class Intake:
         )
         return record, self.run_files.prepare(ws, record, req.variables)
 
-    def resume(self, workspace: str, answer: str | None = None, agent: str | None = None) -> DispatchResult:
-        """Run the agent again in the same workspace and branch; ``runs`` goes up by one.
+    def resume(
+        self, workspace: str, answer: str | None = None, agent: str | None = None, blocked_run: int | None = None
+    ) -> DispatchResult:
+        """Run the agent again in the same workspace and branch; ``runs`` goes up by one. With
+        ``blocked_run``, only while the workspace is blocked on that run: an answer to its question.
 
         Raises:
             WorkspaceNotFoundError: no such workspace.
-            StateError: the workspace is queued, running or cancelled.
+            StateError: the workspace is queued, running or cancelled (or, with ``blocked_run``, no
+                longer blocked on that run).
             InvalidInputError: a bad agent or an over-long answer.
             UnsafePathError: the agent left a link or a folder where ANSWER.md goes.
         """
@@ -334,6 +339,11 @@ class Intake:
         self.preflight.check(spec.base if spec else agent_base(current.agent))
         with self.store.locked(workspace) as ws:
             rec = self.store.read(workspace)
+            if blocked_run is not None and (rec.status != Status.BLOCKED or rec.runs != blocked_run):
+                raise StateError(
+                    f"{workspace} no longer waits for this answer: it is {rec.status}, run {rec.runs} "
+                    f"(the question was run {blocked_run}'s). Look at it with agentic_status."
+                )
             if rec.status not in RESUMABLE_STATUSES:
                 advice = (
                     "Wait for it with agentic_status, or cancel it first."
