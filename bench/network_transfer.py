@@ -111,8 +111,7 @@ def _plain_http(root: Path, clone: Path) -> tuple[ThreadingHTTPServer, str]:
     cgi.mkdir()
     script = cgi / "git"
     script.write_text(
-        f"#!/bin/sh\nexport GIT_PROJECT_ROOT={root} GIT_HTTP_EXPORT_ALL=1 HOME=/nonexistent\n"
-        "exec git http-backend\n",
+        f"#!/bin/sh\nexport GIT_PROJECT_ROOT={root} GIT_HTTP_EXPORT_ALL=1 HOME=/nonexistent\nexec git http-backend\n",
         encoding="utf-8",
     )
     script.chmod(0o755)

@@ -104,9 +104,7 @@ def host_env(home: Path, host_clis: Path, **extra: str) -> dict[str, str]:
 
 def run_host(argv: list[str], env: dict[str, str], cwd: Path) -> list[dict[str, Any]]:
     """Run a host CLI to its end (bounded); its JSON events, one per stdout line."""
-    res = subprocess.run(
-        argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240
-    )
+    res = subprocess.run(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, f"{argv[0]} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     events = []
     for line in res.stdout.splitlines():

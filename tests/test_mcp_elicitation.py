@@ -27,7 +27,7 @@ from .conftest import call, poll_until_final
 pytestmark = pytest.mark.docker
 
 ASK = (
-    "if [ -s ANSWER.md ]; then echo \"got: $(cat ANSWER.md)\"; exit 0; fi; "
+    'if [ -s ANSWER.md ]; then echo "got: $(cat ANSWER.md)"; exit 0; fi; '
     "echo 'Which port should the server listen on?' > BLOCKED.md"
 )
 Person = Callable[[Any, types.ElicitRequestParams], Awaitable[types.ElicitResult]]

@@ -25,7 +25,9 @@ from agentic_dispatch.store import StatusStore
 
 from .conftest import git, serve_process, wait_for
 
-GATEWAY = '[runtime]\ntransfer = "network"\ngateway_listen = "{address}:0"\ngateway_url = "http://host.docker.internal"\n'
+GATEWAY = (
+    '[runtime]\ntransfer = "network"\ngateway_listen = "{address}:0"\ngateway_url = "http://host.docker.internal"\n'
+)
 
 
 def docker0_address(client: docker.DockerClient) -> str:
@@ -37,9 +39,7 @@ def docker0_address(client: docker.DockerClient) -> str:
 @pytest.fixture
 def networked(docker_env: str, docker_client: docker.DockerClient, isolated_home: Path) -> Iterator[Dispatcher]:
     isolated_home.mkdir(parents=True, exist_ok=True)
-    (isolated_home / "config.toml").write_text(
-        GATEWAY.format(address=docker0_address(docker_client)), encoding="utf-8"
-    )
+    (isolated_home / "config.toml").write_text(GATEWAY.format(address=docker0_address(docker_client)), encoding="utf-8")
     settings, paths = load_settings()
     svc = Dispatcher(settings, paths, DockerRuntime(docker_client))
     svc.start()
@@ -104,7 +104,7 @@ def test_a_blocked_network_run_is_answered_and_resumed_with_its_work_tree(
 ) -> None:
     svc = networked
     task = (
-        'if [ -f ANSWER.md ]; then cat ANSWER.md > answer-seen.txt; git add -A; git commit -qm answered; '
+        "if [ -f ANSWER.md ]; then cat ANSWER.md > answer-seen.txt; git add -A; git commit -qm answered; "
         "else echo draft > draft.txt; echo 'Which colour?' > BLOCKED.md; fi"
     )
     res = svc.dispatch(DispatchRequest(repo=str(user_repo), task=task, agent="shell"))

@@ -33,7 +33,6 @@ __all__ = ["LazyDispatcher", "register_tool", "tool_error"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-
 class LazyDispatcher:
     """The service as the tools hold it: a stand-in for the :class:`Dispatcher` that ``make`` builds,
     once, when it is first needed (on the thread that needs it, never the event loop's) or when
