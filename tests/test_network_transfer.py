@@ -18,6 +18,7 @@ import docker.errors
 import pytest
 
 from agentic_dispatch.config import load_settings
+from agentic_dispatch.gateway.server import RunGateway
 from agentic_dispatch.models import DispatchRequest, Status
 from agentic_dispatch.runtime.docker import DockerRuntime
 from agentic_dispatch.service import Dispatcher
@@ -230,12 +231,13 @@ def test_a_network_runs_token_is_not_in_the_agents_environment(networked: Dispat
     assert "AGENTIC_TOKEN" not in seen
 
 
-def test_a_network_run_survives_its_server_being_sigkilled_and_restarted(
+def test_a_network_run_survives_its_server_being_sigkilled_and_restarted_on_any_free_port(
     docker_env: str, docker_client: docker.DockerClient, isolated_home: Path, user_repo: Path
 ) -> None:
+    """With gateway_listen's port 0 (any free port), as the example config has it: the restarted server's
+    gateway takes the port it took before, which the run's container still has in its environment."""
     isolated_home.mkdir(parents=True, exist_ok=True)
-    port = _free_port(docker0_address(docker_client))
-    config = GATEWAY.format(address=docker0_address(docker_client)).replace(":0", f":{port}")
+    config = GATEWAY.format(address=docker0_address(docker_client))
     (isolated_home / "config.toml").write_text(f"drain_interval_seconds = 0.5\n{config}", encoding="utf-8")
     server = serve_process(dict(os.environ))
     task = "echo started; sleep 2; echo k > k.txt && git add k.txt && git commit -qm 'across a crash'"
@@ -262,3 +264,34 @@ def test_a_network_run_survives_its_server_being_sigkilled_and_restarted(
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
+
+
+def test_a_gateway_on_any_free_port_takes_the_same_port_after_a_restart_and_another_when_that_one_is_taken(
+    isolated_home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    (isolated_home / "config.toml").write_text(GATEWAY.format(address="127.0.0.1"), encoding="utf-8")
+    settings, paths = load_settings()
+    store = StatusStore.of(paths)
+
+    def started() -> RunGateway:
+        gateway = RunGateway(settings, store, paths.state)
+        gateway.start()
+        return gateway
+
+    first = started()
+    port = first.address.rpartition(":")[2]
+    first.close()
+    again = started()
+    assert again.address == f"127.0.0.1:{port}" and again.url == f"http://host.docker.internal:{port}"
+    # Someone else holds it while the server is down: another port, and the log says what that costs.
+    again.close()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", int(port)))
+        holder.listen()
+        third = started()
+        try:
+            assert third.address != f"127.0.0.1:{port}"
+        finally:
+            third.close()
+    assert "cannot take port" in caplog.text and "give gateway_listen a fixed port" in caplog.text

@@ -465,7 +465,7 @@ class Paths:
 
     # -- what lies in state/ (each domain part that owns a sub-folder of it names that itself:
     #    outbox/ and outgoing/ in sync/, scheduler.json and admission.lock in scheduler.py,
-    #    http-token in http_auth.py)
+    #    http-token in http_auth.py, gateway-port.json in gateway/server.py)
     @property
     def staging(self) -> Path:
         """Where a dispatch builds its workspace before moving it into place whole."""

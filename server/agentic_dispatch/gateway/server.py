@@ -32,6 +32,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from ..config import RuntimeSettings, Settings
 from ..errors import DispatchError, InvalidInputError, WorkspaceNotFoundError
+from ..fileio import write_atomic
 from ..models import Status
 from ..store import StatusStore, WorkspacePaths
 from .git_http import GitRequest, serve_git
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 LOG_CHUNK_MAX = 8 * 1024 * 1024
 SOCKET_TIMEOUT = 300.0
+PORT_FILE = "gateway-port.json"  # in state/: the port a gateway_listen of port 0 took last
 
 
 class _TooLarge(Exception):
@@ -283,10 +285,11 @@ class _Handler(BaseHTTPRequestHandler):
 class RunGateway:
     """The gateway's listener; :attr:`url` is where containers reach it once started."""
 
-    def __init__(self, settings: Settings, store: StatusStore) -> None:
+    def __init__(self, settings: Settings, store: StatusStore, state_dir: Path) -> None:
         self.settings = settings
         self.store = store
         self.runtime: RuntimeSettings = settings.runtime
+        self._port_file = state_dir / PORT_FILE
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._home: tempfile.TemporaryDirectory[str] | None = None
@@ -307,10 +310,48 @@ class RunGateway:
             tls.load_cert_chain(self.runtime.gateway_tls.cert, self.runtime.gateway_tls.key)
         self._home = tempfile.TemporaryDirectory(prefix="agentic-gateway-")
         self.git_home = Path(self._home.name)
-        self._server = _Server((host.strip("[]"), int(port)), self, tls)
+        self._server = self._bind(host.strip("[]"), int(port), tls)
         self._thread = threading.Thread(target=self._server.serve_forever, name="run-gateway", daemon=True)
         self._thread.start()
         log.info("run gateway listening on %s (containers reach it at %s)", self.address, self.url)
+
+    def _bind(self, host: str, port: int, tls: ssl.SSLContext | None) -> _Server:
+        """The listener on ``host:port``. Port 0 means any free port, but the one this root's gateway took
+        last time is tried first: the runs a restarted server left running reach their gateway again
+        (its URL is in their environment), as they do with a fixed port.
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        if port != 0:
+            return _Server((host, port), self, tls)
+        last = self._last_port(host)
+        if last is not None:
+            try:
+                return self._remember(host, _Server((host, last), self, tls))
+            except OSError as e:
+                log.warning(
+                    "the run gateway cannot take port %s on %s again (%s): it takes another; runs started before "
+                    "this server restarted cannot send their results back (give gateway_listen a fixed port)",
+                    last, host, e.strerror or e,
+                )  # fmt: skip
+        return self._remember(host, _Server((host, 0), self, tls))
+
+    def _last_port(self, host: str) -> int | None:
+        try:
+            last = json.loads(self._port_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # none yet, or not ours to trust: any free port
+            return None
+        port = last.get("port") if isinstance(last, dict) and last.get("host") == host else None
+        return port if isinstance(port, int) and 0 < port < 65536 else None
+
+    def _remember(self, host: str, server: _Server) -> _Server:
+        """Note the port ``server`` took on ``host`` (as gateway_listen names it) for the next start."""
+        try:
+            write_atomic(self._port_file, json.dumps({"host": host, "port": server.server_address[1]}) + "\n")
+        except OSError as e:  # the gateway works; only a restart would take another port
+            log.warning("cannot note the run gateway's port in %s: %s", self._port_file, e)
+        return server
 
     @property
     def address(self) -> str:

@@ -68,7 +68,7 @@ __all__ = ["Dispatcher"]
 log = logging.getLogger(__name__)
 
 
-def _network_jobs(settings: Settings, runtime: Runtime, store: StatusStore) -> NetworkJobs | None:
+def _network_jobs(settings: Settings, paths: Paths, runtime: Runtime, store: StatusStore) -> NetworkJobs | None:
     """How runs get their workspace: mounted from this disk (``None``), or through the run gateway
     (``[runtime] transfer``; by default the gateway for an engine on another machine)."""
     transfer = settings.runtime.transfer or ("mount" if runtime.local else "network")
@@ -77,7 +77,7 @@ def _network_jobs(settings: Settings, runtime: Runtime, store: StatusStore) -> N
     from ..gateway.server import RunGateway  # its HTTP and git machinery: only for network transfer
 
     rt = settings.runtime
-    return NetworkJobs(RunGateway(settings, store), rt.stop_grace_seconds, rt.gateway_patience_seconds)
+    return NetworkJobs(RunGateway(settings, store, paths.state), rt.stop_grace_seconds, rt.gateway_patience_seconds)
 
 
 class Dispatcher:
@@ -113,7 +113,7 @@ class Dispatcher:
 
         self.preflight = Preflight(runtime, self.catalog, paths.cli_versions)
         self.delivery = ResultDelivery(settings.sync, paths, self.store)
-        self.network = network = _network_jobs(settings, runtime, self.store)
+        self.network = network = _network_jobs(settings, paths, runtime, self.store)
         qa = QaGate(settings, runtime, self.catalog, paths.root_id, network)
         run_files = RunFiles(self.prompts)
         store, scheduler, catalog, scratch = self.store, self.scheduler, self.catalog, paths.checkpoints
