@@ -427,3 +427,93 @@ def test_the_events_stream_resumes_from_its_cursor_after_the_connection_drops_wi
     assert got == expected[: len(got)], (got, expected)
     assert {(a, "completed"), (b, "failed"), (c, "completed")} <= set(got)
     assert {(a, "dispatched"), (c, "dispatched")} <= set(got)
+
+
+# Every element that holds text of its own, with its colour and the colour behind it as painted (a canvas turns
+# any CSS colour, color-mix() included, into sRGB bytes; a translucent background is laid over its parent's).
+TEXT_COLOURS = """
+const ctx = document.createElement("canvas").getContext("2d", {willReadFrequently: true});
+function rgba(css) {
+  ctx.clearRect(0, 0, 1, 1); ctx.fillStyle = "#000"; ctx.fillStyle = css; ctx.fillRect(0, 0, 1, 1);
+  const [r, g, b, a] = ctx.getImageData(0, 0, 1, 1).data; return [r, g, b, a / 255];
+}
+function over(top, below) { return [0, 1, 2].map(i => top[i] * top[3] + below[i] * (1 - top[3])).concat([1]); }
+function behind(el) {
+  const layers = [];
+  for (let e = el; e; e = e.parentElement) {
+    const c = rgba(getComputedStyle(e).backgroundColor);
+    if (c[3] > 0) layers.push(c);
+    if (c[3] >= 1) break;
+  }
+  let bg = [255, 255, 255, 1];
+  if (layers.length && layers[layers.length - 1][3] >= 1) bg = layers.pop();
+  while (layers.length) bg = over(layers.pop(), bg);
+  return bg;
+}
+const out = [];
+for (const el of document.querySelectorAll("body *")) {
+  const own = [...el.childNodes].some(n => n.nodeType === 3 && n.textContent.trim());
+  const box = el.getBoundingClientRect();
+  if (!own || box.width === 0 || box.height === 0 || el.closest(".visually-hidden, .skip")) continue;
+  const style = getComputedStyle(el);
+  if (style.visibility !== "visible") continue;
+  out.push({text: el.textContent.trim().slice(0, 40), tag: el.tagName, cls: el.className,
+            fg: over(rgba(style.color), behind(el)), bg: behind(el),
+            size: parseFloat(style.fontSize), bold: parseInt(style.fontWeight) >= 700});
+}
+return out;
+"""
+
+
+def _luminance(rgb: list[float]) -> float:
+    def channel(c: float) -> float:
+        c /= 255
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (channel(c) for c in rgb[:3])
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast(fg: list[float], bg: list[float]) -> float:
+    """The WCAG 2 contrast ratio of two opaque sRGB colours."""
+    hi, lo = sorted((_luminance(fg), _luminance(bg)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_every_text_on_the_board_and_a_runs_page_is_readable_in_light_and_in_dark_mode(
+    served: Served, browser: webdriver.Chrome, user_repo: Path
+) -> None:
+    """WCAG AA: 4.5:1 for ordinary text, 3:1 for large (24 px, or 18.66 px bold), with the colours the system's
+    scheme chooses (prefers-color-scheme, as Chromium is told to emulate it), on cards of every status, a
+    failure's reason, a diff and a log."""
+    done = dispatch(served, user_repo, "echo 'x = 1' > app.py && git add app.py && git commit -qm 'add app'")
+    failed = dispatch(served, user_repo, "echo broken >&2; exit 3")
+    blocked = dispatch(served, user_repo, ASK)
+    running = dispatch(served, user_repo, "sleep 300")
+    for workspace, status in ((done, "completed"), (failed, "failed"), (blocked, "blocked"), (running, "running")):
+        wait_status(served, workspace, status)
+    sign_in(browser, served)
+    pages = {"board": f"{base(served)}/", "completed run": f"{base(served)}/run/{done}",
+             "failed run": f"{base(served)}/run/{failed}", "insights": f"{base(served)}/insights"}  # fmt: skip
+    unreadable = []
+    try:
+        for scheme in ("light", "dark"):
+            browser.execute_cdp_cmd(
+                "Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": scheme}]}
+            )
+            for page, url in pages.items():
+                browser.get(url)
+                if page == "board":
+                    card(browser, running, 10)
+                seen = browser.execute_script(TEXT_COLOURS)
+                assert len(seen) > 10, f"{page}: too little text found to judge ({seen})"
+                for t in seen:
+                    large = t["size"] >= 24 or (t["bold"] and t["size"] >= 18.66)
+                    ratio = contrast(t["fg"], t["bg"])
+                    if ratio < (3 if large else 4.5):
+                        unreadable.append(f"{scheme} {page}: {t['tag']}.{t['cls']} {t['text']!r} {ratio:.2f}:1")
+            if scheme == "dark":  # the emulation took: the page's own background is dark
+                assert _luminance(browser.execute_script(TEXT_COLOURS)[0]["bg"]) < 0.05
+    finally:
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+    assert unreadable == [], "\n".join(unreadable)
