@@ -293,3 +293,21 @@ def test_an_agents_question_is_shown_as_written_never_read_as_table_markup(
     )
     assert cli.main(["status"]) == 0
     assert question in capsys.readouterr().out
+
+
+def test_diff_prints_the_stat_then_the_patch_and_json_keeps_the_model(
+    two_deliveries: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(["diff", "local/user-repo/task-1"], capsys)
+    assert code == 0 and not RAW.search(out), out
+    lines = out.splitlines()
+    assert lines[0].startswith("# agent/task-1 against ")
+    stat_at = next(i for i, line in enumerate(lines) if "work.txt" in line and "|" in line)
+    assert lines.index("+the agent's work") > stat_at, out
+
+    code, out, _ = run(["diff", "local/user-repo/task-1", "--stat"], capsys)
+    assert code == 0 and "work.txt" in out and "+the agent's work" not in out, out
+    code, out, _ = run(["diff", "local/user-repo/task-1", "--json"], capsys)
+    assert code == 0 and json.loads(out)["branch"] == "agent/task-1" and "work.txt" in json.loads(out)["patch"]
+    code, _, err = run(["diff", "local/user-repo/task-1", "--path", "../etc/passwd"], capsys)
+    assert code == 2 and "is not a path inside the repository" in err, err

@@ -826,7 +826,7 @@ def _add_setup_commands(sub: _Sub) -> None:
 
 
 def _add_watch_commands(sub: _Sub) -> None:
-    from .cli_watch import cmd_events, cmd_insights, cmd_logs, cmd_watch
+    from .cli_watch import cmd_diff, cmd_events, cmd_insights, cmd_logs, cmd_watch
     from .models import MAX_TAIL_LINES, MAX_WATCH_SECONDS, MAX_WINDOW_DAYS
 
     w = _command(
@@ -855,6 +855,13 @@ def _add_watch_commands(sub: _Sub) -> None:
         "--tail", type=_log_lines, default=200, help=f"lines to show first (1 to {MAX_TAIL_LINES}; default: 200)"
     )
     lg.set_defaults(func=lambda a: cmd_logs(a, _dispatcher))
+
+    df = _command(sub, "diff", "what an agent's branch changed since it started: the stat, then the patch")
+    df.add_argument("workspace", help=_WORKSPACE_HELP)
+    df.add_argument("--stat", action="store_true", help="only the changed files, with line counts")
+    df.add_argument("--path", help="only this file or folder, as the stat names it")
+    df.add_argument("--json", action="store_true", help=_JSON_HELP)
+    df.set_defaults(func=lambda a: cmd_diff(a, _dispatcher))
 
     ev = _command(sub, "events", "the transitions of every run (dispatched, started, blocked, ...)")
     ev.add_argument("--workspace", help="only this workspace's")

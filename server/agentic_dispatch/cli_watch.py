@@ -1,4 +1,5 @@
-"""The command line's live commands: ``watch``, ``logs [-f]``, ``events [--follow]``, ``insights``.
+"""The command line's commands that look at runs: ``watch``, ``logs [-f]``, ``diff``, ``events [--follow]``,
+``insights``.
 
 Their arguments are declared (and checked, by their types) with the others in :mod:`.cli`; each
 command here takes the parsed arguments and ``make``, which builds the service from them.
@@ -18,7 +19,7 @@ from .cli_views import emit, print_change, print_insights, status_view
 from .models import ACTIVE_STATUSES
 from .service import Dispatcher
 
-__all__ = ["Make", "cmd_events", "cmd_insights", "cmd_logs", "cmd_watch"]
+__all__ = ["Make", "cmd_diff", "cmd_events", "cmd_insights", "cmd_logs", "cmd_watch"]
 
 Make = Callable[[argparse.Namespace], Dispatcher]
 FOLLOW_POLL_SECONDS = 0.5
@@ -59,6 +60,26 @@ def cmd_logs(args: argparse.Namespace, make: Make) -> int:
                 return 0
             time.sleep(FOLLOW_POLL_SECONDS)
             svc.reconcile()
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace, make: Make) -> int:
+    """The branch's changes (as ``agentic_diff``): what is said about them, the stat, then the patch."""
+    result = make(args).diff(args.workspace, args.stat, args.path)
+    if args.json:
+        emit(result, True)
+        return 0
+    said = [result.note] if result.note else []
+    if result.checkpoint is not None:
+        cp = result.checkpoint
+        said.append(f"the branch ends in an automatic checkpoint ({cp.commit[:12]}, {cp.why}, {cp.at})")
+    for line in said:
+        print(f"# {line}")
+    print(f"# {result.branch} against {result.base}")
+    print(result.stat.rstrip("\n") or "(no changes)")
+    if result.patch:
+        print()
+        print(result.patch.rstrip("\n"))
     return 0
 
 
