@@ -349,6 +349,25 @@ def test_a_job_the_swarm_cannot_run_fails_its_run_with_the_swarms_reason_and_the
         manager.api.remove_image(only_here)
 
 
+def test_a_swarm_run_that_runs_out_of_memory_fails_saying_so_not_as_stopped_from_outside(
+    shared_swarm: engines.Swarm, isolated_home: Path, monkeypatch: pytest.MonkeyPatch, user_repo: Path
+) -> None:
+    """A swarm's task status says only that the job was killed (exit 137); the job's cgroup says why, and
+    agentic-run sends that back with the results. Without it the run read as stopped from outside (an
+    infrastructure failure a retry policy would run again, out of memory again)."""
+    _use_swarm(shared_swarm, isolated_home, monkeypatch, '[resources]\nmemory = "96m"\n')
+    with _service() as svc:
+        res = svc.dispatch(
+            DispatchRequest(repo=str(user_repo), task='python3 -c "a = bytearray(400 << 20)"', agent="shell")
+        )
+        rec = svc.wait(res.workspace, 120)
+        log = (svc.store.paths(res.workspace).logs / "agent-shell.log").read_text(encoding="utf-8")
+    assert rec.status == Status.FAILED and rec.exit_code == 137, rec.reason
+    assert rec.reason is not None and "killed for running out of memory" in rec.reason, rec.reason
+    assert "from outside" not in rec.reason
+    assert "the job ran out of memory" in log, log[-2000:]
+
+
 def test_services_and_secrets_of_this_root_that_no_record_knows_are_orphans_listed_and_removed_by_cleanup(
     on_swarm: Dispatcher, shared_swarm: engines.Swarm
 ) -> None:

@@ -69,6 +69,7 @@ class Received:
     exit_code: int | None
     push_error: str | None
     refused: str | None = None  # why the upload was not applied
+    oom_killed: bool = False  # the kernel killed a process of the job for want of memory (its cgroup says)
 
 
 def _folder(ws: WorkspacePaths) -> Path:
@@ -138,6 +139,7 @@ def received(ws: WorkspacePaths, run: int, phase: str) -> Received | None:
         code if isinstance(code, int) else None,
         str(error)[:500] if error else None,
         str(refused)[:500] if refused else None,
+        oom_killed=data.get("oom_killed") is True,
     )
 
 
@@ -382,7 +384,11 @@ def apply_results(ws: WorkspacePaths, run: int, phase: str, archive: IO[bytes], 
             _place_tree(ws, staging / "tree", deleted)
             _place_managed(ws, staging / "managed")
             _place_home(ws, staging / "home")
-        marker = {"exit_code": code if isinstance(code, int) else None, "push_error": meta.get("push_error")}
+        marker = {
+            "exit_code": code if isinstance(code, int) else None,
+            "push_error": meta.get("push_error"),
+            "oom_killed": meta.get("oom_killed") is True,
+        }
         write_atomic(_marker(ws, run, phase), json.dumps(marker), mode=0o600)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

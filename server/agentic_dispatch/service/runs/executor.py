@@ -249,7 +249,7 @@ class RunLifecycle:
             question=question,
             unsafe_question=unsafe,
             last_output=redact(last[-1], secrets) if last and not last[-1].startswith(RUN_HEADER) else None,
-            oom_killed=oom,
+            oom_killed=oom or NetworkJobs.ran_out_of_memory(ws, rec.runs, "agent"),
             qa_command=qa_command,
             out_of_scope=self._out_of_scope(ws, rec),
             transfer_failure=transfer[0] if transfer else None,

@@ -99,6 +99,13 @@ class NetworkJobs:
             return f"its branch could not be sent back: {got.push_error}", False
         return None
 
+    @staticmethod
+    def ran_out_of_memory(ws: WorkspacePaths, run: int, phase: str) -> bool:
+        """Whether job ``phase`` of a network run said the kernel killed a process of it for want of memory
+        (a swarm reports such a job only as killed by a signal)."""
+        got = received(ws, run, phase) if NetworkJobs.is_network(ws, run, phase) else None
+        return got is not None and got.oom_killed
+
 
 def _last_word(ws: WorkspacePaths, run: int, phase: str) -> str | None:
     """The last line ``agentic-run`` wrote in the job's log (what went wrong on its side)."""
