@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 
 from agentic_dispatch.config import load_settings
 from agentic_dispatch.errors import InvalidInputError
+from agentic_dispatch.index import StatusIndex
 from agentic_dispatch.models import Status, WorkspaceRecord
 from agentic_dispatch.runtime.docker import DockerRuntime
 from agentic_dispatch.service import Dispatcher
@@ -226,3 +229,26 @@ def test_a_whole_repository_folder_removed_drops_its_workspaces(svc: Dispatcher)
     report = svc.status(limit=1000)
     assert not [r.name for r in report.workspaces if r.name.startswith("org/repo2/")]
     _assert_status_is_the_truth(svc)
+
+
+def test_an_index_opened_while_another_process_holds_its_new_file_for_writing_waits_instead_of_failing(
+    tmp_path: Path,
+) -> None:
+    """Two processes making the index at once: one holds the new file's rollback-journal write lock while the
+    other puts it into WAL mode, and SQLite says "database is locked" at once, without its busy wait (seen
+    about once in 30 starts of 12 processes). The second waits for the first instead."""
+    path = tmp_path / "index.sqlite"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE first_one (x)")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO first_one VALUES (1)")  # its write lock, held until the timer commits
+    done = threading.Timer(0.5, lambda: other.execute("COMMIT"))
+    done.start()
+    try:
+        StatusIndex(path).mark_dirty("o/r/w-1")
+    finally:
+        done.join()
+        other.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT dirty FROM records WHERE name = 'o/r/w-1'").fetchone() == (1,)

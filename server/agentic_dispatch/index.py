@@ -39,6 +39,7 @@ T = TypeVar("T")
 
 SCHEMA_VERSION = 4
 UNREADABLE = "unreadable"
+BUSY_SECONDS = 30.0  # how long a connection waits for another's lock before it gives up
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     name TEXT PRIMARY KEY,
@@ -146,6 +147,25 @@ def scan(root: Path, file_name: str) -> dict[str, os.stat_result]:
     return found
 
 
+def _write_ahead_log(conn: sqlite3.Connection) -> None:
+    """Put the file in WAL mode (it stays so). Another connection may hold it in the rollback journal's
+    write lock while it is new (another process creating it at the same moment): SQLite then answers
+    "database is locked" at once, without its busy wait, so this waits here, as long as the busy timeout.
+
+    Raises:
+        sqlite3.OperationalError: still locked after :data:`BUSY_SECONDS`, or another failure.
+    """
+    deadline = time.monotonic() + BUSY_SECONDS
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)
+
+
 class StatusIndex:
     """The index database; one connection per thread, safe across processes (WAL, busy timeout)."""
 
@@ -177,8 +197,8 @@ class StatusIndex:
                 continue
             if not stat.S_ISREG(mode):
                 raise sqlite3.DatabaseError(f"{self.path}{suffix} is not a regular file")
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
-        conn.execute("PRAGMA journal_mode=WAL")
+        conn = sqlite3.connect(self.path, timeout=BUSY_SECONDS, isolation_level=None, check_same_thread=True)
+        _write_ahead_log(conn)
         conn.execute("PRAGMA synchronous=NORMAL")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version not in (0, SCHEMA_VERSION):
