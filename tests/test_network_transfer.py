@@ -295,3 +295,47 @@ def test_a_gateway_on_any_free_port_takes_the_same_port_after_a_restart_and_anot
         finally:
             third.close()
     assert "cannot take port" in caplog.text and "give gateway_listen a fixed port" in caplog.text
+
+
+def _with_login(docker_client: docker.DockerClient, home: Path, login: Path) -> Dispatcher:
+    """A started network-transfer service whose shell runs get ``login`` as a mounted login file (as Codex's
+    auth.json is): on this machine it would be mounted read-write; a network run gets a copy."""
+    home.mkdir(parents=True, exist_ok=True)
+    files = f'[agents.shell]\nfiles = [{{source = "{login}", target = ".login/auth.json", mode = "mount"}}]\n'
+    (home / "config.toml").write_text(GATEWAY.format(address=docker0_address(docker_client)) + files, encoding="utf-8")
+    settings, paths = load_settings()
+    svc = Dispatcher(settings, paths, DockerRuntime(docker_client))
+    svc.start()
+    return svc
+
+
+def test_a_login_a_network_run_refreshed_goes_back_to_the_users_file_unless_the_user_changed_it_meanwhile(
+    docker_env: str, docker_client: docker.DockerClient, isolated_home: Path, user_repo: Path, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """Codex refreshes auth.json in place and the old refresh token then stops working: a network run's
+    refreshed copy must reach the user's file, or the user (and the next run) is logged out."""
+    login = tmp_path / "user-home" / "auth.json"
+    login.parent.mkdir()
+    login.write_text('{"token": "first"}\n', encoding="utf-8")
+    refresh = 'grep -q first "$HOME/.login/auth.json" && echo \'{"token": "refreshed"}\' > "$HOME/.login/auth.json"'
+    svc = _with_login(docker_client, isolated_home, login)
+    try:
+        rec = svc.wait(svc.dispatch(DispatchRequest(repo=str(user_repo), task=refresh, agent="shell")).workspace, 120)
+        assert rec.status == Status.COMPLETED, rec.reason
+        assert login.read_text(encoding="utf-8") == '{"token": "refreshed"}\n'
+
+        # The user logs in again on this machine while a run holds a copy: the run's refresh must not undo it.
+        held = "until [ -e /tmp/go ]; do sleep 0.1; done; " + refresh.replace("first", "refreshed").replace(
+            '"refreshed"}', '"refreshed twice"}'
+        )
+        res = svc.dispatch(DispatchRequest(repo=str(user_repo), task=held, agent="shell"))
+        cid = _wait_running(svc, res.workspace)
+        login.write_text('{"token": "logged in again"}\n', encoding="utf-8")
+        docker_client.containers.get(cid).exec_run(["touch", "/tmp/go"])
+        rec = svc.wait(res.workspace, 120)
+        assert rec.status == Status.COMPLETED, rec.reason
+        assert login.read_text(encoding="utf-8") == '{"token": "logged in again"}\n'
+        assert "is not given back" in caplog.text and "changed while the run had a copy" in caplog.text
+    finally:
+        svc.close()

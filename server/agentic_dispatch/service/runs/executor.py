@@ -68,7 +68,7 @@ from .lifecycle import (
     Waiting,
     transition,
 )
-from .network import NetworkJobs
+from .network import NetworkJobs, return_logins
 from .qa_gate import QaGate
 
 __all__ = ["MAX_QUESTION_BYTES", "RunLifecycle", "StopOutcome"]
@@ -179,6 +179,7 @@ class RunLifecycle:
             if rec.phase == "qa":
                 tail, summary = self.qa.verdict(ws, rec)
                 return QaExited(container_id, exit_code, tail, summary)
+            return_logins(name, ws, rec.runs)  # a network run's refreshed login, back to the user's file
             return self._exited(ws, rec, container_id, exit_code, oom_killed, node)
 
         return self.apply(name, observed) is not None

@@ -40,7 +40,7 @@ from ..catalog import AgentCatalog
 from ..containers import container_spec, container_url, hand_over
 from .executor import RunLifecycle
 from .lifecycle import LaunchFailed, Started
-from .network import NetworkJobs
+from .network import NetworkJobs, lend_logins
 
 __all__ = ["QueueDrainer"]
 
@@ -190,7 +190,7 @@ class QueueDrainer:
                 env=creds.env,
             )
         )
-        file_mounts = self._prepare_home(ws, plan.home_files, creds, copy_mounted=self.network is not None)
+        file_mounts = self._prepare_home(ws, record.runs, plan.home_files, creds, copy_mounted=self.network is not None)
         log_file = ws.log(spec.base)
         safefs.append_text(
             ws.logs, log_file, f"{RUN_HEADER}{record.runs} of {record.name} ({record.agent}) at {utcnow()} ===\n"
@@ -217,7 +217,7 @@ class QueueDrainer:
 
     @staticmethod
     def _prepare_home(
-        ws: WorkspacePaths, home_files: dict[str, str], creds: Credentials, copy_mounted: bool = False
+        ws: WorkspacePaths, run: int, home_files: dict[str, str], creds: Credentials, copy_mounted: bool = False
     ) -> list[Mount]:
         """Write the agent's own home files, then the user's login copies; return the login mounts.
         The agent home is the agent's to write: every path in it goes through safefs. With
@@ -229,6 +229,7 @@ class QueueDrainer:
         for source, rel in copies:  # after the agent's own files: the user's files win
             safefs.copy_file(ws.home, source, ws.home / rel, mode=0o600, keep_newer=True)
         if copy_mounted:
+            lend_logins(ws, run, creds.mounts)  # a refreshed copy goes back to the user's file when the run ends
             return []
         mounts = []
         for source, rel in creds.mounts:

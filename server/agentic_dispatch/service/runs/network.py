@@ -4,15 +4,25 @@ told to reach the run gateway, and what it means when its results did not come b
 The container gets no mount of this machine's disk; ``images/agent/agentic-run`` fetches the
 job's inputs and sends its results through the gateway (:mod:`...gateway`). Each job gets a
 fresh token, so a run's token dies with its job.
+
+A login file that is mounted read-write on this machine (Codex's ``auth.json``, which Codex refreshes
+in place, and whose old refresh token then stops working) is lent to a network run as a copy in its
+home: :func:`lend_logins` notes what the user's file held, and :func:`return_logins` gives the run's
+refreshed copy back to the user's file when the run ends, unless that file changed meanwhile.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ... import safefs
 from ...errors import RuntimeUnavailableError, UnsafePathError
+from ...fileio import write_atomic
 from ...gateway.tokens import issue_token
 from ...gateway.transfer import TransferError, begin_job, job_log, received
 from ...store import WorkspacePaths
@@ -20,9 +30,12 @@ from ...store import WorkspacePaths
 if TYPE_CHECKING:
     from ...gateway.server import RunGateway
 
-__all__ = ["NetworkJobs"]
+__all__ = ["NetworkJobs", "lend_logins", "return_logins"]
+
+log = logging.getLogger(__name__)
 
 _SIGN = "[agentic-run] "
+LOGIN_MAX_BYTES = 1 << 20  # a login file is a few KiB; a run's copy past this is not given back
 
 
 class NetworkJobs:
@@ -116,3 +129,75 @@ def _last_word(ws: WorkspacePaths, run: int, phase: str) -> str | None:
         return None
     lines = [ln[len(_SIGN) :] for ln in text.splitlines() if ln.startswith(_SIGN)]
     return lines[-1][:300] if lines else None
+
+
+def _lent(ws: WorkspacePaths, run: int) -> Path:
+    return ws.meta / f"logins-run{run}.json"
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def lend_logins(ws: WorkspacePaths, run: int, mounted: list[tuple[Path, str]]) -> None:
+    """Note, for each login file that is mounted on this machine (the user's file, its place in the agent
+    home), what the user's file and the run's copy held as the run starts (call once the copies are made).
+
+    Raises:
+        OSError: the note cannot be written (then the run must not start).
+        UnsafePathError: a copy in the home is a link or not a file.
+    """
+    lent = [
+        {"source": str(source), "target": target, "user": _digest(source.read_bytes()), "copy": _copy(ws, target)}
+        for source, target in mounted
+    ]
+    if lent:
+        write_atomic(_lent(ws, run), json.dumps(lent) + "\n", mode=0o600)
+
+
+def _copy(ws: WorkspacePaths, target: str) -> str | None:
+    """The digest of the run's copy of a login file, ``None`` when there is none or it is too big to be one.
+
+    Raises:
+        UnsafePathError: the copy is a link or not a file.
+    """
+    got = safefs.read_range(ws.home, ws.home / target, 0, LOGIN_MAX_BYTES + 1)
+    return None if got is None or len(got[0]) > LOGIN_MAX_BYTES else _digest(got[0])
+
+
+def return_logins(name: str, ws: WorkspacePaths, run: int) -> list[str]:
+    """Give the copies of the login files lent to run ``run`` of workspace ``name`` back to the user's files,
+    where the run changed its copy (a refreshed token) and the user's file is as it was lent; once. Returns
+    the targets given back.
+
+    The copy is the agent's (it may be a link, huge, or not what a CLI wrote): it is read through safefs,
+    with a size cap. A mounted run could write the user's file itself, so this gives a run no more than that.
+    """
+    try:
+        lent = json.loads(_lent(ws, run).read_text(encoding="utf-8"))
+        entries = [(Path(e["source"]), str(e["target"]), str(e["user"]), e["copy"]) for e in lent]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # none lent (a mounted run, no login file), given back already, or not a note of ours
+    given = []
+    for source, target, user, lent_copy in entries:
+        try:
+            got = safefs.read_range(ws.home, ws.home / target, 0, LOGIN_MAX_BYTES + 1)
+            if got is None or len(got[0]) > LOGIN_MAX_BYTES or _digest(got[0]) == lent_copy:
+                continue  # gone, too big to be a login, or not refreshed by this run
+            path = source.resolve()  # a link stays a link to the file it names
+            if _digest(path.read_bytes()) != user:
+                log.warning(
+                    "%s: its refreshed %s is not given back to %s: that file changed while the run had a copy",
+                    name, target, source,
+                )  # fmt: skip
+                continue
+            st = path.stat()
+            write_atomic(path, got[0], mode=st.st_mode & 0o777)
+            if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                os.chown(path, st.st_uid, st.st_gid)
+            given.append(target)
+            log.info("%s: its refreshed %s was given back to %s", name, target, source)
+        except (OSError, UnsafePathError) as e:
+            log.warning("%s: its %s could not be given back to %s: %s", name, target, source, e)
+    _lent(ws, run).unlink(missing_ok=True)
+    return given
