@@ -104,6 +104,16 @@ class SwarmRuntime(DockerRuntime):
     def check(self) -> None:
         """Raise :class:`RuntimeUnavailableError` when the manager cannot be reached or is no manager."""
         try:
+            # Every dispatch asks. The swarm's record answers only on a manager of an active swarm,
+            # and is a part of what info gathers (info also lists the nodes and counts containers
+            # and images: about 7 times as long on a manager). Refused, info says why.
+            self._api.inspect_swarm()
+            return
+        except docker.errors.APIError:
+            pass
+        except ENGINE_ERRORS as e:
+            raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
+        try:
             info = self._api.info()
         except ENGINE_ERRORS as e:
             raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
@@ -329,7 +339,7 @@ class SwarmRuntime(DockerRuntime):
         try:
             services = self._api.services(filters=filters)
             tasks = self._api.tasks(filters={"service": [s["ID"] for s in services]}) if services else []
-            nodes = self._node_map()
+            nodes = self._node_map() if tasks else {}  # none to place (a start looking for its own leftovers)
             secrets = self._api.secrets(filters=filters)
         except ENGINE_ERRORS as e:
             raise self._unavailable(e, ENGINE_CALL_TIMEOUT) from e
