@@ -53,6 +53,7 @@ ORDINARY_CALLS: dict[str, Call] = {
     "image_exists": lambda rt, cid, image: rt.image_exists(image),
     "image_id": lambda rt, cid, image: rt.image_id(image),
     "image_labels": lambda rt, cid, image: rt.image_labels(image),
+    "image_meta": lambda rt, cid, image: rt.image_meta(image),
     "inspect": lambda rt, cid, image: rt.inspect(cid),
     "list": lambda rt, cid, image: rt.list(LABELS),
     "stop": lambda rt, cid, image: rt.stop(cid, timeout=2),

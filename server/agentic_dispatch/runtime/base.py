@@ -145,6 +145,9 @@ class Runtime(Protocol):
     def image_labels(self, image: str) -> dict[str, str]:
         """The image's labels (empty when it is not on the engine)."""
 
+    def image_meta(self, image: str) -> tuple[str, dict[str, str]] | None:
+        """The image's content id and labels from one look, or ``None`` when it is not on the engine."""
+
     def run_once(self, image: str, command: list[str], timeout: float = 120) -> tuple[int, str]:
         """Run ``command`` in a throw-away container (no network); return (exit code, output)."""
 

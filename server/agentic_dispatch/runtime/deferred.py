@@ -63,6 +63,9 @@ class DeferredRuntime:
     def image_labels(self, image: str) -> dict[str, str]:
         return self.made.image_labels(image)
 
+    def image_meta(self, image: str) -> tuple[str, dict[str, str]] | None:
+        return self.made.image_meta(image)
+
     def run_once(self, image: str, command: list[str], timeout: float = 120) -> tuple[int, str]:
         return self.made.run_once(image, command, timeout)
 

@@ -240,9 +240,15 @@ class DockerRuntime:
         return str(attrs["Id"]) if attrs else None
 
     def image_labels(self, image: str) -> dict[str, str]:
-        attrs = self._image_attrs(image) or {}
+        meta = self.image_meta(image)
+        return meta[1] if meta else {}
+
+    def image_meta(self, image: str) -> tuple[str, dict[str, str]] | None:
+        attrs = self._image_attrs(image)
+        if not attrs:
+            return None
         labels = (attrs.get("Config") or {}).get("Labels") or {}
-        return {str(k): str(v) for k, v in labels.items()}
+        return str(attrs["Id"]), {str(k): str(v) for k, v in labels.items()}
 
     def run_once(self, image: str, command: list[str], timeout: float = 120) -> tuple[int, str]:
         """Run ``command`` in a throw-away container of ``image``; return (exit code, output)."""

@@ -38,28 +38,30 @@ class Preflight:
         """
         self.runtime.check()
         image = self.catalog.image
-        if not self.runtime.image_exists(image):
+        meta = self.runtime.image_meta(image)  # one look for its presence, its id and its labels
+        if meta is None and not self.runtime.image_exists(image):  # a swarm's may be in its registry only
             raise RuntimeUnavailableError(
                 f"the agent image {image!r} is not built. Run `agentic-dispatch image build` "
                 "(or set `image` in the config file), then dispatch again."
             )
         if base is not None:
-            problems = self._agent_check(base, self.cli_versions()).problems
+            problems = self._agent_check(base, self.cli_versions(meta=meta)).problems
             if problems:
                 raise AgentNotReadyError(" ".join(problems) + " (`agentic-dispatch doctor` checks every agent.)")
 
-    def cli_versions(self, fresh: bool = False) -> dict[str, str]:
+    def cli_versions(self, fresh: bool = False, meta: tuple[str, dict[str, str]] | None = None) -> dict[str, str]:
         """Each CLI's ``--version`` line in the agent image; a value starting with ``!`` is the error.
 
         From the label `image build` stamps on the image; for an image without it (one of yours),
         read once per image in a throw-away container and kept in ``state/cli-versions.json`` by
-        image id. ``fresh`` (doctor) always runs the CLIs.
+        image id. ``fresh`` (doctor) always runs the CLIs. ``meta``: the image's id and labels, when
+        the caller has just looked them up.
         """
         image = self.catalog.image
         clis = sorted({a.cli for a in self.catalog.agents.values() if a.cli})
-        if not fresh and clis and (labelled := self._labelled(image, clis)):
+        image_id, labels = meta or self.runtime.image_meta(image) or (None, {})
+        if not fresh and clis and (labelled := self._labelled(labels, clis)):
             return labelled
-        image_id = self.runtime.image_id(image)
         if image_id is None or not clis:
             return {}
         with self._lock:
@@ -76,10 +78,11 @@ class Preflight:
                 tmp.replace(self._cache)
             return {str(k): str(v) for k, v in entry.items()}
 
-    def _labelled(self, image: str, clis: list[str]) -> dict[str, str] | None:
+    @staticmethod
+    def _labelled(labels: dict[str, str], clis: list[str]) -> dict[str, str] | None:
         """The versions the image's label records, when it names every CLI."""
         try:
-            data = json.loads(self.runtime.image_labels(image).get(CLI_VERSIONS_LABEL, "{}"))
+            data = json.loads(labels.get(CLI_VERSIONS_LABEL, "{}"))
         except ValueError:
             return None
         if not isinstance(data, dict) or not set(clis) <= set(data):
