@@ -78,7 +78,6 @@ def _stage(mirror: Path, dest: Path, origin_url: str, start_branch: str | None, 
             raise _clone_failure(mirror, e, seen) from e
     with repo:
         try:
-            repo.remote("origin").set_url(origin_url)
             # The branch exists, so a commit that cannot be read here is a damaged object, not an empty repo.
             rev = f"refs/remotes/origin/{start_branch}" if start_branch != "HEAD" else "HEAD"
             start_commit = str(repo.git.rev_parse("--verify", f"{rev}^{{commit}}"))
@@ -93,7 +92,8 @@ def _stage(mirror: Path, dest: Path, origin_url: str, start_branch: str | None, 
             # The container has no global git config: put an identity in the clone itself (the host
             # user's when they have one, so commits look like theirs; otherwise a clear agent identity).
             name, email = _identity(repo)
-            with repo.config_writer() as cw:
+            with repo.config_writer() as cw:  # one write, no git process: `remote set-url` sets this key
+                cw.set_value('remote "origin"', "url", origin_url)
                 cw.set_value("user", "name", name)
                 cw.set_value("user", "email", email)
         except git.GitCommandError as e:
@@ -186,15 +186,20 @@ def start_from_workspace(
 
 
 def _identity(repo: git.Repo) -> tuple[str, str]:
+    """The user's name and email as git resolves them in ``repo`` (the last value of each wins, as
+    with ``git config --get``), each with a default; one git process for both."""
     import git
 
-    def get(key: str, default: str) -> str:
-        try:
-            return str(repo.git.config("--get", key)) or default
-        except git.GitCommandError:
-            return default
-
-    return get("user.name", "agentic-dispatch agent"), get("user.email", "agent@agentic-dispatch.invalid")
+    try:
+        listed = str(repo.git.config("--null", "--get-regexp", r"^user\.(name|email)$"))
+    except git.GitCommandError:  # neither is set (git exits 1)
+        listed = ""
+    found: dict[str, str] = {}
+    for entry in listed.split("\0"):
+        key, _, value = entry.partition("\n")
+        found[key] = value
+    name = found.get("user.name") or "agentic-dispatch agent"
+    return name, found.get("user.email") or "agent@agentic-dispatch.invalid"
 
 
 def exclude_paths(repo_dir: Path, names: list[str]) -> None:
