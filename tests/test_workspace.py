@@ -155,13 +155,22 @@ def _spoil(files: list[Path]) -> None:
             out.truncate()
 
 
+def _with_loose_objects(mirror: Path, source: Path) -> None:
+    """Make ``mirror`` again as a plain ``git clone --mirror`` of the local ``source``: with its loose
+    objects loose (mirrors pack them now; git reads a spoiled loose object and fails, where it passes
+    over a pack spoiled whole and fetches its objects again)."""
+    shutil.rmtree(mirror)
+    git(mirror.parent, "clone", "-q", "--mirror", "--no-hardlinks", str(source), str(mirror))
+    assert any(len(f.parent.name) == 2 for f in _objects(mirror))
+
+
 def _fsck_clean(repo: Path) -> bool:
     return subprocess.run(["git", "fsck", "--full", "--no-dangling"], cwd=repo, capture_output=True).returncode == 0
 
 
 @pytest.fixture
 def packed_and_loose_repo(user_repo: Path) -> Path:
-    """The user's repository with both a pack and loose objects, so a mirror of it has both kinds of files."""
+    """The user's repository with both a pack and loose objects (its mirror packs the loose ones)."""
     git(user_repo, "repack", "-adq")
     for i in range(3):
         (user_repo / f"later{i}.txt").write_text(f"later {i}\n", encoding="utf-8")
@@ -179,7 +188,8 @@ def test_an_agent_that_overwrites_every_object_file_of_its_clone_leaves_the_mirr
     first = tmp_path / "ws1"
     clone_workspace(mirror, first, ref.fetch_url, None, "one")
     objects = _objects(first / ".git")
-    assert any("pack" in f.name for f in objects) and any(len(f.parent.name) == 2 for f in objects)
+    assert any("pack" in f.name for f in objects)
+    assert not any(len(f.parent.name) == 2 for f in _objects(mirror)), "the mirror left objects loose"
 
     _spoil(objects)
     assert not _fsck_clean(first), "the simulated agent must really have spoiled its own clone"
@@ -212,6 +222,7 @@ def test_a_mirror_spoiled_before_this_fix_is_rebuilt_by_the_next_dispatch_which_
     svc = Dispatcher(settings, paths, DockerRuntime())
     svc.dispatch(DispatchRequest(repo=str(packed_and_loose_repo), task="first", agent="shell", dry_run=True))
     (mirror,) = paths.mirrors.glob("*.git")
+    _with_loose_objects(mirror, packed_and_loose_repo)  # as mirrors were made then
     _spoil(_objects(mirror))  # as an agent could, through hardlinks, before workspaces had their own copies
     assert not _fsck_clean(mirror)
 
@@ -243,6 +254,7 @@ def test_a_fetch_that_trips_on_the_mirrors_own_objects_rebuilds_the_mirror(
     ref = resolve_repo(str(packed_and_loose_repo), None, TEMPLATE)
     mirrors = MirrorCache(tmp_path / "mirrors", 3600)
     mirror = mirrors.ensure(ref)
+    _with_loose_objects(mirror, packed_and_loose_repo)
     _spoil(_objects(mirror))
     (packed_and_loose_repo / "new.txt").write_text("new\n", encoding="utf-8")
     git(packed_and_loose_repo, "add", ".")

@@ -13,6 +13,8 @@ there before stays.
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -26,6 +28,8 @@ from .repos import RepoRef
 
 if TYPE_CHECKING:
     import git  # GitPython is imported where it is used: a host waiting for the server must not wait for it
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "MirrorCache",
@@ -92,6 +96,7 @@ def _clone_mirror(url: str, mirror: Path) -> None:
             env=GIT_ENV,
             kill_after_timeout=FETCH_TIMEOUT_SECONDS,
         ).close()
+        _pack_loose(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -162,6 +167,7 @@ class MirrorCache:
                 elif self._stale(ref, mirror, asked, need_branch):
                     self._fetch(ref, mirror)
                     (mirror / "agentic-fetched-at").touch()  # a reused mirror keeps its last fetch's time
+                    _pack_loose(mirror)
                 start_point(mirror, need_branch)
             except DispatchError:
                 if created:  # nobody else has seen it: the lock is ours since before it existed
@@ -274,6 +280,38 @@ def start_point(mirror: Path, branch: str | None) -> str:
         f"the repository's HEAD is on {name!r}, which has no commits yet, so an agent has nothing to branch "
         f"from. Commit on {name!r}, or dispatch with branch set to one of: {', '.join(branches)}.",
     )
+
+
+def _has_loose_objects(repo: Path) -> bool:
+    """Whether ``repo``'s object folder holds an object file of its own (not in a pack)."""
+    try:
+        folders = [e for e in os.scandir(repo / "objects") if len(e.name) == 2 and e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return False
+    for folder in folders:
+        with os.scandir(folder.path) as entries:
+            if any(True for _ in entries):
+                return True
+    return False
+
+
+def _pack_loose(mirror: Path) -> None:
+    """Put the mirror's loose objects in a pack of their own (``git repack -d``: only the loose ones;
+    the packs there stay as they are). A local repository's are all loose when the mirror is made,
+    and a fetch of a few objects leaves them loose; every workspace copies the mirror's object files
+    one by one (``--no-hardlinks``), and a pack is a few files where loose objects are one per blob:
+    a clone of a packed mirror takes about a third of the time. The caller holds the mirror's lock
+    (or the mirror is not in place yet). A repack that fails leaves the objects as they were (loose
+    objects work, only slower)."""
+    import git
+
+    if not _has_loose_objects(mirror):
+        return
+    try:
+        with git.Repo(mirror) as repo:
+            repo.git.repack("-d", "-q", env=GIT_ENV, kill_after_timeout=FETCH_TIMEOUT_SECONDS)
+    except git.GitCommandError as e:
+        log.warning("cannot pack the loose objects of the mirror %s: %s", mirror, git_error_text(e))
 
 
 def _packed_refs(mirror: Path) -> str:
