@@ -75,9 +75,8 @@ def _runtime(settings: Settings) -> Runtime:
     from .runtime.deferred import DeferredRuntime
 
     rt = settings.runtime
-    address = engine_address(rt.docker_host)
-    local = rt.engine != "swarm" and is_local_engine(address)  # a swarm's task may run on any node
-    return DeferredRuntime(lambda: _engine(settings), local=local, address=address)
+    local = rt.engine != "swarm" and is_local_engine(engine_address(rt.docker_host))  # a swarm's task runs anywhere
+    return DeferredRuntime(lambda: _engine(settings), local=local)
 
 
 def _engine(settings: Settings) -> DockerRuntime:

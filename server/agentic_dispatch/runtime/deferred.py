@@ -21,15 +21,13 @@ class DeferredRuntime:
     """The :class:`Runtime` that ``make`` returns, made once, by the first call that needs it.
 
     Args:
-        make: makes the runtime (imports its module).
+        make: makes the runtime (imports its module; it asks the engine nothing yet).
         local: what the runtime's :attr:`~Runtime.local` will say.
-        address: the engine's address, for :meth:`describe` before the runtime is made.
     """
 
-    def __init__(self, make: Callable[[], Runtime], *, local: bool, address: str) -> None:
+    def __init__(self, make: Callable[[], Runtime], *, local: bool) -> None:
         self._make = make
         self._local = local
-        self._address = address
         self._lock = threading.Lock()
         self._made: Runtime | None = None
 
@@ -46,7 +44,7 @@ class DeferredRuntime:
         return self._local
 
     def describe(self) -> str:
-        return self._made.describe() if self._made is not None else self._address
+        return self.made.describe()
 
     def check(self) -> None:
         self.made.check()
