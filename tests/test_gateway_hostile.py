@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import tarfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -168,3 +169,23 @@ def test_an_upload_cut_off_midway_is_not_applied_and_the_next_whole_one_is(
     answer = httpx2.post(f"{url}/results", content=body, headers={"Authorization": f"Bearer {token}"}, timeout=30)
     assert answer.status_code == 200 and answer.json() == {"applied": True}, answer.text
     assert (networked.store.paths(workspace).repo / "kept.txt").read_text() == "k"
+
+
+def test_the_inputs_are_packed_under_the_workspaces_lock_as_results_are_applied(
+    networked: Dispatcher, docker_client: docker.DockerClient, user_repo: Path
+) -> None:
+    """Packing the inputs runs git status in the clone, which writes its index: beside a results upload's
+    git reset it left index.lock in the other's way (a 503 seen in CI). Both now hold the workspace's lock."""
+    workspace, url, token = _running(networked, docker_client, user_repo)
+    got: list[httpx2.Response] = []
+    fetch = threading.Thread(
+        target=lambda: got.append(
+            httpx2.get(f"{url}/inputs", headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        )
+    )
+    with networked.store.locked(workspace):
+        fetch.start()
+        fetch.join(2)  # bounded: it must still wait for the lock
+        assert fetch.is_alive() and got == []
+    fetch.join(60)
+    assert [r.status_code for r in got] == [200]

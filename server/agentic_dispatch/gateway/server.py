@@ -235,7 +235,9 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> None:
         limit = gw.settings.resources.workspace_max_bytes or None
         if route == "inputs" and self.command == "GET":
-            self._answer(HTTPStatus.OK, body=pack_inputs(ws, branch, phase, limit))
+            with gw.store.locked(name):  # its git status writes the clone's index, as a results upload does
+                inputs = pack_inputs(ws, branch, phase, limit)
+            self._answer(HTTPStatus.OK, body=inputs)
         elif route == "log" and self.command == "POST":
             offset = (query.get("offset") or ["x"])[0]
             if not offset.isdigit():
