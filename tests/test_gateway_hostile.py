@@ -179,9 +179,7 @@ def test_the_inputs_are_packed_under_the_workspaces_lock_as_results_are_applied(
     workspace, url, token = _running(networked, docker_client, user_repo)
     got: list[httpx2.Response] = []
     fetch = threading.Thread(
-        target=lambda: got.append(
-            httpx2.get(f"{url}/inputs", headers={"Authorization": f"Bearer {token}"}, timeout=60)
-        )
+        target=lambda: got.append(httpx2.get(f"{url}/inputs", headers={"Authorization": f"Bearer {token}"}, timeout=60))
     )
     with networked.store.locked(workspace):
         fetch.start()
