@@ -2,8 +2,10 @@
 swarm in the same run. The swarm is the tests' (tests/engines.py): a manager and two workers, each a
 Docker engine in namespaces of its own on this machine, holding the shell image.
 
-* dispatch → the agent's task running on the swarm, against ``docker service create --mode
-  replicated-job`` of the same image and command by hand, to its task running (target ≤ 1.3×);
+* dispatch → the agent's task running on the swarm, against ``docker service create --replicas 1
+  --restart-condition none`` (the service a run is) of the same image and command by hand, to its
+  task running (target ≤ 1.3×). Each start begins on a quiet swarm: the task and container of the
+  one before are gone from every node, so neither pays for the other's clean-up;
 * 20 ``shell`` runs of ``sleep 3`` spread over the 3 nodes, against the same 20 runs held to one node
   (``placement = ["node.role == manager"]``), with the same per-node room: each run reserves one CPU
   and every node offers this machine's CPUs, so a node takes that many runs at once. The ratio (wall
@@ -62,6 +64,21 @@ def _until(api: docker.APIClient, service_id: str, states: tuple[str, ...], dead
         time.sleep(0.02)
 
 
+def _quiet(swarm: engines.Swarm, deadline: float) -> None:
+    """Until no node holds a container and the manager no task."""
+    clients = [docker.DockerClient(base_url=n.base_url, version="1.41", timeout=60) for n in swarm.nodes]
+    api = docker.APIClient(base_url=swarm.docker_host, version="1.41", timeout=60)
+    try:
+        while api.tasks() or any(c.containers.list(all=True) for c in clients):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the swarm never became quiet")
+            time.sleep(0.05)
+    finally:
+        api.close()
+        for c in clients:
+            c.close()
+
+
 def start_rows(swarm: engines.Swarm, repo: Path, runs: int) -> list[Row]:
     """Dispatch → task running, against a service made by hand → task running, one of each in turn (a busy
     moment of the machine falls on both alike), each job left to finish before the next starts."""
@@ -72,6 +89,7 @@ def start_rows(swarm: engines.Swarm, repo: Path, runs: int) -> list[Row]:
             svc = _service(swarm)
             try:
                 for i in range(runs):
+                    _quiet(swarm, time.monotonic() + 120)
                     t0 = time.perf_counter()
                     res = svc.dispatch(DispatchRequest(repo=str(repo), task="sleep 2", agent="shell"))
                     service_id = svc.record(res.workspace).container_id
@@ -82,6 +100,7 @@ def start_rows(swarm: engines.Swarm, repo: Path, runs: int) -> list[Row]:
                     if svc.wait(res.workspace, 120).status != Status.COMPLETED:
                         raise RuntimeError(f"a run ended {svc.record(res.workspace).status}")
 
+                    _quiet(swarm, time.monotonic() + 120)
                     t0 = time.perf_counter()
                     made = api.create_service(
                         docker.types.TaskTemplate(
@@ -89,7 +108,7 @@ def start_rows(swarm: engines.Swarm, repo: Path, runs: int) -> list[Row]:
                             restart_policy=docker.types.RestartPolicy(condition="none"),
                         ),
                         name=f"by-hand-{i}",
-                        mode=docker.types.ServiceMode("replicated-job"),
+                        mode=docker.types.ServiceMode("replicated", replicas=1),
                     )
                     _until(api, made["ID"], ("running", "complete"), time.monotonic() + 120)
                     by_hand.append(time.perf_counter() - t0)

@@ -813,6 +813,26 @@ class Swarm:
         finally:
             api.close()
 
+    def leftovers(self, label: str, value: str) -> list[str]:
+        """What of the runs labelled ``label=value`` the swarm still holds: their services, the
+        manager's tasks and the containers on the nodes still up (the disk a finished run would
+        otherwise keep on a node: its writable layer holds its clone)."""
+        api = docker.APIClient(base_url=self.docker_host, timeout=30, version="1.41")
+        try:
+            found = [f"service {s['Spec']['Name']}" for s in api.services(filters={"label": f"{label}={value}"})]
+            found += [
+                f"task {t['ID'][:12]} ({t['Status']['State']})"
+                for t in api.tasks()
+                if ((t.get("Spec") or {}).get("ContainerSpec") or {}).get("Labels", {}).get(label) == value
+            ]
+        finally:
+            api.close()
+        for node in (n for n in self.nodes if n.pid is not None):
+            with contextlib.closing(docker.DockerClient(base_url=node.base_url, timeout=30, version="1.41")) as client:
+                listed = client.containers.list(all=True, filters={"label": f"{label}={value}"})
+                found += [f"container {c.name} on {node.hostname}" for c in listed]
+        return found
+
 
 def _node_port(name: str, index: int) -> str:
     """The switch's end of node ``index``'s veth (at most 15 characters)."""

@@ -311,7 +311,7 @@ class RuntimeSettings(_Model):
 
     engine: Literal["docker", "swarm"] = Field(
         default="docker",
-        description="docker: each run is a container on one engine; swarm: each run is a replicated-job service on "
+        description="docker: each run is a container on one engine; swarm: each run is a one-task service on "
         "the Docker Swarm whose manager docker_host (or DOCKER_HOST) names (network transfer is implied)",
     )
     placement: list[Annotated[str, Field(min_length=3, max_length=200, pattern=r"^\S.*(==|!=).*\S$")]] = Field(

@@ -1,9 +1,14 @@
-"""The Docker Swarm runtime: each job of a run is one ``replicated-job`` service of one task on a
-swarm, reached through a manager (``[runtime] engine = "swarm"``, the manager as ``DOCKER_HOST``
+"""The Docker Swarm runtime: each job of a run is one service of one task on a swarm, reached
+through a manager (``[runtime] engine = "swarm"``, the manager as ``DOCKER_HOST``
 or ``[runtime] docker_host``). Swarm decides where a run goes; the server's limits decide what
 starts. Every node may be another machine: nothing of the server's disk is mounted (network
 transfer), the run's credentials travel as a Swarm secret of its own, never in the service's
 environment, and the exit, the node and a node lost are read from the swarm's task and node state.
+
+A job is a ``replicated`` service of one replica with restart condition none, not a
+``replicated-job`` one: both run their task once, but an engine before Docker 24 keeps every task of
+a removed ``replicated-job`` service, and its container on the node, for good (moby/moby#44312), and
+a run's container holds its clone. Removing a replicated service removes its task and container.
 
 A "container id" here is the service's id: :meth:`SwarmRuntime.inspect`, :meth:`~SwarmRuntime.stop`
 and :meth:`~SwarmRuntime.remove` take it, :meth:`~SwarmRuntime.list` and the exit watcher report it.
@@ -75,7 +80,7 @@ def _in_registry(image: str) -> bool:
 
 
 class SwarmRuntime(DockerRuntime):
-    """Runs each job as a Swarm ``replicated-job`` service through a manager.
+    """Runs each job as a Swarm service of one task (one replica, never restarted) through a manager.
 
     Every method raises :class:`RuntimeUnavailableError` when the manager cannot be reached or
     does not answer within its bound; :meth:`start` raises :class:`LaunchError` when the swarm
@@ -183,7 +188,7 @@ class SwarmRuntime(DockerRuntime):
                 self._task(spec, secret_id),
                 name=name,
                 labels=spec.labels,
-                mode=docker.types.ServiceMode("replicated-job", concurrency=1),
+                mode=docker.types.ServiceMode("replicated", replicas=1),
             )
         except docker.errors.APIError as e:
             self._drop_secret(secret_id)
@@ -284,7 +289,10 @@ class SwarmRuntime(DockerRuntime):
         spec = service.get("Spec") or {}
         labels = {str(k): str(v) for k, v in (spec.get("Labels") or {}).items()}
         sid, name = str(service["ID"]), str(spec.get("Name", ""))
-        if not tasks:  # just created: the orchestrator has not made its task yet
+        if not tasks:
+            if (spec.get("Mode") or {}).get("Replicated", {}).get("Replicas") == 0:  # stopped, its task gone
+                return ContainerInfo(sid, name, labels, running=False, exit_code=None)
+            # just created: the orchestrator has not made its task yet
             return ContainerInfo(sid, name, labels, running=True, exit_code=None, waiting="no task yet")
         task = max(tasks, key=lambda t: str(t.get("CreatedAt", "")))
         status = task.get("Status") or {}
@@ -358,9 +366,9 @@ class SwarmRuntime(DockerRuntime):
 
     # -- stop and remove ---------------------------------------------------------------------------
     def stop(self, container_id: str, timeout: float = 10) -> None:
-        """Stop the job: its service is told to complete no task (a job's one way down: removing its
-        service leaves its container running), so the swarm stops the container (SIGTERM, SIGKILL
-        after its stop grace period) and keeps the task's exit code for :meth:`inspect`. Returns when
+        """Stop the job: its service is scaled to no replica, so the swarm stops the container
+        (SIGTERM, SIGKILL after its stop grace period) and keeps the task, with its exit code, for
+        :meth:`inspect` until the service is removed. Returns when
         the task has ended, or after ``timeout`` and the call bound (a stray secret has nothing to stop).
         """
         if container_id.startswith(STRAY_SECRET):
@@ -375,7 +383,7 @@ class SwarmRuntime(DockerRuntime):
         self._health.up()
 
     def _halt(self, service_id: str) -> bool:
-        """Set the job to complete no task: the swarm stops its running one and starts none. ``False``
+        """Scale the job's service to no replica: the swarm stops its task and starts none. ``False``
         when its task has ended already.
 
         Raises:
@@ -388,13 +396,18 @@ class SwarmRuntime(DockerRuntime):
             return False
         service = self._api.inspect_service(service_id)
         spec = service["Spec"]
+        # A service an earlier version made as a job (a mode cannot change): it is told to complete no task.
+        if "ReplicatedJob" in (spec.get("Mode") or {}):
+            none: dict[str, Any] = {"ReplicatedJob": {"MaxConcurrent": 0, "TotalCompletions": 0}}
+        else:
+            none = {"Replicated": {"Replicas": 0}}
         self._api.update_service(  # the spec as it is but the mode (docker-py's merge adds what jobs refuse)
             service_id,
             service["Version"]["Index"],
             task_template=spec["TaskTemplate"],
             name=spec["Name"],
             labels=spec.get("Labels"),
-            mode={"ReplicatedJob": {"MaxConcurrent": 0, "TotalCompletions": 0}},
+            mode=none,
             fetch_current_spec=False,
         )
         return True
