@@ -187,3 +187,37 @@ def test_the_inputs_are_packed_under_the_workspaces_lock_as_results_are_applied(
         assert fetch.is_alive() and got == []
     fetch.join(60)
     assert [r.status_code for r in got] == [200]
+
+
+def test_git_request_bodies_sent_chunked_or_gzipped_reach_git_whole(
+    networked: Dispatcher, docker_client: docker.DockerClient, user_repo: Path, tmp_path: Path
+) -> None:
+    """git sends a push larger than its post buffer (1 MiB) chunked, and a fetch's negotiation larger
+    than 1 KiB gzipped; the gateway de-chunks and unzips both for git (git's own trace shows it sent them so)."""
+    workspace, url, token = _running(networked, docker_client, user_repo)
+    branch = networked.record(workspace).branch
+    repo = networked.store.paths(workspace).repo
+    clone = tmp_path / "agent-clone"
+    header = ["-c", f"http.extraHeader=Authorization: Bearer {token}"]
+    trace = tmp_path / "curl-trace"
+    traced = {**os.environ, "GIT_TRACE_CURL": str(trace), "GIT_TRACE_CURL_NO_DATA": "1"}
+    subprocess.run(["git", *header, "clone", "-q", f"{url}/git", str(clone)], check=True)
+
+    (clone / "big.bin").write_bytes(os.urandom(1_500_000))  # random: its pack stays over 1 MiB
+    git(clone, "add", "big.bin")
+    git(clone, "commit", "-qm", "big")
+    push = ["git", *header, "-C", str(clone), "push", f"{url}/git", f"HEAD:refs/heads/{branch}"]
+    pushed = subprocess.run(push, env=traced, capture_output=True, text=True)
+    assert pushed.returncode == 0, pushed.stderr
+    assert "Transfer-Encoding: chunked" in trace.read_text(errors="replace")
+    assert git(repo, "rev-parse", branch) == git(clone, "rev-parse", "HEAD")
+
+    for i in range(150):  # commits the gateway's clone lacks: each is a "have" the fetch sends
+        git(clone, "commit", "-q", "--allow-empty", "-m", f"local {i}")
+    git(repo, "commit", "-q", "--allow-empty", "-m", "moved on")  # a commit to want
+    trace.unlink()
+    fetch = ["git", *header, "-C", str(clone), "fetch", "-q", f"{url}/git", branch]
+    fetched = subprocess.run(fetch, env=traced, capture_output=True, text=True)
+    assert fetched.returncode == 0, fetched.stderr
+    assert "Content-Encoding: gzip" in trace.read_text(errors="replace")
+    assert git(clone, "log", "-1", "--format=%s", "FETCH_HEAD") == "moved on"

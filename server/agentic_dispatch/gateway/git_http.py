@@ -79,13 +79,13 @@ def _pkt_lines(body: Reader) -> tuple[bytes, list[bytes]]:
 
 
 def check_push(commands: list[bytes], allowed_ref: str) -> None:
-    """Refuse a push of anything but ``allowed_ref``, and its deletion.
+    """Refuse a push of anything but ``allowed_ref``, and its deletion. A request that names no ref is
+    git's probe before a push too large for one buffer (``http.postBuffer``): a flush packet alone,
+    which receive-pack answers without reading anything more.
 
     Raises:
         TransferError: what was refused.
     """
-    if not commands:
-        raise TransferError("the push names no ref")
     for line in commands:
         text = line.split(b"\0", 1)[0].decode("utf-8", "replace").rstrip("\n")
         parts = text.split(" ")
