@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -502,3 +503,31 @@ def test_the_timeout_of_a_run_waiting_for_a_node_counts_and_ends_it_with_its_ser
         assert rec.status == Status.FAILED
         assert "timed out after 3 s" in (rec.reason or "")
         wait_for(lambda: _ours(shared_swarm, svc) == [], 30, "the run's service to be removed")
+
+
+def test_listing_the_runs_while_one_ends_never_takes_its_removal_for_an_engine_fault(
+    shared_swarm: engines.Swarm,
+) -> None:
+    """A service removed between the list of services and the list of their tasks (a run ending at
+    that moment) makes the engine refuse the second look; that is not an engine that went away."""
+    runtime = SwarmRuntime(docker_host=shared_swarm.docker_host)
+    labels = {LABEL_ROOT: f"listing-{os.getpid()}"}
+    api = docker.APIClient(base_url=shared_swarm.docker_host, version="1.41", timeout=30)
+    done = threading.Event()
+
+    def churn() -> None:
+        spec = docker.types.TaskTemplate(docker.types.ContainerSpec(shared_swarm.image, command=["true"]))
+        while not done.is_set():
+            made = api.create_service(spec, labels=labels, mode=docker.types.ServiceMode("replicated", replicas=0))
+            api.remove_service(made["ID"])
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        for _ in range(300):
+            runtime.list(labels)  # raises RuntimeUnavailableError on the refusal
+    finally:
+        done.set()
+        worker.join(60)
+        api.close()
+        runtime.client.close()

@@ -345,8 +345,7 @@ class SwarmRuntime(DockerRuntime):
         removes it with its ended run's leftovers or reports it as an orphan."""
         filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
         try:
-            services = self._api.services(filters=filters)
-            tasks = self._api.tasks(filters={"service": [s["ID"] for s in services]}) if services else []
+            services, tasks = self._services_and_tasks(filters)
             nodes = self._node_map() if tasks else {}  # none to place (a start looking for its own leftovers)
             secrets = self._api.secrets(filters=filters)
         except ENGINE_ERRORS as e:
@@ -363,6 +362,23 @@ class SwarmRuntime(DockerRuntime):
             if own.pop(LABEL_SECRET_OF, None) not in names:
                 found.append(ContainerInfo(f"{STRAY_SECRET}{secret['ID']}", str(spec.get("Name")), own, False, None))
         return found
+
+    def _services_and_tasks(
+        self, filters: dict[str, builtins.list[str]]
+    ) -> tuple[builtins.list[dict[str, Any]], builtins.list[dict[str, Any]]]:
+        """The services with ``filters`` and their tasks. A service removed between the two looks (a
+        run ending) makes the engine refuse the second, naming it ("service ID not found"): it is left
+        out and the tasks of the others asked again (each refusal leaves one out, so this ends)."""
+        services = self._api.services(filters=filters)
+        while services:
+            try:
+                return services, self._api.tasks(filters={"service": [s["ID"] for s in services]})
+            except docker.errors.NotFound as e:
+                gone = [s for s in services if str(s["ID"]) in str(e.explanation)]
+                if not gone:
+                    raise
+                services = [s for s in services if s not in gone]
+        return [], []
 
     # -- stop and remove ---------------------------------------------------------------------------
     def stop(self, container_id: str, timeout: float = 10) -> None:
