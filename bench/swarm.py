@@ -66,10 +66,10 @@ def _until(api: docker.APIClient, service_id: str, states: tuple[str, ...], dead
 
 def _quiet(swarm: engines.Swarm, deadline: float) -> None:
     """Until no node holds a container and the manager no task."""
-    clients = [docker.DockerClient(base_url=n.base_url, version="1.41", timeout=60) for n in swarm.nodes]
+    clients = [docker.APIClient(base_url=n.base_url, version="1.41", timeout=60) for n in swarm.nodes]
     api = docker.APIClient(base_url=swarm.docker_host, version="1.41", timeout=60)
     try:
-        while api.tasks() or any(c.containers.list(all=True) for c in clients):
+        while api.tasks() or any(c.containers(all=True) for c in clients):
             if time.monotonic() > deadline:
                 raise RuntimeError("the swarm never became quiet")
             time.sleep(0.05)

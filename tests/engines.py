@@ -828,9 +828,10 @@ class Swarm:
         finally:
             api.close()
         for node in (n for n in self.nodes if n.pid is not None):
-            with contextlib.closing(docker.DockerClient(base_url=node.base_url, timeout=30, version="1.41")) as client:
-                listed = client.containers.list(all=True, filters={"label": f"{label}={value}"})
-                found += [f"container {c.name} on {node.hostname}" for c in listed]
+            # The plain listing: docker-py's containers.list() inspects each, and one may go in between.
+            with contextlib.closing(docker.APIClient(base_url=node.base_url, timeout=30, version="1.41")) as client:
+                listed = client.containers(all=True, filters={"label": f"{label}={value}"})
+                found += [f"container {c['Names'][0]} on {node.hostname}" for c in listed]
         return found
 
 
