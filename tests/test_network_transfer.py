@@ -339,3 +339,50 @@ def test_a_login_a_network_run_refreshed_goes_back_to_the_users_file_unless_the_
         assert "is not given back" in caplog.text and "changed while the run had a copy" in caplog.text
     finally:
         svc.close()
+
+
+def test_a_second_server_of_the_root_shares_the_gateway_and_takes_the_results_of_a_run_the_first_started(
+    docker_env: str, docker_client: docker.DockerClient, isolated_home: Path, user_repo: Path
+) -> None:
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    patience = "gateway_patience_seconds = 5\n"  # no other server at the run's address: it gives up soon
+    first = _server(isolated_home, docker_client, 0, patience)
+    second = _server(isolated_home, docker_client, 0, patience)
+    try:
+        assert first.network is not None and second.network is not None
+        assert second.network.gateway.url == first.network.gateway.url  # one port, both listening
+        task = "echo work > work.txt && git add work.txt && git commit -qm 'agent work'; "
+        task += "until [ -e /tmp/go ]; do sleep 0.1; done"
+        res = first.dispatch(DispatchRequest(repo=str(user_repo), task=task, agent="shell"))
+        cid = _wait_running(first, res.workspace)
+        first.close()  # the server that started the run stops; its run goes on
+        assert docker_client.containers.get(cid).exec_run(["touch", "/tmp/go"]).exit_code == 0
+        rec = second.wait(res.workspace, 120)
+        assert rec.status == Status.COMPLETED, rec.reason
+        assert git(second.store.paths(res.workspace).repo, "log", "-1", "--format=%s", rec.branch) == "agent work"
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_server_of_another_root_is_refused_the_gateway_port_this_root_holds(
+    docker_env: str, docker_client: docker.DockerClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = _free_port(docker0_address(docker_client))
+    homes = [tmp_path / "root-a", tmp_path / "root-b"]
+    servers = []
+    try:
+        for home in homes:
+            home.mkdir()
+            monkeypatch.setenv("AGENTIC_DISPATCH_HOME", str(home))
+            if home == homes[0]:
+                servers.append(_server(home, docker_client, port))
+                continue
+            with pytest.raises(OSError, match=rf"port {port} is the run gateway of another root \(.*root-a"):
+                servers.append(_server(home, docker_client, port))
+        monkeypatch.setenv("AGENTIC_DISPATCH_HOME", str(homes[0]))
+        servers.append(_server(homes[0], docker_client, port))  # its own root's second server shares it
+    finally:
+        for svc in servers:
+            svc.close()
+    assert len(servers) == 2

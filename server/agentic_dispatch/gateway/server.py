@@ -12,11 +12,17 @@ and is running; otherwise nothing is said beyond the refusal. Routes:
     GET  git/info/refs, POST git/git-upload-pack, git/git-receive-pack   the clone (see :mod:`.git_http`)
 
 Bodies are capped (``resources.workspace_max_bytes``; 8 MiB for a log chunk), chunked or not.
+
+The servers of one root share one gateway port (``SO_REUSEPORT``; the kernel gives each connection to
+one of them): tokens and run state are on the root's disk, so each serves every run of the root, and
+a run outlives the server that started it. A server of another root is refused the port
+(:class:`_PortClaim`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import socket
@@ -30,9 +36,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from ..config import RuntimeSettings, Settings
+import platformdirs
+
+from ..config import APP_NAME, RuntimeSettings, Settings
 from ..errors import DispatchError, InvalidInputError, WorkspaceNotFoundError
-from ..fileio import write_atomic
+from ..fileio import exclusive_lock, shared_lock, try_exclusive_lock, write_atomic
 from ..models import Status
 from ..store import StatusStore, WorkspacePaths
 from .git_http import GitRequest, serve_git
@@ -106,9 +114,48 @@ class _Body:
         return piece
 
 
+class _PortClaim:
+    """A root's hold on a gateway port, shared by the root's servers for as long as each listens.
+
+    A claim is a shared ``flock`` on a file per port in the user's cache folder, beside a note of the
+    root that holds it; the first holder writes the note. A server of another root finds the port
+    held under another note and is refused it, as if it were in use: with ``SO_REUSEPORT`` it could
+    otherwise listen there too and take half of the other root's runs' connections.
+    """
+
+    def __init__(self, port: int, root: Path) -> None:
+        """Claim ``port`` for ``root``.
+
+        Raises:
+            OSError: another root's gateway holds the port (``EADDRINUSE``), or the claim cannot be made.
+        """
+        folder = platformdirs.user_cache_path(APP_NAME) / "gateway-ports"
+        lock, note = folder / f"{port}.lock", folder / f"{port}.root"
+        self._held = contextlib.ExitStack()
+        with exclusive_lock(folder / "claims.lock"):  # one claim decided at a time
+            with try_exclusive_lock(lock) as alone:
+                if alone is not None:  # no server holds the port: this root's now
+                    write_atomic(note, str(root))
+                else:
+                    holder = "a root it does not name"
+                    with contextlib.suppress(OSError):
+                        holder = note.read_text(encoding="utf-8")
+                    if holder != str(root):
+                        raise OSError(
+                            errno.EADDRINUSE,
+                            f"port {port} is the run gateway of another root ({holder}); give this root's "
+                            "[runtime] gateway_listen another port",
+                        )
+            self._held.enter_context(shared_lock(lock))  # still under claims.lock: nobody decided between
+
+    def release(self) -> None:
+        self._held.close()
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    allow_reuse_port = True  # this root's other servers listen on the same port (see _PortClaim)
 
     def __init__(self, address: tuple[str, int], gateway: RunGateway, tls: ssl.SSLContext | None) -> None:
         self.gateway, self.tls = gateway, tls
@@ -292,6 +339,8 @@ class RunGateway:
         self.store = store
         self.runtime: RuntimeSettings = settings.runtime
         self._port_file = state_dir / PORT_FILE
+        self._root = state_dir.parent.resolve()
+        self._claim: _PortClaim | None = None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._home: tempfile.TemporaryDirectory[str] | None = None
@@ -310,34 +359,56 @@ class RunGateway:
         if self.runtime.gateway_tls is not None:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(self.runtime.gateway_tls.cert, self.runtime.gateway_tls.key)
+        self._server = self._bind(host.strip("[]"), int(port), tls)
         self._home = tempfile.TemporaryDirectory(prefix="agentic-gateway-")
         self.git_home = Path(self._home.name)
-        self._server = self._bind(host.strip("[]"), int(port), tls)
         self._thread = threading.Thread(target=self._server.serve_forever, name="run-gateway", daemon=True)
         self._thread.start()
         log.info("run gateway listening on %s (containers reach it at %s)", self.address, self.url)
 
     def _bind(self, host: str, port: int, tls: ssl.SSLContext | None) -> _Server:
-        """The listener on ``host:port``. Port 0 means any free port, but the one this root's gateway took
-        last time is tried first: the runs a restarted server left running reach their gateway again
-        (its URL is in their environment), as they do with a fixed port.
+        """The listener on ``host:port``, shared with this root's other servers. Port 0 means any free
+        port, but the one this root's gateway took last time is tried first: the runs a restarted
+        server left running reach their gateway again (its URL is in their environment), as they do
+        with a fixed port, and a second server of the root listens where the first does.
 
         Raises:
-            OSError: the address cannot be bound.
+            OSError: the address cannot be bound, or another root's gateway holds the port.
         """
         if port != 0:
-            return _Server((host, port), self, tls)
+            return self._listen(host, port, tls)
         last = self._last_port(host)
         if last is not None:
             try:
-                return self._remember(host, _Server((host, last), self, tls))
+                return self._remember(host, self._listen(host, last, tls))
             except OSError as e:
                 log.warning(
                     "the run gateway cannot take port %s on %s again (%s): it takes another; runs started before "
                     "this server restarted cannot send their results back (give gateway_listen a fixed port)",
                     last, host, e.strerror or e,
                 )  # fmt: skip
-        return self._remember(host, _Server((host, 0), self, tls))
+        server = _Server((host, 0), self, tls)
+        try:
+            self._claim = _PortClaim(server.server_address[1], self._root)
+        except BaseException:
+            server.server_close()
+            raise
+        return self._remember(host, server)
+
+    def _listen(self, host: str, port: int, tls: ssl.SSLContext | None) -> _Server:
+        """Claim ``port`` for this root, then listen on it.
+
+        Raises:
+            OSError: another root's gateway holds the port, or it cannot be bound.
+        """
+        claim = _PortClaim(port, self._root)
+        try:
+            server = _Server((host, port), self, tls)
+        except BaseException:
+            claim.release()
+            raise
+        self._claim = claim
+        return server
 
     def _last_port(self, host: str) -> int | None:
         try:
@@ -393,6 +464,9 @@ class RunGateway:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
         if self._home is not None:
             with contextlib.suppress(OSError):
                 self._home.cleanup()
