@@ -314,3 +314,33 @@ def test_concurrent_dispatches_of_one_local_repository_share_the_fetch_made_whil
     assert 2 <= shared <= 4, shared  # the clone, then a fetch or a few for eight requests, not eight
     mirrors.ensure(ref)
     assert mirrors.fetches == shared + 1, "a dispatch after them fetches again: users expect their latest commit"
+
+
+@pytest.mark.parametrize("configured", [True, False], ids=["user-identity", "none-configured"])
+def test_a_workspace_commits_as_the_user_git_knows_never_as_a_repository_above_it(
+    tmp_path: Path, user_repo: Path, monkeypatch: pytest.MonkeyPatch, configured: bool
+) -> None:
+    """The clone's identity is the user's own config (system and global), else a clear agent identity;
+    a repository the workspaces folder happens to lie in (a home kept in git) lends it nothing."""
+    home = tmp_path / "git-home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    if configured:
+        (home / ".gitconfig").write_text("[user]\n\tname = Ada User\n\temail = ada@example.com\n", encoding="utf-8")
+    above = tmp_path / "kept-in-git"
+    subprocess.run(["git", "init", "-q", str(above)], check=True)
+    git(above, "config", "user.name", "Not The User")
+    git(above, "config", "user.email", "above@example.com")
+    ref = resolve_repo(str(user_repo), None, TEMPLATE)
+    mirror = MirrorCache(tmp_path / "mirrors", 3600).ensure(ref)
+    ws = above / "workspaces" / "w"
+    ws.parent.mkdir()
+    clone_workspace(mirror, ws, ref.fetch_url, "feature", "task")
+    identity = (git(ws, "config", "--local", "user.name"), git(ws, "config", "--local", "user.email"))
+    expected = (
+        ("Ada User", "ada@example.com") if configured else ("agentic-dispatch agent", "agent@agentic-dispatch.invalid")
+    )
+    assert identity == expected
+    assert git(ws, "rev-parse", "--abbrev-ref", "HEAD") == "agent/task"
+    assert git(ws, "rev-parse", "HEAD") == git(user_repo, "rev-parse", "feature")

@@ -65,39 +65,45 @@ def _stage(mirror: Path, dest: Path, origin_url: str, start_branch: str | None, 
     """
     import git
 
-    # Shared: copies run side by side, but never while a fetch or a rebuild changes the mirror's files.
-    with file_lock(mirror_lock(mirror), shared=True):
-        seen = dir_id(mirror)
-        start_branch = start_point(mirror, start_branch)  # before copying anything
-        try:
-            # --no-hardlinks: the agent can rewrite every file of its clone in place (it runs as the host
-            # user); a hardlinked object file would carry that write into the mirror and every later
-            # workspace. Copying costs about one mirror of disk per workspace (bench/mirror_isolation.py).
-            repo = git.Repo.clone_from(str(mirror), dest, no_checkout=True, no_hardlinks=True, env=GIT_ENV)
-        except git.GitCommandError as e:
-            raise _clone_failure(mirror, e, seen) from e
-    with repo:
-        try:
-            # The branch exists, so a commit that cannot be read here is a damaged object, not an empty repo.
-            rev = f"refs/remotes/origin/{start_branch}" if start_branch != "HEAD" else "HEAD"
-            start_commit = str(repo.git.rev_parse("--verify", f"{rev}^{{commit}}"))
-            branch = f"agent/{task_slug}"
-            existing = {r.remote_head for r in repo.remote("origin").refs}
-            n = 2
-            while branch in existing:
-                branch = f"agent/{task_slug}-{n}"
-                n += 1
-            # The checkout reads the start commit's whole tree: a corrupt object there fails it.
-            repo.git.checkout("-b", branch, start_commit, "--")
-            # The container has no global git config: put an identity in the clone itself (the host
-            # user's when they have one, so commits look like theirs; otherwise a clear agent identity).
-            name, email = _identity(repo)
-            with repo.config_writer() as cw:  # one write, no git process: `remote set-url` sets this key
-                cw.set_value('remote "origin"', "url", origin_url)
-                cw.set_value("user", "name", name)
-                cw.set_value("user", "email", email)
-        except git.GitCommandError as e:
-            raise _clone_failure(mirror, e, seen) from e
+    identity = _Identity(dest.parent)  # looked up while the clone is made
+    try:
+        # Shared: copies run side by side, but never while a fetch or a rebuild changes the mirror's files.
+        with file_lock(mirror_lock(mirror), shared=True):
+            seen = dir_id(mirror)
+            start_branch = start_point(mirror, start_branch)  # before copying anything
+            # The clone's HEAD on the start branch (a detached HEAD is cloned detached): the agent's
+            # branch starts where HEAD is, so no git process has to name the start commit.
+            on_start = [f"--branch={start_branch}"] if start_branch != "HEAD" else None
+            try:
+                # --no-hardlinks: the agent can rewrite every file of its clone in place (it runs as the host
+                # user); a hardlinked object file would carry that write into the mirror and every later
+                # workspace. Copying costs about one mirror of disk per workspace (bench/mirror_isolation.py).
+                repo = git.Repo.clone_from(
+                    str(mirror), dest, multi_options=on_start, no_checkout=True, no_hardlinks=True, env=GIT_ENV
+                )
+            except git.GitCommandError as e:
+                raise _clone_failure(mirror, e, seen) from e
+        with repo:
+            try:
+                branch = f"agent/{task_slug}"
+                existing = {r.remote_head for r in repo.remote("origin").refs}
+                n = 2
+                while branch in existing:
+                    branch = f"agent/{task_slug}-{n}"
+                    n += 1
+                # The checkout reads the start commit's whole tree: a missing or corrupt object there fails it.
+                repo.git.checkout("-b", branch, "HEAD", "--")
+                # The container has no global git config: put an identity in the clone itself (the host
+                # user's when they have one, so commits look like theirs; otherwise a clear agent identity).
+                name, email = identity.result()
+                with repo.config_writer() as cw:  # one write, no git process: `remote set-url` sets this key
+                    cw.set_value('remote "origin"', "url", origin_url)
+                    cw.set_value("user", "name", name)
+                    cw.set_value("user", "email", email)
+            except git.GitCommandError as e:
+                raise _clone_failure(mirror, e, seen) from e
+    finally:
+        identity.close()
     return branch, start_branch
 
 
@@ -185,21 +191,35 @@ def start_from_workspace(
     return tip
 
 
-def _identity(repo: git.Repo) -> tuple[str, str]:
-    """The user's name and email as git resolves them in ``repo`` (the last value of each wins, as
-    with ``git config --get``), each with a default; one git process for both."""
-    import git
+class _Identity:
+    """The user's name and email as git resolves them outside any repository (the system's and the
+    user's config: all a fresh clone has, but for an ``includeIf`` on the repository's path), each
+    with a default; one git process for both, started at once and read by :meth:`result`."""
 
-    try:
-        listed = str(repo.git.config("--null", "--get-regexp", r"^user\.(name|email)$"))
-    except git.GitCommandError:  # neither is set (git exits 1)
-        listed = ""
-    found: dict[str, str] = {}
-    for entry in listed.split("\0"):
-        key, _, value = entry.partition("\n")
-        found[key] = value
-    name = found.get("user.name") or "agentic-dispatch agent"
-    return name, found.get("user.email") or "agent@agentic-dispatch.invalid"
+    def __init__(self, folder: Path) -> None:
+        # The ceiling: git looks for a repository in ``folder`` (there is none) but never goes up into
+        # its parent, so a repository above (a home kept in git) lends none of its config.
+        env = {**os.environ, **GIT_ENV, "GIT_CEILING_DIRECTORIES": str(folder.parent)}
+        argv = ["git", "config", "--null", "--get-regexp", r"^user\.(name|email)$"]
+        self._proc = subprocess.Popen(argv, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+    def result(self) -> tuple[str, str]:
+        """``(name, email)``; the last value of each wins, as with ``git config --get``."""
+        try:
+            listed, _ = self._proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            listed = b""  # neither is set when git exits 1 (its output is empty then, too)
+        found: dict[str, str] = {}
+        for entry in listed.decode("utf-8", "replace").split("\0"):
+            key, _, value = entry.partition("\n")
+            found[key] = value
+        name = found.get("user.name") or "agentic-dispatch agent"
+        return name, found.get("user.email") or "agent@agentic-dispatch.invalid"
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.communicate()
 
 
 def exclude_paths(repo_dir: Path, names: list[str]) -> None:
