@@ -224,6 +224,33 @@ def test_a_chain_a_then_b_then_c_from_b_runs_in_order_and_c_starts_from_the_comm
     assert starts.index(c.workspace) > len(starts) - 2  # c started last
 
 
+def test_the_copy_of_a_base_workspaces_branch_is_made_before_the_admission_lock_not_under_it(
+    docker_env: str, docker_client: docker.DockerClient, user_repo: Path, isolated_home: Path
+) -> None:
+    """Copying the base's branch is a fetch from its clone, which may take a while; every start on the
+    root waits for the admission lock, so the copy is made before it. Here the test holds that lock (as
+    another server would) while the base completes: the follow-up's branch moves to the base's end all
+    the same, and the run starts once the lock is free."""
+    svc = new_dispatcher(docker_client)
+    try:
+        base = svc.dispatch(shell(user_repo, HOLD + COMMIT.format("a")))
+        follow = svc.dispatch(shell(user_repo, COMMIT.format("b"), base_workspace=base.workspace))
+        clone = svc.store.paths(follow.workspace).repo
+        branch = svc.store.read(follow.workspace).branch
+        with svc.scheduler.admission():
+            release(svc, base.workspace)
+            assert svc.wait(base.workspace, 60).status == Status.COMPLETED
+            base_tip = git(svc.store.paths(base.workspace).repo, "rev-parse", "HEAD")
+            wait_for(lambda: git(clone, "rev-parse", branch) == base_tip, 60, "the follow-up's branch to move")
+            assert (clone / "a.txt").read_text(encoding="utf-8") == "a\n"  # its work tree with it
+            assert svc.store.read(follow.workspace).status == Status.QUEUED  # no start while the lock is held
+        done = svc.wait(follow.workspace, 60)
+    finally:
+        svc.close()
+    assert done.status == Status.COMPLETED and done.base_commit == base_tip
+    assert git(clone, "rev-parse", f"{done.branch}~1") == base_tip
+
+
 # -- retries ------------------------------------------------------------------------------------
 CRASHES_ONCE = '[ "$AGENTIC_RUN" -ge 2 ] || exit 3; ' + COMMIT.format("r")
 

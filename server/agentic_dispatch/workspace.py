@@ -169,6 +169,8 @@ def start_from_workspace(
             f"the branch {base_branch} of {base_clone} holds no commit to start from "
             f"({'missing' if tip is None else repr(tip[:60])}); make it point at a commit, then resume this workspace."
         )
+    if read_ref_value(clone, f"refs/heads/{branch}") == tip:
+        return tip  # moved there already (a copy made before the run's start)
     try:
         objects = check_objects(base_clone)
     except FileNotFoundError as e:

@@ -25,6 +25,7 @@ from ...config import Settings
 from ...credentials import Credentials
 from ...errors import (
     CorruptRecordError,
+    DispatchError,
     LaunchError,
     RepoError,
     RuntimeUnavailableError,
@@ -85,6 +86,7 @@ class QueueDrainer:
         status says why (:attr:`stalled`).
         """
         started: list[str] = []
+        self._move_to_bases()
         with self.scheduler.admission():
             # Login files may appear after the server started (a `codex login` meanwhile):
             # the serialised pools follow what is on disk now.
@@ -110,6 +112,28 @@ class QueueDrainer:
                     self._fail_queued(rec.name, f"the run could not start: {e}")
             self.stalled = stalled
         return started
+
+    def _move_to_bases(self) -> None:
+        """Move the branch of each queued workspace that starts from another's (``base_workspace``)
+        and no longer waits for a dependency, before the admission lock is taken: the copy is a fetch
+        from the base's clone, which may take a while, and every start on the root waits for that
+        lock. :meth:`launch` finds the branch there (the copy is not made twice); a copy that fails
+        here is tried there again, and fails the run saying why."""
+        records = [i.record for i in self.store.active() if i.record is not None]
+        based = [r for r in records if r.status == Status.QUEUED and r.base_workspace and r.started_at is None]
+        if not based:
+            return
+        waiting = self.scheduler.dependency_waits(records, self.store.find)
+        for rec in based:
+            if rec.name in waiting:
+                continue
+            try:
+                with self.store.locked(rec.name) as ws:
+                    current = self.store.read(rec.name)
+                    if current.status == Status.QUEUED:
+                        self._start_from_base(ws, current)
+            except (DispatchError, OSError) as e:
+                log.debug("%s: its base's branch is copied as it starts instead (%s)", rec.name, e)
 
     def _fail_queued(self, name: str, reason: str) -> None:
         try:
