@@ -386,3 +386,26 @@ def test_a_server_of_another_root_is_refused_the_gateway_port_this_root_holds(
         for svc in servers:
             svc.close()
     assert len(servers) == 2
+
+
+def test_a_server_that_cannot_claim_its_gateway_port_still_listens_alone(
+    docker_env: str,
+    docker_client: docker.DockerClient,
+    isolated_home: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    not_a_folder = tmp_path / "cache-is-a-file"
+    not_a_folder.write_text("", encoding="utf-8")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(not_a_folder))  # where the claims would go: cannot be made
+    port = _free_port(docker0_address(docker_client))
+    svc = _server(isolated_home, docker_client, port)
+    try:
+        assert svc.network is not None and svc.network.gateway.address.endswith(f":{port}")
+        assert "does not share its port" in caplog.text
+        with pytest.raises(OSError):  # alone on it: not even this root's second server joins
+            _server(isolated_home, docker_client, port)
+    finally:
+        svc.close()

@@ -123,13 +123,12 @@ class _PortClaim:
     otherwise listen there too and take half of the other root's runs' connections.
     """
 
-    def __init__(self, port: int, root: Path) -> None:
-        """Claim ``port`` for ``root``.
+    def __init__(self, folder: Path, port: int, root: Path) -> None:
+        """Claim ``port`` for ``root`` in ``folder`` (:meth:`folder`).
 
         Raises:
             OSError: another root's gateway holds the port (``EADDRINUSE``), or the claim cannot be made.
         """
-        folder = platformdirs.user_cache_path(APP_NAME) / "gateway-ports"
         lock, note = folder / f"{port}.lock", folder / f"{port}.root"
         self._held = contextlib.ExitStack()
         with exclusive_lock(folder / "claims.lock"):  # one claim decided at a time
@@ -148,6 +147,22 @@ class _PortClaim:
                         )
             self._held.enter_context(shared_lock(lock))  # still under claims.lock: nobody decided between
 
+    @staticmethod
+    def folder() -> Path | None:
+        """Where claims are made; ``None`` (said in the log) when it cannot be: the gateway then
+        listens alone on its port, as a server of another root would have to."""
+        folder = platformdirs.user_cache_path(APP_NAME) / "gateway-ports"
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            log.warning(
+                "cannot claim the run gateway's port in %s (%s): this server's gateway does not share its port, "
+                "so a second server of this root cannot listen there",
+                folder, e.strerror or e,
+            )  # fmt: skip
+            return None
+        return folder
+
     def release(self) -> None:
         self._held.close()
 
@@ -155,10 +170,10 @@ class _PortClaim:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
-    allow_reuse_port = True  # this root's other servers listen on the same port (see _PortClaim)
 
-    def __init__(self, address: tuple[str, int], gateway: RunGateway, tls: ssl.SSLContext | None) -> None:
+    def __init__(self, address: tuple[str, int], gateway: RunGateway, tls: ssl.SSLContext | None, shared: bool) -> None:
         self.gateway, self.tls = gateway, tls
+        self.allow_reuse_port = shared  # this root's other servers listen on the same port (see _PortClaim)
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
 
@@ -387,9 +402,10 @@ class RunGateway:
                     "this server restarted cannot send their results back (give gateway_listen a fixed port)",
                     last, host, e.strerror or e,
                 )  # fmt: skip
-        server = _Server((host, 0), self, tls)
+        folder = _PortClaim.folder()
+        server = _Server((host, 0), self, tls, shared=folder is not None)
         try:
-            self._claim = _PortClaim(server.server_address[1], self._root)
+            self._claim = _PortClaim(folder, server.server_address[1], self._root) if folder else None
         except BaseException:
             server.server_close()
             raise
@@ -401,11 +417,13 @@ class RunGateway:
         Raises:
             OSError: another root's gateway holds the port, or it cannot be bound.
         """
-        claim = _PortClaim(port, self._root)
+        folder = _PortClaim.folder()
+        claim = _PortClaim(folder, port, self._root) if folder else None
         try:
-            server = _Server((host, port), self, tls)
+            server = _Server((host, port), self, tls, shared=claim is not None)
         except BaseException:
-            claim.release()
+            if claim is not None:
+                claim.release()
             raise
         self._claim = claim
         return server
