@@ -465,6 +465,48 @@ return out;
 """
 
 
+# The insights chart (SVG: colours are fills and strokes, and what lies under a figure is a shape, not
+# a box). Each figure: its fill against the shapes drawn before it, at points along its middle line.
+# Each bar: its colour against what it is drawn on, at its middle.
+CHART_COLOURS = (
+    TEXT_COLOURS.split("const out = [];")[0]
+    + """
+const svg = document.querySelector("svg.chart"), out = [];
+const shapes = svg ? [...svg.querySelectorAll("rect")] : [];
+function paint(el) {
+  const s = getComputedStyle(el), fill = s.fill !== "none";
+  const c = rgba(fill ? s.fill : s.stroke);
+  c[3] *= parseFloat(s.opacity) * parseFloat(fill ? s.fillOpacity : s.strokeOpacity);
+  return c;
+}
+function under(x, y, el) {
+  let bg = behind(svg);
+  for (const r of shapes) {
+    if (r === el || (el.compareDocumentPosition(r) & Node.DOCUMENT_POSITION_FOLLOWING)) break;
+    const b = r.getBBox();
+    if (getComputedStyle(r).fill !== "none" && x >= b.x && x <= b.x + b.width && y >= b.y && y <= b.y + b.height)
+      bg = over(paint(r), bg);
+  }
+  return bg;
+}
+for (const t of svg ? svg.querySelectorAll("text") : []) {
+  const b = t.getBBox();
+  for (let x = b.x + 1; x < b.x + b.width; x += 2) {
+    const bg = under(x, b.y + b.height / 2, t);
+    out.push({kind: "text", what: t.getAttribute("class") + " " + t.textContent, fg: over(paint(t), bg), bg});
+  }
+}
+for (const r of shapes) {
+  const b = r.getBBox();
+  if (r.getAttribute("class") === "track" || b.width === 0) continue;
+  const bg = under(b.x + b.width / 2, b.y + b.height / 2, r);
+  out.push({kind: "bar", what: r.getAttribute("class"), fg: over(paint(r), bg), bg});
+}
+return out;
+"""
+)
+
+
 def _luminance(rgb: list[float]) -> float:
     def channel(c: float) -> float:
         c /= 255
@@ -486,8 +528,9 @@ def test_every_text_on_the_board_and_a_runs_page_is_readable_in_light_and_in_dar
     """WCAG AA: 4.5:1 for ordinary text, 3:1 for large (24 px, or 18.66 px bold), with the colours the system's
     scheme chooses (prefers-color-scheme, as Chromium is told to emulate it), on cards of every status, a
     failure's reason, a diff and a log."""
-    done = dispatch(served, user_repo, "echo 'x = 1' > app.py && git add app.py && git commit -qm 'add app'")
-    failed = dispatch(served, user_repo, "echo broken >&2; exit 3")
+    # each lasts a while: the chart's duration bars have a length
+    done = dispatch(served, user_repo, "echo 'x = 1' > app.py && git add app.py && git commit -qm 'add app'; sleep 2")
+    failed = dispatch(served, user_repo, "sleep 1; echo broken >&2; exit 3")
     blocked = dispatch(served, user_repo, ASK)
     running = dispatch(served, user_repo, "sleep 300")
     for workspace, status in ((done, "completed"), (failed, "failed"), (blocked, "blocked"), (running, "running")):
@@ -507,6 +550,14 @@ def test_every_text_on_the_board_and_a_runs_page_is_readable_in_light_and_in_dar
                     card(browser, running, 10)
                 seen = browser.execute_script(TEXT_COLOURS)
                 assert len(seen) > 10, f"{page}: too little text found to judge ({seen})"
+                if page == "insights":  # its chart's figures (4.5:1) and bars (3:1, WCAG's non-text contrast)
+                    chart = browser.execute_script(CHART_COLOURS)
+                    assert {c["what"] for c in chart if c["kind"] == "bar"} == {"ok", "p50", "p90"}, chart
+                    for c in chart:
+                        ratio = contrast(c["fg"], c["bg"])
+                        said = f"{scheme} {page} chart: {c['kind']} {c['what']!r} {ratio:.2f}:1"
+                        if ratio < (4.5 if c["kind"] == "text" else 3) and said not in unreadable:
+                            unreadable.append(said)
                 for t in seen:
                     large = t["size"] >= 24 or (t["bold"] and t["size"] >= 18.66)
                     ratio = contrast(t["fg"], t["bg"])

@@ -393,24 +393,27 @@ def _seconds(value: float | None) -> str:
 
 
 def _chart(rows: list[InsightRow]) -> str:
-    """Per agent: a bar for the success rate and bars for p50 / p90 duration (inline SVG, no script)."""
+    """Per agent: a bar for the success rate, its figure beside it, and the p50 / p90 durations as a
+    bar inside an outline (inline SVG, no script). Every figure stands on the page's background, never
+    on a bar, and every bar stands out from what it is drawn on (board.css)."""
     if not rows:
         return ""
-    bar_h, gap, label_w, width = 14, 10, 170, 560
+    bar_h, gap, label_w, bar_w, width = 14, 10, 170, 180, 600
+    durations = label_w + bar_w + 50  # after the success rate's figure
     longest = max((r.p90_seconds or r.p50_seconds or 0) for r in rows) or 1
     parts, y = [], 20
     parts.append(f'<text x="{label_w}" y="12" class="axis">success rate</text>')
-    parts.append(f'<text x="{label_w + 200}" y="12" class="axis">duration p50 / p90</text>')
+    parts.append(f'<text x="{durations}" y="12" class="axis">duration p50 / p90</text>')
     for r in rows:
-        ok = round(180 * r.success_rate)
-        p50 = round(180 * (r.p50_seconds or 0) / longest)
-        p90 = round(180 * (r.p90_seconds or 0) / longest)
+        ok = round(bar_w * r.success_rate)
+        p50 = round(bar_w * (r.p50_seconds or 0) / longest)
+        p90 = round(bar_w * (r.p90_seconds or 0) / longest)
         parts.append(f'<text x="0" y="{y + 11}" class="label">{_e(_cut(r.agent, 24))}</text>')
-        parts.append(f'<rect x="{label_w}" y="{y}" width="180" height="{bar_h}" class="track"/>')
+        parts.append(f'<rect x="{label_w}" y="{y}" width="{bar_w}" height="{bar_h}" class="track"/>')
         parts.append(f'<rect x="{label_w}" y="{y}" width="{ok}" height="{bar_h}" class="ok"/>')
-        parts.append(f'<text x="{label_w + 4}" y="{y + 11}" class="value">{r.success_rate:.0%}</text>')
-        parts.append(f'<rect x="{label_w + 200}" y="{y}" width="{p90}" height="{bar_h}" class="p90"/>')
-        parts.append(f'<rect x="{label_w + 200}" y="{y + 3}" width="{p50}" height="{bar_h - 6}" class="p50"/>')
+        parts.append(f'<text x="{label_w + bar_w + 6}" y="{y + 11}" class="value">{r.success_rate:.0%}</text>')
+        parts.append(f'<rect x="{durations}" y="{y}" width="{p90}" height="{bar_h}" class="p90"/>')
+        parts.append(f'<rect x="{durations}" y="{y + 3}" width="{p50}" height="{bar_h - 6}" class="p50"/>')
         y += bar_h + gap
     desc = "; ".join(
         f"{r.agent}: {r.success_rate:.0%} success, p50 {_seconds(r.p50_seconds)}, p90 {_seconds(r.p90_seconds)}"
