@@ -203,14 +203,16 @@ class _Identity:
         # its parent, so a repository above (a home kept in git) lends none of its config.
         env = {**os.environ, **GIT_ENV, "GIT_CEILING_DIRECTORIES": str(folder.parent)}
         argv = ["git", "config", "--null", "--get-regexp", r"^user\.(name|email)$"]
+        folder.mkdir(parents=True, exist_ok=True)  # the clone's parent: made by the clone anyway
         self._proc = subprocess.Popen(argv, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
 
     def result(self) -> tuple[str, str]:
-        """``(name, email)``; the last value of each wins, as with ``git config --get``."""
+        """``(name, email)``; the last value of each wins, as with ``git config --get``. Neither set
+        (git prints nothing and exits 1), or no answer in a minute: the defaults."""
         try:
             listed, _ = self._proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
-            listed = b""  # neither is set when git exits 1 (its output is empty then, too)
+            listed = b""
         found: dict[str, str] = {}
         for entry in listed.decode("utf-8", "replace").split("\0"):
             key, _, value = entry.partition("\n")

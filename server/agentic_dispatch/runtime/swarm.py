@@ -383,8 +383,8 @@ class SwarmRuntime(DockerRuntime):
     # -- stop and remove ---------------------------------------------------------------------------
     def stop(self, container_id: str, timeout: float = 10) -> None:
         """Stop the job: its service is scaled to no replica, so the swarm stops the container
-        (SIGTERM, SIGKILL after its stop grace period) and keeps the task, with its exit code, for
-        :meth:`inspect` until the service is removed. Returns when
+        (SIGTERM, SIGKILL after its stop grace period); :meth:`inspect` reads the task's exit code while
+        the swarm still lists the task (once it is gone, the job has ended with no code). Returns when
         the task has ended, or after ``timeout`` and the call bound (a stray secret has nothing to stop).
         """
         if container_id.startswith(STRAY_SECRET):
