@@ -813,6 +813,16 @@ class Swarm:
         finally:
             api.close()
 
+    def placement(self, services: dict[str, str]) -> dict[str, str]:
+        """The node (its hostname) each of ``services`` (key -> service id) has a running task on."""
+        api = docker.APIClient(base_url=self.docker_host, timeout=30, version="1.41")
+        try:
+            hostnames = {n["ID"]: n["Description"]["Hostname"] for n in api.nodes()}
+            running = {t["ServiceID"]: t["NodeID"] for t in api.tasks() if t["Status"]["State"] == "running"}
+        finally:
+            api.close()
+        return {key: hostnames[running[sid]] for key, sid in services.items() if sid in running}
+
     def leftovers(self, label: str, value: str) -> list[str]:
         """What of the runs labelled ``label=value`` the swarm still holds: their services, the
         manager's tasks and the containers on the nodes still up (the disk a finished run would

@@ -69,14 +69,20 @@ def _free_port(address: str) -> int:
 
 
 def _use_swarm(
-    swarm: engines.Swarm, home: Path, monkeypatch: pytest.MonkeyPatch, extra: str = "", port: int = 0
+    swarm: engines.Swarm,
+    home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    extra: str = "",
+    port: int = 0,
+    tick: float = 1,
 ) -> None:
-    """The config of a server whose runs go to ``swarm`` (its manager as DOCKER_HOST)."""
+    """The config of a server whose runs go to ``swarm`` (its manager as DOCKER_HOST), its timer
+    ticking every ``tick`` seconds."""
     monkeypatch.setenv("AGENTIC_DISPATCH_IMAGE", swarm.image)
     monkeypatch.setenv("DOCKER_HOST", swarm.docker_host)
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(
-        "drain_interval_seconds = 1\n"
+        f"drain_interval_seconds = {tick}\n"
         f'[runtime]\nengine = "swarm"\ngateway_listen = "{swarm.host_address}:{port}"\n{extra}',
         encoding="utf-8",
     )
@@ -231,20 +237,28 @@ def test_a_worker_lost_mid_run_fails_its_runs_naming_the_node_while_the_others_c
     engine_template: engines.EngineTemplate, isolated_home: Path, monkeypatch: pytest.MonkeyPatch, user_repo: Path
 ) -> None:
     with engines.swarm(engine_template) as own, contextlib.ExitStack() as stack:
-        _use_swarm(own, isolated_home, monkeypatch)
+        # A timer that ticks once in ten minutes: the lost node is seen by the exit watcher, which wakes it.
+        _use_swarm(own, isolated_home, monkeypatch, tick=600)
         svc = stack.enter_context(_service())
         names = []
         for i in range(3):
             # Long enough that all three are still running when the worker is lost.
             task = f"echo {i} > run{i}.txt && git add run{i}.txt && git commit -qm 'run {i}' && sleep 20"
             names.append(svc.dispatch(DispatchRequest(repo=str(user_repo), task=task, agent="shell")).workspace)
-        wait_for(lambda: all(svc.record(n).node for n in names), 60, "every run to be placed")
-        on_workers = [n for n in names if svc.record(n).node != own.manager.hostname]
+        placed: dict[str, str] = {}  # workspace -> node, as the swarm says (the server learns it at its tick)
+
+        def all_placed() -> bool:
+            placed.update(own.placement({n: str(svc.record(n).container_id) for n in names}))
+            return len(placed) == len(names)
+
+        wait_for(all_placed, 60, "every run to be placed")
+        on_workers = [n for n in names if placed[n] != own.manager.hostname]
         assert on_workers, "the swarm placed every run on the manager"
-        lost = own.node(str(svc.record(on_workers[0]).node))
+        lost = own.node(placed[on_workers[0]])
         own.cut_off(lost)
         records = {n: svc.wait(n, 120) for n in names}
-        for rec in records.values():
+        for name, rec in records.items():
+            assert rec.node == placed[name]
             if rec.node == lost.hostname:
                 assert rec.status == Status.FAILED
                 assert rec.reason is not None and f"the node {lost.hostname} it ran on is down" in rec.reason

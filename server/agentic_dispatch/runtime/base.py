@@ -103,10 +103,14 @@ class ContainerInfo:
 
 @dataclass(frozen=True)
 class ExitEvent:
+    """A container that ended, or (``lost``: why) one that will not end by itself: its node is gone,
+    or the engine could not run it. A lost one is settled by the reconciling timer, woken by it."""
+
     container_id: str
     labels: dict[str, str]
     exit_code: int | None
     node: str | None = None
+    lost: str | None = None
 
 
 class Runtime(Protocol):

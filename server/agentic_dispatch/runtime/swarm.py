@@ -465,7 +465,8 @@ class SwarmRuntime(DockerRuntime):
     def watch_exits(self, labels: dict[str, str], on_exit: Callable[[ExitEvent], None], stop: threading.Event) -> None:
         """Look at the tasks of every run's service each :data:`WATCH_INTERVAL` (Swarm has no event
         for a task's end) and report each service whose task ended, once. A task on a node that went
-        away is not reported here: it did not exit (the timer reads it as lost)."""
+        away did not exit: it is reported once as lost (:attr:`ExitEvent.lost`), so the timer settles
+        it now rather than at its next tick."""
         reported: set[str] = set()
         while not stop.is_set():
             try:
@@ -476,11 +477,11 @@ class SwarmRuntime(DockerRuntime):
             present = set()
             for info in infos:
                 present.add(info.id)
-                if info.running or info.lost is not None or info.id in reported or info.id.startswith(STRAY_SECRET):
+                if (info.running and info.lost is None) or info.id in reported or info.id.startswith(STRAY_SECRET):
                     continue
                 reported.add(info.id)
                 try:
-                    on_exit(ExitEvent(info.id, dict(info.labels), info.exit_code, node=info.node))
+                    on_exit(ExitEvent(info.id, dict(info.labels), info.exit_code, node=info.node, lost=info.lost))
                 except Exception:  # the watcher's boundary: one bad report never stops it
                     log.exception("reporting the end of service %s failed", info.id[:12])
             reported &= present

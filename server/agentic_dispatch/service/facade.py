@@ -208,6 +208,9 @@ class Dispatcher:
         name = event.labels.get(LABEL_WORKSPACE)
         if not name:
             return
+        if event.lost is not None:  # the timer's reconcile settles a lost run (Vanished): now, not at its tick
+            self._wake.set()
+            return
         try:
             self.runs.finish(name, event.container_id, event.exit_code, node=event.node)
         except Exception:  # the background boundary: never let one bad record stop the watcher

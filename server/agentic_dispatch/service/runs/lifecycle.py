@@ -231,6 +231,7 @@ class Vanished:
 
     container_id: str
     lost: str | None = None
+    node: str | None = None  # the cluster node it was on, when known
 
 
 @dataclass(frozen=True)
@@ -482,6 +483,7 @@ def _qa_started(new: WorkspaceRecord, h: QaStarted | QaLaunchFailed, now: str) -
 def _vanished(new: WorkspaceRecord, h: Vanished, now: str) -> Outcome:
     what = "QA gate" if new.phase == "qa" else "agent"
     new.phase = "agent"
+    new.node = h.node or new.node
     if h.lost is not None:
         reason = (
             f"{h.lost}: the {what} container {h.container_id[:12]} was given up (it is not run again elsewhere); "

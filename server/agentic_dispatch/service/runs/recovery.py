@@ -110,7 +110,7 @@ class Recovery:
         """One running record against its container."""
         info = self.runtime.inspect(container_id)
         if info is None or info.lost is not None:
-            self.runs.apply(rec.name, Vanished(container_id, info.lost if info else None))
+            self.runs.apply(rec.name, Vanished(container_id, info.lost, info.node) if info else Vanished(container_id))
             return
         if not info.running:
             self.runs.finish(rec.name, container_id, info.exit_code, info.oom_killed, info.node)
