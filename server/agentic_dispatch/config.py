@@ -27,6 +27,7 @@ from .http_auth import HttpSettings
 from .models import MAX_RETRIES, FailureClass, Scope, ScopeMode
 
 __all__ = [
+    "APP_NAME",
     "IMAGE_ENV",
     "AgentSettings",
     "HostFile",
