@@ -528,12 +528,14 @@ def test_listing_the_runs_while_one_ends_never_takes_its_removal_for_an_engine_f
     labels = {LABEL_ROOT: f"listing-{os.getpid()}"}
     api = docker.APIClient(base_url=shared_swarm.docker_host, version="1.41", timeout=30)
     done = threading.Event()
+    churned: list[str] = []  # the services made and removed while the runs were listed
 
     def churn() -> None:
         spec = docker.types.TaskTemplate(docker.types.ContainerSpec(shared_swarm.image, command=["true"]))
         while not done.is_set():
             made = api.create_service(spec, labels=labels, mode=docker.types.ServiceMode("replicated", replicas=0))
             api.remove_service(made["ID"])
+            churned.append(made["ID"])
 
     worker = threading.Thread(target=churn)
     worker.start()
@@ -545,3 +547,4 @@ def test_listing_the_runs_while_one_ends_never_takes_its_removal_for_an_engine_f
         worker.join(60)
         api.close()
         runtime.client.close()
+    assert len(churned) >= 20, "too few services came and went to judge"
