@@ -345,6 +345,20 @@ def test_image_push_puts_the_image_in_the_registry_doctor_then_passes_and_a_run_
         assert rec.status == Status.COMPLETED, rec.reason
         assert rec.node != shared_swarm.manager.hostname  # a worker pulled it: only the manager was pushed from
 
+    # Only in the registry now, as on a manager that did not push it: a real CLI's dispatch is taken (its
+    # CLI is checked where the image is), not refused as if the CLI did not run in an image not read here.
+    api = docker.APIClient(base_url=shared_swarm.docker_host, version="1.41", timeout=30)
+    try:
+        api.remove_image(name)
+    finally:
+        api.close()
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test-registry-only")
+    with _service() as svc:
+        res = svc.dispatch(DispatchRequest(repo=str(user_repo), task="say hello", agent="claude"))
+        assert res.status in ("queued", "running"), res
+        svc.cancel(res.workspace)
+        svc.wait(res.workspace, 120)
+
     missing = f"{shared_swarm.registry}/agentic-dispatch-missing:1"
     monkeypatch.setenv("AGENTIC_DISPATCH_IMAGE", missing)
     with _service() as svc:

@@ -45,7 +45,10 @@ class Preflight:
                 "(or set `image` in the config file), then dispatch again."
             )
         if base is not None:
-            problems = self._agent_check(base, self.cli_versions(meta=meta)).problems
+            # An image only in a swarm's registry has no labels to read here: its CLI is checked where it
+            # is (by `doctor`, which pulls it, or by the run), not refused as if it did not run.
+            versions = self.cli_versions(meta=meta) if meta is not None else None
+            problems = self._agent_check(base, versions).problems
             if problems:
                 raise AgentNotReadyError(" ".join(problems) + " (`agentic-dispatch doctor` checks every agent.)")
 
