@@ -260,7 +260,8 @@ def test_a_network_run_survives_its_server_being_sigkilled_and_restarted_on_any_
         rec = store.read(workspace)
         assert rec.status == Status.COMPLETED, rec.reason
         assert git(store.paths(workspace).repo, "log", "-1", "--format=%s", rec.branch) == "across a crash"
-        wait_for(lambda: docker_client.containers.list(all=True, filters={"id": cid}) == [], 30, "no ghost")
+        # the plain listing: containers.list() inspects each, and the container may go in between
+        wait_for(lambda: docker_client.api.containers(all=True, filters={"id": cid}) == [], 30, "no ghost")
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
@@ -351,10 +352,12 @@ def test_a_second_server_of_the_root_shares_the_gateway_and_takes_the_results_of
     try:
         assert first.network is not None and second.network is not None
         assert second.network.gateway.url == first.network.gateway.url  # one port, both listening
-        task = "echo work > work.txt && git add work.txt && git commit -qm 'agent work'; "
+        task = "echo work > work.txt && git add work.txt && git commit -qm 'agent work'; echo waiting; "
         task += "until [ -e /tmp/go ]; do sleep 0.1; done"
         res = first.dispatch(DispatchRequest(repo=str(user_repo), task=task, agent="shell"))
         cid = _wait_running(first, res.workspace)
+        # the job runs (its inputs and clone came through the first server's gateway) and its log streams
+        wait_for(lambda: "waiting" in _log(first, res.workspace), 60, "the job to run")
         first.close()  # the server that started the run stops; its run goes on
         assert docker_client.containers.get(cid).exec_run(["touch", "/tmp/go"]).exit_code == 0
         rec = second.wait(res.workspace, 120)
