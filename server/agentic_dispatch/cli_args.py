@@ -98,9 +98,12 @@ def is_serve(argv: Sequence[str] | None) -> bool:
     return command == "serve" and not {"-h", "--help"} & set(words)
 
 
-def _command(sub: _Sub, name: str, summary: str, description: str = "") -> argparse.ArgumentParser:
-    """A subcommand: ``summary`` in the list of commands; ``--help`` shows it with ``description``."""
-    return sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}. {description}".strip())
+def _command(sub: _Sub, name: str, summary: str, description: str = "", within: str = "") -> argparse.ArgumentParser:
+    """A subcommand: ``summary`` in the list of commands; ``--help`` shows it with ``description``. Its
+    ``run`` is its name, after the command it is ``within`` (``image build``): the key of cli.COMMANDS."""
+    parser = sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}. {description}".strip())
+    parser.set_defaults(run=f"{within} {name}".strip())
+    return parser
 
 
 def _text_is_utf8(parser: argparse.ArgumentParser) -> None:
@@ -251,7 +254,6 @@ def _add_clean(sub: _Sub) -> None:
         "--force", action="store_true", help="also remove finished work that was not delivered (never active work)"
     )
     cn.add_argument("--json", action="store_true", help=_JSON_HELP)
-    cn.set_defaults(run="clean")
 
 
 def _add_serve(sub: _Sub) -> None:
@@ -278,7 +280,6 @@ def _add_serve(sub: _Sub) -> None:
         metavar="NAME[:PORT]",
         help="a Host name clients use besides the bind address (repeatable; also [http] allowed_hosts)",
     )
-    s.set_defaults(run="serve")
 
 
 def _add_dispatch(sub: _Sub) -> None:
@@ -340,7 +341,6 @@ def _add_dispatch(sub: _Sub) -> None:
     )
     d.add_argument("--wait", type=_seconds, metavar="SECONDS", help="wait up to this long for the run to finish")
     d.add_argument("--json", action="store_true", help=_JSON_HELP)
-    d.set_defaults(run="dispatch")
 
 
 def _add_pipeline_arguments(d: argparse.ArgumentParser) -> None:
@@ -409,7 +409,6 @@ def _add_workspace_commands(sub: _Sub) -> None:
         help="with a workspace: its whole pipeline, what it depends on first, then what depends on it",
     )
     st.add_argument("--json", action="store_true", help=_JSON_HELP)
-    st.set_defaults(run="status")
 
     r = _command(
         sub,
@@ -421,7 +420,6 @@ def _add_workspace_commands(sub: _Sub) -> None:
     r.add_argument("--answer", help="the answer to the agent's question (written to ANSWER.md)")
     r.add_argument("--agent", help="another agent for this run (default: the workspace's)")
     r.add_argument("--json", action="store_true", help=_JSON_HELP)
-    r.set_defaults(run="resume")
 
     c = _command(
         sub,
@@ -431,7 +429,6 @@ def _add_workspace_commands(sub: _Sub) -> None:
     )
     c.add_argument("workspace", help=_WORKSPACE_HELP)
     c.add_argument("--json", action="store_true", help=_JSON_HELP)
-    c.set_defaults(run="cancel")
 
 
 def _add_queue_commands(sub: _Sub) -> None:
@@ -443,11 +440,9 @@ def _add_queue_commands(sub: _Sub) -> None:
     )
     fr.add_argument("--now", action="store_true", help="also stop running agents")
     fr.add_argument("--json", action="store_true", help=_JSON_HELP)
-    fr.set_defaults(run="freeze")
 
     un = _command(sub, "unfreeze", "unfreeze the queue", "Starts what has a slot and lifts any pool's pause.")
     un.add_argument("--json", action="store_true", help=_JSON_HELP)
-    un.set_defaults(run="unfreeze")
 
     cl = _command(
         sub,
@@ -456,7 +451,6 @@ def _add_queue_commands(sub: _Sub) -> None:
         "status lists them as orphaned containers; nothing else removes them.",
     )
     cl.add_argument("--json", action="store_true", help=_JSON_HELP)
-    cl.set_defaults(run="cleanup")
 
     sy = _command(
         sub,
@@ -476,7 +470,6 @@ def _add_queue_commands(sub: _Sub) -> None:
         "--wait", type=_seconds, default=0.0, metavar="SECONDS", help="keep retrying what is pending up to this long"
     )
     sy.add_argument("--json", action="store_true", help=_JSON_HELP)
-    sy.set_defaults(run="sync")
 
 
 def _add_setup_commands(sub: _Sub) -> None:
@@ -488,7 +481,6 @@ def _add_setup_commands(sub: _Sub) -> None:
     )
     dr.add_argument("agent", nargs="*", help="agents to check (default: all)")
     dr.add_argument("--json", action="store_true", help=_JSON_HELP)
-    dr.set_defaults(run="doctor")
 
     im = _command(sub, "image", "the agent image", "Build it, or print the tag the current recipe builds.")
     im_sub = im.add_subparsers(dest="image_command", required=True, title="commands", metavar="COMMAND")
@@ -497,21 +489,20 @@ def _add_setup_commands(sub: _Sub) -> None:
         "build",
         "build the agent image (skipped when it is up to date)",
         "Progress goes to stderr; the tag built goes to stdout.",
+        within="image",
     )
     b.add_argument("--base", help="base image (default: debian:bookworm-slim, else a locally bootstrapped one)")
     b.add_argument("--tag", help="image tag (default: agentic-dispatch-agent:<recipe hash>)")
     b.add_argument("--force", action="store_true", help="rebuild even when the tag exists")
-    b.set_defaults(run="image build")
-    t = _command(im_sub, "tag", "print the tag the current recipe builds")
-    t.set_defaults(run="image tag")
+    _command(im_sub, "tag", "print the tag the current recipe builds", within="image")
     p = _command(
         im_sub,
         "push",
         "push the agent image to a registry (for a swarm: every node pulls it from there)",
         "Progress goes to stderr; the name pushed goes to stdout: set it as the image in the config file.",
+        within="image",
     )
     p.add_argument("registry", type=_request_field(Registry), help="the registry: HOST[:PORT][/PATH]")
-    p.set_defaults(run="image push")
 
 
 def _add_watch_commands(sub: _Sub) -> None:
@@ -534,7 +525,6 @@ def _add_watch_commands(sub: _Sub) -> None:
     w.add_argument(
         "--limit", type=_positive, default=30, help="at most this many workspaces in the table (default: 30)"
     )
-    w.set_defaults(run="watch")
 
     lg = _command(sub, "logs", "an agent's log (masked); -f follows it until the run ends")
     lg.add_argument("workspace", help=_WORKSPACE_HELP)
@@ -542,20 +532,17 @@ def _add_watch_commands(sub: _Sub) -> None:
     lg.add_argument(
         "--tail", type=_log_lines, default=200, help=f"lines to show first (1 to {MAX_TAIL_LINES}; default: 200)"
     )
-    lg.set_defaults(run="logs")
 
     df = _command(sub, "diff", "what an agent's branch changed since it started: the stat, then the patch")
     df.add_argument("workspace", help=_WORKSPACE_HELP)
     df.add_argument("--stat", action="store_true", help="only the changed files, with line counts")
     df.add_argument("--path", help="only this file or folder, as the stat names it")
     df.add_argument("--json", action="store_true", help=_JSON_HELP)
-    df.set_defaults(run="diff")
 
     ev = _command(sub, "events", "the transitions of every run (dispatched, started, blocked, ...)")
     ev.add_argument("--workspace", help="only this workspace's")
     ev.add_argument("--last", type=_count, default=0, metavar="N", help="only the last N (default: 0, all)")
     ev.add_argument("-f", "--follow", action="store_true", help="wait for more")
-    ev.set_defaults(run="events")
 
     ins = _command(sub, "insights", "per agent: runs, success rate, durations, tokens, cost, failures")
     ins.add_argument(
@@ -565,4 +552,3 @@ def _add_watch_commands(sub: _Sub) -> None:
         help=f"the runs that finished in the last this many days (at most {MAX_WINDOW_DAYS}; default: 7)",
     )
     ins.add_argument("--json", action="store_true", help=_JSON_HELP)
-    ins.set_defaults(run="insights")
