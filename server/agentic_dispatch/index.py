@@ -413,6 +413,16 @@ class StatusIndex:
         )
         return [(str(n), str(f)) for n, f in rows]
 
+    def queued_with_dependencies(self) -> list[str]:
+        """The queued workspaces whose record says they depend on another (oldest name first)."""
+        rows = self._run(
+            lambda db: db.execute(
+                "SELECT DISTINCT r.name FROM records r JOIN edges e ON e.dependent = r.name "
+                "WHERE r.status = 'queued' ORDER BY r.name"
+            ).fetchall()
+        )
+        return [str(n) for (n,) in rows]
+
     def dependents(self, name: str) -> list[str]:
         """The workspaces whose record says they depend on ``name``."""
         rows = self._run(

@@ -31,7 +31,7 @@ from .errors import CorruptRecordError, InvalidInputError, UnsafePathError, Work
 from .events import EventLog
 from .fileio import folder_lock, write_atomic
 from .index import IndexRow, StatusIndex
-from .models import ACTIVE_STATUSES, WorkspaceRecord, utcnow
+from .models import ACTIVE_STATUSES, Status, WorkspaceRecord, utcnow
 from .naming import contained, split_workspace_name
 
 __all__ = ["Listed", "StatusStore", "WorkspacePaths", "log_tail"]
@@ -306,6 +306,11 @@ class StatusStore:
     def dependents(self, name: str) -> list[str]:
         """The workspaces whose ``depends_on`` names ``name``, from the index (oldest name first)."""
         return self.index.dependents(name)
+
+    def queued_with_dependencies(self) -> list[WorkspaceRecord]:
+        """The queued records that depend on another workspace (found in the index, then read)."""
+        found = (self.find(name) for name in self.index.queued_with_dependencies())
+        return [r for r in found if r is not None and r.status == Status.QUEUED]
 
     def with_key(self, key: str) -> WorkspaceRecord | None:
         """The record dispatched with idempotency key ``key``, if any."""

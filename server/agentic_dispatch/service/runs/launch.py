@@ -118,12 +118,12 @@ class QueueDrainer:
         and no longer waits for a dependency, before the admission lock is taken: the copy is a fetch
         from the base's clone, which may take a while, and every start on the root waits for that
         lock. :meth:`launch` finds the branch there (the copy is not made twice); a copy that fails
-        here is tried there again, and fails the run saying why."""
-        records = [i.record for i in self.store.active() if i.record is not None]
-        based = [r for r in records if r.status == Status.QUEUED and r.base_workspace and r.started_at is None]
+        here is tried there again, and fails the run saying why. (A base is a dependency: the index
+        names the few candidates, so a drain reads no record more than it did.)"""
+        based = [r for r in self.store.queued_with_dependencies() if r.base_workspace and r.started_at is None]
         if not based:
             return
-        waiting = self.scheduler.dependency_waits(records, self.store.find)
+        waiting = self.scheduler.dependency_waits(based, self.store.find)
         for rec in based:
             if rec.name in waiting:
                 continue
