@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import py_compile
+import shutil
 import time
 from collections.abc import Iterator
 
@@ -13,7 +15,13 @@ import pytest
 
 from agentic_dispatch.config import load_settings
 from agentic_dispatch.runtime.docker import DockerRuntime
-from agentic_dispatch.runtime.images import AGENT_CLIS, CLI_VERSIONS_LABEL, _stamp_versions
+from agentic_dispatch.runtime.images import (
+    AGENT_CLIS,
+    CLI_VERSIONS_LABEL,
+    _recipe_dir,
+    _stamp_versions,
+    default_image_tag,
+)
 from agentic_dispatch.service import Dispatcher
 
 
@@ -81,3 +89,17 @@ def test_an_image_without_the_label_is_asked_once_and_the_answer_kept_by_image_i
     assert first == again and first["claude"].startswith("2.")
     assert len(_containers_created(docker_client, since, tag)) == 1
     assert docker_client.images.get(tag).id in json.loads((paths.state / "cli-versions.json").read_text())
+
+
+def test_the_image_tag_is_the_recipe_s_not_a_byte_compiled_copy_of_agentic_run_beside_it() -> None:
+    """``python -m py_compile images/agent/agentic-run`` (a syntax check) leaves a ``__pycache__`` in the
+    recipe; it gave another tag, so the next test run built the whole image again under it."""
+    recipe = _recipe_dir()
+    before = default_image_tag()
+    cached = recipe / "__pycache__"
+    assert not cached.exists(), "a byte-compiled file was left in the recipe before this test"
+    py_compile.compile(str(recipe / "agentic-run"), cfile=str(cached / "agentic-run.cpython.pyc"), doraise=True)
+    try:
+        assert default_image_tag() == before
+    finally:
+        shutil.rmtree(cached)

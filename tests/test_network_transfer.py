@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -194,6 +195,79 @@ def test_a_network_run_whose_gateway_never_comes_back_fails_saying_so_and_keeps_
     assert rec.status == Status.FAILED
     assert "ended before its results came back" in (rec.reason or "")
     assert "early-output" in _log(first, res.workspace)
+
+
+class _DropFirstClone:
+    """A TCP relay in front of the run gateway that closes, unanswered, the first connection asking for
+    the clone's refs (what a server restarting between a run's inputs and its clone looks like to the
+    container) and passes every other connection through untouched."""
+
+    def __init__(self, host: str, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server((host, 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.dropped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+
+    def _relay(self, conn: socket.socket) -> None:
+        with conn:
+            first = conn.recv(65536)
+            if b"/git/info/refs" in first.split(b"\r\n", 1)[0] and not self.dropped.is_set():
+                self.dropped.set()
+                return
+            with socket.create_connection(self.upstream) as up:
+                up.sendall(first)
+                back = threading.Thread(target=self._pump, args=(up, conn), daemon=True)
+                back.start()
+                self._pump(conn, up)
+                back.join(60)
+
+    @staticmethod
+    def _pump(src: socket.socket, dest: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dest.sendall(data)
+            dest.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_network_run_whose_clone_is_cut_off_once_tries_again_and_completes(
+    docker_env: str, docker_client: docker.DockerClient, isolated_home: Path, user_repo: Path
+) -> None:
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    address = docker0_address(docker_client)
+    port = _free_port(address)
+    relay = _DropFirstClone(address, (address, port))
+    config = GATEWAY.format(address=address).replace(":0", f":{port}")
+    config = config.replace('"http://host.docker.internal"', f'"http://host.docker.internal:{relay.port}"')
+    (isolated_home / "config.toml").write_text(config, encoding="utf-8")
+    settings, paths = load_settings()
+    svc = Dispatcher(settings, paths, DockerRuntime(docker_client))
+    svc.start()
+    try:
+        task = "echo c > c.txt && git add c.txt && git commit -qm 'after a cut-off clone'"
+        res = svc.dispatch(DispatchRequest(repo=str(user_repo), task=task, agent="shell"))
+        rec = svc.wait(res.workspace, 120)
+        assert relay.dropped.is_set(), "the relay never saw the clone"
+        assert rec.status == Status.COMPLETED, rec.reason
+        repo = svc.store.paths(res.workspace).repo
+        assert git(repo, "log", "-1", "--format=%s", rec.branch) == "after a cut-off clone"
+        assert "the clone failed, trying again" in _log(svc, res.workspace)
+    finally:
+        svc.close()
+        relay.close()
 
 
 def test_the_qa_gate_of_a_network_run_fetches_the_branch_and_its_verdict_comes_back(

@@ -106,7 +106,7 @@ def default_image_tag() -> str:
     h = hashlib.sha256()
     recipe = _recipe_dir()
     for p in sorted(recipe.rglob("*")):
-        if p.is_file():
+        if p.is_file() and "__pycache__" not in p.parts:  # a byte-compiled agentic-run is no part of the recipe
             h.update(p.relative_to(recipe).as_posix().encode())
             h.update(p.read_bytes())
     for cert in _extra_certs():
@@ -216,7 +216,7 @@ def build_image(
     base = base or ensure_base_image(client, progress)
     with tempfile.TemporaryDirectory(prefix="agentic-image-") as tmp:
         ctx = Path(tmp)
-        shutil.copytree(_recipe_dir(), ctx, dirs_exist_ok=True)
+        shutil.copytree(_recipe_dir(), ctx, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
         certs = ctx / "certs"
         certs.mkdir(exist_ok=True)
         (certs / ".keep").touch()
