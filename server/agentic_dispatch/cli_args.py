@@ -98,11 +98,16 @@ def is_serve(argv: Sequence[str] | None) -> bool:
     return command == "serve" and not {"-h", "--help"} & set(words)
 
 
-def _command(sub: _Sub, name: str, summary: str, description: str = "", within: str = "") -> argparse.ArgumentParser:
+def _command(
+    sub: _Sub, name: str, summary: str, description: str = "", within: str = "", json: bool = False
+) -> argparse.ArgumentParser:
     """A subcommand: ``summary`` in the list of commands; ``--help`` shows it with ``description``. Its
-    ``run`` is its name, after the command it is ``within`` (``image build``): the key of cli.COMMANDS."""
+    ``run`` is its name, after the command it is ``within`` (``image build``): the key of cli.COMMANDS.
+    With ``json``, it takes ``--json`` (the machine form of its output)."""
     parser = sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}. {description}".strip())
     parser.set_defaults(run=f"{within} {name}".strip())
+    if json:
+        parser.add_argument("--json", action="store_true", help=_JSON_HELP)
     return parser
 
 
@@ -244,6 +249,7 @@ def _add_clean(sub: _Sub) -> None:
         "A workspace goes when its branch was delivered (sync) or it has nothing to deliver; never a queued, "
         "running or blocked one. Prints each removal and the space freed. The events log, mirrors and "
         "insights stay. With neither --older-than nor --keep: [retention]'s values, else --older-than 7d.",
+        json=True,
     )
     cn.add_argument(
         "--older-than", type=_age_days, metavar="AGE", help="only what finished longer ago (7d, 12h, 30m; 0: any)"
@@ -253,7 +259,6 @@ def _add_clean(sub: _Sub) -> None:
     cn.add_argument(
         "--force", action="store_true", help="also remove finished work that was not delivered (never active work)"
     )
-    cn.add_argument("--json", action="store_true", help=_JSON_HELP)
 
 
 def _add_serve(sub: _Sub) -> None:
@@ -289,6 +294,7 @@ def _add_dispatch(sub: _Sub) -> None:
         "dispatch an agent on a repository",
         "The task gets a workspace (a clone of the repository on its own agent/... branch), a prompt and a "
         "container of its own; this prints the workspace at once, or with --wait its status once the run ends.",
+        json=True,
     )
     d.add_argument("repo", help="the repository: a local path, a git URL, or org/repo")
     d.add_argument("task", help="the task text ('-' reads it from stdin)")
@@ -340,7 +346,6 @@ def _add_dispatch(sub: _Sub) -> None:
         help="run the repository's tests after the agent ends completed (default: [qa] enabled in the config)",
     )
     d.add_argument("--wait", type=_seconds, metavar="SECONDS", help="wait up to this long for the run to finish")
-    d.add_argument("--json", action="store_true", help=_JSON_HELP)
 
 
 def _add_pipeline_arguments(d: argparse.ArgumentParser) -> None:
@@ -393,6 +398,7 @@ def _add_workspace_commands(sub: _Sub) -> None:
         "show workspaces",
         "Counts per status, then one line per workspace, newest first: age, agent, status, runs, and the "
         "question, failure reason or last word; with one workspace, also its figures and log tail.",
+        json=True,
     )
     st.add_argument("workspace", nargs="?", help=f"{_WORKSPACE_HELP}; default: all")
     st.add_argument(
@@ -408,27 +414,26 @@ def _add_workspace_commands(sub: _Sub) -> None:
         action="store_true",
         help="with a workspace: its whole pipeline, what it depends on first, then what depends on it",
     )
-    st.add_argument("--json", action="store_true", help=_JSON_HELP)
 
     r = _command(
         sub,
         "resume",
         "run a blocked, failed or completed workspace again",
         "In the same workspace: the agent continues its own session with the answer as the next message.",
+        json=True,
     )
     r.add_argument("workspace", help=_WORKSPACE_HELP)
     r.add_argument("--answer", help="the answer to the agent's question (written to ANSWER.md)")
     r.add_argument("--agent", help="another agent for this run (default: the workspace's)")
-    r.add_argument("--json", action="store_true", help=_JSON_HELP)
 
     c = _command(
         sub,
         "cancel",
         "cancel a queued or running workspace",
         "A queued one never starts; a running one's container is stopped; a finished one is left alone.",
+        json=True,
     )
     c.add_argument("workspace", help=_WORKSPACE_HELP)
-    c.add_argument("--json", action="store_true", help=_JSON_HELP)
 
 
 def _add_queue_commands(sub: _Sub) -> None:
@@ -437,20 +442,19 @@ def _add_queue_commands(sub: _Sub) -> None:
         "freeze",
         "freeze the queue (new dispatches queue, nothing starts)",
         "The queue stays frozen across restarts until unfreeze.",
+        json=True,
     )
     fr.add_argument("--now", action="store_true", help="also stop running agents")
-    fr.add_argument("--json", action="store_true", help=_JSON_HELP)
 
-    un = _command(sub, "unfreeze", "unfreeze the queue", "Starts what has a slot and lifts any pool's pause.")
-    un.add_argument("--json", action="store_true", help=_JSON_HELP)
+    _command(sub, "unfreeze", "unfreeze the queue", "Starts what has a slot and lifts any pool's pause.", json=True)
 
-    cl = _command(
+    _command(
         sub,
         "cleanup",
         "remove labelled containers no record knows",
         "status lists them as orphaned containers; nothing else removes them.",
+        json=True,
     )
-    cl.add_argument("--json", action="store_true", help=_JSON_HELP)
 
     sy = _command(
         sub,
@@ -458,6 +462,7 @@ def _add_queue_commands(sub: _Sub) -> None:
         "deliver results home (exit 1 when a delivery needs attention)",
         "A completed run's branch goes to the repository it was dispatched from, and its record to the "
         "configured endpoint; prints a line per delivery and what to do where one needs a person.",
+        json=True,
     )
     sy.add_argument("workspace", nargs="?", help=f"{_WORKSPACE_HELP}; default: every finished run")
     sy.add_argument("--force", action="store_true", help="the branch may overwrite a different one of its name")
@@ -469,7 +474,6 @@ def _add_queue_commands(sub: _Sub) -> None:
     sy.add_argument(
         "--wait", type=_seconds, default=0.0, metavar="SECONDS", help="keep retrying what is pending up to this long"
     )
-    sy.add_argument("--json", action="store_true", help=_JSON_HELP)
 
 
 def _add_setup_commands(sub: _Sub) -> None:
@@ -478,9 +482,9 @@ def _add_setup_commands(sub: _Sub) -> None:
         "doctor",
         "check each agent can run: engine, image, CLI version, credentials (never printed)",
         "Exit 1 when one cannot, with what to set or build.",
+        json=True,
     )
     dr.add_argument("agent", nargs="*", help="agents to check (default: all)")
-    dr.add_argument("--json", action="store_true", help=_JSON_HELP)
 
     im = _command(sub, "image", "the agent image", "Build it, or print the tag the current recipe builds.")
     im_sub = im.add_subparsers(dest="image_command", required=True, title="commands", metavar="COMMAND")
@@ -533,22 +537,20 @@ def _add_watch_commands(sub: _Sub) -> None:
         "--tail", type=_log_lines, default=200, help=f"lines to show first (1 to {MAX_TAIL_LINES}; default: 200)"
     )
 
-    df = _command(sub, "diff", "what an agent's branch changed since it started: the stat, then the patch")
+    df = _command(sub, "diff", "what an agent's branch changed since it started: the stat, then the patch", json=True)
     df.add_argument("workspace", help=_WORKSPACE_HELP)
     df.add_argument("--stat", action="store_true", help="only the changed files, with line counts")
     df.add_argument("--path", help="only this file or folder, as the stat names it")
-    df.add_argument("--json", action="store_true", help=_JSON_HELP)
 
     ev = _command(sub, "events", "the transitions of every run (dispatched, started, blocked, ...)")
     ev.add_argument("--workspace", help="only this workspace's")
     ev.add_argument("--last", type=_count, default=0, metavar="N", help="only the last N (default: 0, all)")
     ev.add_argument("-f", "--follow", action="store_true", help="wait for more")
 
-    ins = _command(sub, "insights", "per agent: runs, success rate, durations, tokens, cost, failures")
+    ins = _command(sub, "insights", "per agent: runs, success rate, durations, tokens, cost, failures", json=True)
     ins.add_argument(
         "--days",
         type=_days,
         default=7.0,
         help=f"the runs that finished in the last this many days (at most {MAX_WINDOW_DAYS}; default: 7)",
     )
-    ins.add_argument("--json", action="store_true", help=_JSON_HELP)
