@@ -65,18 +65,11 @@ def _until(api: docker.APIClient, service_id: str, states: tuple[str, ...], dead
 
 
 def _quiet(swarm: engines.Swarm, deadline: float) -> None:
-    """Until no node holds a container and the manager no task."""
-    clients = [docker.APIClient(base_url=n.base_url, version="1.41", timeout=60) for n in swarm.nodes]
-    api = docker.APIClient(base_url=swarm.docker_host, version="1.41", timeout=60)
-    try:
-        while api.tasks() or any(c.containers(all=True) for c in clients):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the swarm never became quiet")
-            time.sleep(0.05)
-    finally:
-        api.close()
-        for c in clients:
-            c.close()
+    """Until no node holds a container and the manager no task or service."""
+    while swarm.leftovers():
+        if time.monotonic() > deadline:
+            raise RuntimeError("the swarm never became quiet")
+        time.sleep(0.05)
 
 
 def start_rows(swarm: engines.Swarm, repo: Path, runs: int) -> list[Row]:

@@ -823,24 +823,29 @@ class Swarm:
             api.close()
         return {key: hostnames[running[sid]] for key, sid in services.items() if sid in running}
 
-    def leftovers(self, label: str, value: str) -> list[str]:
-        """What of the runs labelled ``label=value`` the swarm still holds: their services, the
-        manager's tasks and the containers on the nodes still up (the disk a finished run would
-        otherwise keep on a node: its writable layer holds its clone)."""
+    def leftovers(self, label: str | None = None, value: str | None = None) -> list[str]:
+        """What of the runs labelled ``label=value`` (without a label: of anything) the swarm still
+        holds: their services, the manager's tasks and the containers on the nodes still up (the disk a
+        finished run would otherwise keep on a node: its writable layer holds its clone)."""
+
+        def ours(labels: dict[str, str] | None) -> bool:
+            return label is None or (labels or {}).get(label) == value
+
+        only = {"label": f"{label}={value}"} if label is not None else {}
         api = docker.APIClient(base_url=self.docker_host, timeout=30, version="1.41")
         try:
-            found = [f"service {s['Spec']['Name']}" for s in api.services(filters={"label": f"{label}={value}"})]
+            found = [f"service {s['Spec']['Name']}" for s in api.services(filters=only)]
             found += [
                 f"task {t['ID'][:12]} ({t['Status']['State']})"
                 for t in api.tasks()
-                if ((t.get("Spec") or {}).get("ContainerSpec") or {}).get("Labels", {}).get(label) == value
+                if ours(((t.get("Spec") or {}).get("ContainerSpec") or {}).get("Labels"))
             ]
         finally:
             api.close()
         for node in (n for n in self.nodes if n.pid is not None):
             # The plain listing: docker-py's containers.list() inspects each, and one may go in between.
             with contextlib.closing(docker.APIClient(base_url=node.base_url, timeout=30, version="1.41")) as client:
-                listed = client.containers(all=True, filters={"label": f"{label}={value}"})
+                listed = client.containers(all=True, filters=only)
                 found += [f"container {c['Names'][0]} on {node.hostname}" for c in listed]
         return found
 
