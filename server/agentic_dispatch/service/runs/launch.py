@@ -226,7 +226,7 @@ class QueueDrainer:
             **plan.env,
         }
         if self.network is not None:
-            env |= self.network.prepare(ws, record.name, record.runs, "agent", log_file)
+            env |= self.network.prepare(ws, record.name, record.runs, "agent", log_file, record.branch)
         else:
             hand_over(ws.repo, ws.home, ws.logs)  # staging, resume and the lines above wrote as the server
         container = self._container_spec(ws, record, plan.argv, env, file_mounts)

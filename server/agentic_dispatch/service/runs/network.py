@@ -62,9 +62,10 @@ class NetworkJobs:
             self.gateway.close()
             self.listening = False
 
-    def prepare(self, ws: WorkspacePaths, name: str, run: int, phase: str, log: Path) -> dict[str, str]:
+    def prepare(self, ws: WorkspacePaths, name: str, run: int, phase: str, log: Path, branch: str) -> dict[str, str]:
         """Make job ``phase`` of run ``run`` known to the gateway (its token, where its log goes);
-        the environment its container reaches the gateway with. Call just before the start.
+        the environment its container reaches the gateway with (and clones ``branch`` by, before it
+        has fetched the inputs that also name it). Call just before the start.
 
         Raises:
             RuntimeUnavailableError: no gateway listens in this process (the queue waits for one).
@@ -79,6 +80,7 @@ class NetworkJobs:
             "AGENTIC_GATEWAY": self.gateway.run_url(name),
             "AGENTIC_TOKEN": issue_token(ws, run),
             "AGENTIC_GATEWAY_PATIENCE": f"{self.patience:g}",
+            "AGENTIC_BRANCH": branch,
         }
         begin_job(ws, run, phase, log)
         ca = self.gateway.ca_pem()

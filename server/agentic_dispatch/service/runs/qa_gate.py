@@ -70,7 +70,7 @@ class QaGate:
         env = {"HOME": "/tmp", "AGENTIC_LOG": f"{CONTAINER_LOGS}/{log_name}", "PYTHONDONTWRITEBYTECODE": "1"}
         safefs.write_text(ws.logs, ws.logs / log_name, f"=== QA gate of run {rec.runs}: {command} ===\n")
         if self.network is not None:
-            env |= self.network.prepare(ws, rec.name, rec.runs, "qa", ws.logs / log_name)
+            env |= self.network.prepare(ws, rec.name, rec.runs, "qa", ws.logs / log_name, rec.branch)
             mounts = []
         else:
             # no agent home: no credentials
