@@ -7,7 +7,8 @@ What counts as activity (a change of any of these since the last look):
 * the agent's log: its size and mtime (the CLIs write their JSON events there as they work, so
   an agent that thinks, calls a tool or gets an answer shows up here first);
 * the mtime of the clone's top folder and of its first :data:`MAX_TOP_FOLDERS` folders (a file
-  made, removed or renamed there, as editors and git do when they write a file whole);
+  made, removed or renamed there, as editors and git do when they write a file whole); the
+  folders are listed again only when the top folder's mtime moved (:class:`TopListing`);
 * git's own files in the clone: ``index``, ``HEAD``, ``logs/HEAD``, ``packed-refs`` and the
   ``refs/heads`` folder (an add, a commit, a checkout, a new branch).
 
@@ -41,7 +42,7 @@ from ...models import Status, WorkspaceRecord
 from ...store import StatusStore, WorkspacePaths
 from .lifecycle import Stalled, StallEnded
 
-__all__ = ["MAX_TOP_FOLDERS", "StallWatch", "activity_signature"]
+__all__ = ["MAX_TOP_FOLDERS", "StallWatch", "TopListing", "activity_signature"]
 
 MAX_TOP_FOLDERS = 64
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -86,18 +87,37 @@ def _git_stamps(git_fd: int, folders: Sequence[str], name: str) -> tuple[int, in
         return (0, 0) if fd is None else _git_stamps(fd, folders[1:], name)
 
 
-def activity_signature(ws: WorkspacePaths, base: str) -> int:
+@dataclass
+class TopListing:
+    """The folders at the top of a clone as last listed, and the top folder's mtime then: listed again
+    only once that mtime moves (a folder made, removed or renamed there moves it). Listing a
+    200-entry top folder was most of a look. A listing made within a second of that mtime is not
+    kept: a change in the same clock tick would leave the mtime as it is."""
+
+    mtime_ns: int = -1
+    folders: tuple[str, ...] = ()
+
+    def of(self, repo: int, mtime_ns: int) -> tuple[str, ...]:
+        if mtime_ns != self.mtime_ns:
+            with os.scandir(repo) as entries:  # the entry's type comes with the listing: no call
+                names = [e.name for e in entries if e.is_dir(follow_symlinks=False) and e.name != ".git"]
+            self.folders = tuple(sorted(names)[:MAX_TOP_FOLDERS])
+            self.mtime_ns = mtime_ns if time.time_ns() - mtime_ns > 1_000_000_000 else -1
+        return self.folders
+
+
+def activity_signature(ws: WorkspacePaths, base: str, listing: TopListing | None = None) -> int:
     """A number that changes whenever the agent of ``ws`` shows activity (the module's docstring
-    says what counts); bounded work, no file read."""
+    says what counts); bounded work, no file read. ``listing`` keeps the clone's top folders from
+    one look to the next."""
     stamps: list[tuple[int, int]] = []
     with _folder(str(ws.logs)) as logs:
         stamps.append((0, 0) if logs is None else _stamp(ws.log(base).name, logs))
     with _folder(str(ws.repo)) as repo:
         if repo is not None:
-            stamps.append((os.fstat(repo).st_mtime_ns, 0))
-            with os.scandir(repo) as entries:  # the entry's type comes with the listing: no call
-                folders = [e.name for e in entries if e.is_dir(follow_symlinks=False) and e.name != ".git"]
-            stamps += [_stamp(name, repo) for name in sorted(folders)[:MAX_TOP_FOLDERS]]
+            mtime_ns = os.fstat(repo).st_mtime_ns
+            stamps.append((mtime_ns, 0))
+            stamps += [_stamp(name, repo) for name in (listing or TopListing()).of(repo, mtime_ns)]
             with _folder(".git", repo) as git:
                 if git is not None:
                     stamps += [_git_stamps(git, folders, name) for folders, name in _GIT_FILES]
@@ -121,6 +141,8 @@ class StallWatch:
         self.stop = settings.limits.stall_action == "stop"
         self.store = store
         self._seen: dict[str, _Seen] = {}  # container id -> what its workspace looked like
+        # container id -> its workspace's folders (resolving them was half of a look) and top listing
+        self._where: dict[str, tuple[WorkspacePaths, TopListing]] = {}
         self._lock = threading.Lock()  # the timer and a CLI `wait` may reconcile at once
 
     def observe(self, rec: WorkspaceRecord, force: bool = False) -> Stalled | StallEnded | None:
@@ -134,7 +156,12 @@ class StallWatch:
             seen = self._seen.get(cid)
             if seen is not None and not force and now - seen.looked < self.seconds / 10:
                 return None
-        signature = activity_signature(self.store.paths(rec.name), agent_base(rec.agent))
+            where = self._where.get(cid)
+        if where is None:
+            where = (self.store.paths(rec.name), TopListing())
+            with self._lock:
+                self._where[cid] = where
+        signature = activity_signature(where[0], agent_base(rec.agent), where[1])
         with self._lock:
             seen = self._seen.get(cid)
             if seen is None or seen.signature != signature:
@@ -164,3 +191,5 @@ class StallWatch:
         with self._lock:
             for cid in [c for c in self._seen if c not in container_ids]:
                 del self._seen[cid]
+            for cid in [c for c in self._where if c not in container_ids]:
+                del self._where[cid]
