@@ -158,7 +158,7 @@ class ServeLog:
         return line
 
 
-_serving: list[tuple[subprocess.Popen[bytes], threading.Thread]] = []
+_serving: list[tuple[subprocess.Popen[bytes], threading.Thread, ServeLog]] = []
 
 
 def spawn_serve(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], ServeLog]:
@@ -175,7 +175,7 @@ def spawn_serve(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], ServeLog]
     assert proc.stderr is not None
     reader = threading.Thread(target=log.read, args=(proc.stderr,), daemon=True)
     reader.start()
-    _serving.append((proc, reader))
+    _serving.append((proc, reader, log))
     return proc, log
 
 
@@ -188,14 +188,16 @@ def serve_process(env: dict[str, str]) -> subprocess.Popen[bytes]:
 
 @pytest.fixture(autouse=True)
 def _stop_serve_processes() -> Iterator[None]:
-    """A server a test spawned does not outlive it (also when the test fails), nor leave its pipes open."""
+    """A server a test spawned does not outlive it (also when the test fails), nor leave its pipes open.
+    Its last lines on stderr are printed: pytest shows them with a failed test's report."""
     yield
     while _serving:
-        proc, reader = _serving.pop()
+        proc, reader, log = _serving.pop()
         if proc.poll() is None:
             proc.kill()
         proc.wait(30)
         reader.join(30)
+        print(f"--- the last lines of serve (pid {proc.pid}) on stderr:", *log.lines[-40:], sep="\n")
         for pipe in (proc.stdin, proc.stderr):
             if pipe is not None:
                 pipe.close()
