@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
+import socketserver
 import statistics
 import subprocess
 import sys
@@ -55,27 +55,18 @@ def network_config(client: docker.DockerClient) -> str:
     )
 
 
-class _Arrivals:
+class _Arrivals(socketserver.ThreadingTCPServer):
     """When each job reached its first line: the job connects to this listener on the host and names
     itself, so "the agent is running" is seen the same way whether its workspace is mounted or fetched."""
 
+    daemon_threads = True
+
     def __init__(self, host: str) -> None:
-        self.listener = socket.create_server((host, 0))
-        self.address = f"{host}/{self.listener.getsockname()[1]}"
+        super().__init__((host, 0), _Arrival)
+        self.address = f"{host}/{self.server_address[1]}"
         self.seen: dict[str, float] = {}
         self.arrived = threading.Condition()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            at = time.perf_counter()
-            with conn, self.arrived:
-                self.seen[conn.makefile().readline().strip()] = at
-                self.arrived.notify_all()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
 
     def task(self, name: str) -> str:
         return f"echo {name} > /dev/tcp/{self.address}"
@@ -85,6 +76,21 @@ class _Arrivals:
             if not self.arrived.wait_for(lambda: name in self.seen, 300):
                 raise RuntimeError(f"job {name} never reported that it runs")
             return self.seen[name]
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _Arrival(socketserver.StreamRequestHandler):
+    server: _Arrivals
+
+    def handle(self) -> None:
+        at = time.perf_counter()
+        name = self.rfile.readline().decode(errors="replace").strip()
+        with self.server.arrived:
+            self.server.seen[name] = at
+            self.server.arrived.notify_all()
 
 
 def _dispatch_times(svc: Dispatcher, repo: Path, arrivals: _Arrivals) -> tuple[float, float]:
@@ -126,7 +132,7 @@ def dispatch_rows(client: docker.DockerClient, runs: int) -> list[Row]:
                         by_network.close()
             finally:
                 by_mount.close()
-                arrivals.listener.close()
+                arrivals.close()
     rows = []
     for i, what, target in ((0, "agent running", "<= 1.5x"), (1, "completed", "")):
         m, n = statistics.median(t[i] for t in mounted), statistics.median(t[i] for t in network)

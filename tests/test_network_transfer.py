@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -197,39 +198,40 @@ def test_a_network_run_whose_gateway_never_comes_back_fails_saying_so_and_keeps_
     assert "early-output" in _log(first, res.workspace)
 
 
-class _DropFirstClone:
+class _DropFirstClone(socketserver.ThreadingTCPServer):
     """A TCP relay in front of the run gateway that closes, unanswered, the first connection asking for
     the clone's refs (what a server restarting between a run's inputs and its clone looks like to the
     container) and passes every other connection through untouched."""
 
+    daemon_threads = True
+
     def __init__(self, host: str, upstream: tuple[str, int]) -> None:
+        super().__init__((host, 0), _Relay)
         self.upstream = upstream
-        self.listener = socket.create_server((host, 0))
-        self.port = int(self.listener.getsockname()[1])
+        self.port = int(self.server_address[1])
         self.dropped = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
 
-    def _relay(self, conn: socket.socket) -> None:
+
+class _Relay(socketserver.BaseRequestHandler):
+    server: _DropFirstClone
+
+    def handle(self) -> None:
         try:
-            with conn:
-                first = conn.recv(65536)
-                if b"/git/info/refs" in first.split(b"\r\n", 1)[0] and not self.dropped.is_set():
-                    self.dropped.set()
-                    return
-                with socket.create_connection(self.upstream) as up:
-                    up.sendall(first)
-                    back = threading.Thread(target=self._pump, args=(up, conn), daemon=True)
-                    back.start()
-                    self._pump(conn, up)
-                    back.join(60)
+            first = self.request.recv(65536)
+            if b"/git/info/refs" in first.split(b"\r\n", 1)[0] and not self.server.dropped.is_set():
+                self.server.dropped.set()
+                return  # closed unanswered once the handler returns
+            with socket.create_connection(self.server.upstream) as up:
+                up.sendall(first)
+                back = threading.Thread(target=self._pump, args=(up, self.request), daemon=True)
+                back.start()
+                self._pump(self.request, up)
+                back.join(60)
         except OSError:
             pass  # one side went away (the gateway closes with the test): the other sees the connection closed
 
@@ -241,9 +243,6 @@ class _DropFirstClone:
             dest.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 def test_a_network_run_whose_clone_is_cut_off_once_tries_again_and_completes(
